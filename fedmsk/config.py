@@ -1,0 +1,245 @@
+"""Typed experiment configuration, composed by Hydra from ``configs/``.
+
+Hydra is the single source of configuration. The dataclasses below are the schema: every
+group file in ``configs/`` is validated against them, so a typo in an override fails at
+composition time with the name of the setting, instead of deep inside a federated round.
+
+Flower never sees these objects. What crosses to a Flower app is the list of Hydra overrides
+(see :func:`overrides_to_run_config`); both the ServerApp and the ClientApp rebuild the same
+:class:`ExperimentConfig` from it with :func:`compose`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+
+
+@dataclass
+class TaskConfig:
+    """What is being classified: class names (index = label id), views, modality."""
+
+    name: str = "xray_fracture"
+    classes: list[str] = field(default_factory=lambda: ["normal", "fracture"])
+    positive_class: str | None = "fracture"
+    views: list[str] = field(default_factory=list)
+    modality: str = "xray"
+    synthetic_task: str = "xray_fracture"
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def is_binary(self) -> bool:
+        return len(self.classes) == 2
+
+
+@dataclass
+class DataConfig:
+    """Where the federation's site folders are and how images become tensors.
+
+    ``root`` holds one folder per site (each with ``manifest.csv``) and ``federation.json``
+    naming the training and held-out sites. In deployment each node reads only its own site
+    directory from its node config; ``root`` is then unused on the server.
+    """
+
+    root: str = "data/synthetic"
+    synthetic: bool = True
+    synthetic_centers: int = 13
+    synthetic_scale: float = 1.0
+    image_size: int = 64
+    in_chans: int = 1
+    frame: str = "0"
+    split_ratios: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
+    split_seed: int = 0
+    cache_dir: str | None = None
+    augment: bool = True
+    num_workers: int = 0
+    min_examples_per_class: int = 2
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet18"
+    pretrained: str | None = None
+    dp_compatible: bool = False
+    drop_rate: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    """One local round of training on one site."""
+
+    local_epochs: int = 1
+    batch_size: int = 16
+    lr: float = 0.01
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    scheduler: str = "none"
+    class_weighting: str = "loss"
+    proximal_mu: float = 0.0
+    amp: bool = True
+    device: str = "auto"
+    num_threads: int = 1
+    max_steps: int | None = None
+    progress: bool = False
+
+
+@dataclass
+class StrategyConfig:
+    """Which Flower strategy aggregates, and its knobs (unused knobs are ignored)."""
+
+    name: str = "fedavg"
+    fraction_train: float = 1.0
+    min_train_nodes: int = 2
+    min_available_nodes: int = 2
+    proximal_mu: float = 0.0
+    server_learning_rate: float = 1.0
+    server_momentum: float = 0.0
+    eta: float = 0.01
+    eta_l: float = 0.01
+    beta_1: float = 0.9
+    beta_2: float = 0.99
+    tau: float = 1e-3
+    trim_beta: float = 0.2
+    num_malicious_nodes: int = 0
+    num_nodes_to_select: int = 1
+    local_norm_layers: bool = False
+
+
+@dataclass
+class PrivacyConfig:
+    enabled: bool = False
+    target_epsilon: float = 8.0
+    target_delta: float | None = None
+    max_grad_norm: float = 1.0
+    accountant: str = "rdp"
+    grad_sample_mode: str = "auto"
+    secure_aggregation: bool = False
+    secagg_num_shares: int = 3
+    secagg_reconstruction_threshold: int = 2
+    secagg_clipping_range: float = 8.0
+    secagg_max_weight: float = 10000.0
+
+
+@dataclass
+class FederationConfig:
+    num_rounds: int = 3
+    round_timeout_s: float = 600.0
+    heldout_sites: list[str] = field(default_factory=list)
+    client_num_cpus: int = 1
+    client_num_gpus: float = 0.0
+    min_reply_fraction: float = 0.5
+
+
+@dataclass
+class EvaluationConfig:
+    bootstrap: int = 0
+    threshold: str = "youden"
+    fixed_threshold: float = 0.5
+    patient_aggregation: str = "mean"
+    gradcam: bool = True
+    gradcam_images: int = 4
+    tensorboard: bool = False
+
+
+@dataclass
+class ExperimentConfig:
+    task: TaskConfig = field(default_factory=TaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    run_dir: str = "runs/latest"
+    seed: int = 42
+    resume: str | None = None
+    study: str | None = None
+
+
+_SCHEMA_REGISTERED = False
+
+
+def _register_schema() -> None:
+    global _SCHEMA_REGISTERED
+    if _SCHEMA_REGISTERED:
+        return
+    store = ConfigStore.instance()
+    store.store(name="experiment_schema", node=ExperimentConfig)
+    _SCHEMA_REGISTERED = True
+
+
+def config_dir() -> Path:
+    """The ``configs/`` directory: ``$FEDMSK_CONFIG_DIR`` or the one beside this package."""
+    override = os.environ.get("FEDMSK_CONFIG_DIR")
+    path = Path(override) if override else Path(__file__).resolve().parent.parent / "configs"
+    if not (path / "config.yaml").is_file():
+        raise FileNotFoundError(
+            f"{path}: no config.yaml here; set FEDMSK_CONFIG_DIR to the fedmsk configs/ directory"
+        )
+    return path
+
+
+def compose(overrides: list[str] | None = None) -> ExperimentConfig:
+    """Compose ``configs/config.yaml`` with Hydra overrides and validate it against the schema."""
+    _register_schema()
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
+    return from_omegaconf(cfg)
+
+
+def from_omegaconf(cfg: Any) -> ExperimentConfig:
+    """Validate a composed DictConfig (e.g. the one ``@hydra.main`` passes) into dataclasses."""
+    merged = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), cfg)
+    obj = OmegaConf.to_object(merged)
+    assert isinstance(obj, ExperimentConfig)
+    return obj
+
+
+def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    return asdict(cfg)
+
+
+def to_yaml(cfg: ExperimentConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def config_hash(cfg: ExperimentConfig) -> str:
+    """A stable hash of everything that changes the result (not where it is written)."""
+    content = to_dict(cfg)
+    content.pop("run_dir", None)
+    content.pop("resume", None)
+    blob = json.dumps(content, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+RUN_CONFIG_KEY = "fedmsk-overrides"
+
+
+def overrides_to_run_config(overrides: list[str]) -> dict[str, str]:
+    """Flower's run config carries only the Hydra overrides, JSON-encoded in one string."""
+    return {RUN_CONFIG_KEY: json.dumps(list(overrides))}
+
+
+def overrides_from_run_config(run_config: dict[str, Any]) -> list[str]:
+    raw = run_config.get(RUN_CONFIG_KEY, "[]")
+    value = json.loads(str(raw)) if raw else []
+    if not isinstance(value, list):
+        raise ValueError(f"run config {RUN_CONFIG_KEY!r} must be a JSON list of overrides")
+    return [str(v) for v in value]
