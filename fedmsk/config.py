@@ -138,7 +138,9 @@ class PrivacyConfig:
 class FederationConfig:
     num_rounds: int = 3
     round_timeout_s: float = 600.0
+    sites: list[str] = field(default_factory=list)
     heldout_sites: list[str] = field(default_factory=list)
+    connect_timeout_s: float = 300.0
     client_num_cpus: int = 1
     client_num_gpus: float = 0.0
     min_reply_fraction: float = 0.5

@@ -1,0 +1,156 @@
+"""Training-time augmentation, and a one-off "static augmentation" of a site's training images.
+
+On-the-fly augmentation runs on the (C, H, W) float tensors read from the preprocessing cache,
+so it never triggers a decode. It is deliberately mild (radiographs are not natural photos: a
+strong crop can cut away the fracture, a large rotation invents anatomy). Its randomness comes
+from its own :class:`torch.Generator`, not torch's global one, so a run is reproducible from its
+seed whatever else draws random numbers; DataLoader workers get distinct streams through
+:func:`worker_init_fn`.
+
+Static augmentation (:func:`static_augment`) writes N augmented copies of each training image
+once, as PNG files beside the site's images, and adds them to the manifest with split ``train``
+and the patient of the original, so the copies can never leak into validation or test.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as tvf
+
+from fedmsk.data.manifest import ManifestRow, read_manifest, write_manifest
+from fedmsk.data.splits import assign_splits, find_split_issues
+
+STATIC_DIR = "augmented"
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Ranges of the random transforms; the defaults suit radiographs and ultrasound."""
+
+    crop_scale: tuple[float, float] = (0.85, 1.0)
+    crop_ratio: tuple[float, float] = (0.9, 1.1)
+    rotation_degrees: float = 10.0
+    brightness: float = 0.1
+    contrast: float = 0.1
+    hflip: bool = True
+
+
+class SeededAugment:
+    """Random resized crop, rotation, brightness/contrast and optional horizontal flip.
+
+    Call it on a float tensor (C, H, W) in [0, 1]; the output has the same shape and range.
+    """
+
+    def __init__(self, config: AugmentConfig | None = None, seed: int = 0) -> None:
+        self.config = config or AugmentConfig()
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def reseed(self, seed: int) -> None:
+        self.seed = seed
+        self.generator.manual_seed(seed)
+
+    def _uniform(self, low: float, high: float) -> float:
+        return low + (high - low) * float(torch.rand((), generator=self.generator))
+
+    def _crop_box(self, height: int, width: int) -> tuple[int, int, int, int]:
+        cfg = self.config
+        area = height * width
+        for _ in range(10):
+            target = area * self._uniform(*cfg.crop_scale)
+            log_ratio = self._uniform(math.log(cfg.crop_ratio[0]), math.log(cfg.crop_ratio[1]))
+            ratio = math.exp(log_ratio)
+            w = round(math.sqrt(target * ratio))
+            h = round(math.sqrt(target / ratio))
+            if 0 < w <= width and 0 < h <= height:
+                top = int(self._uniform(0, height - h + 1 - 1e-9))
+                left = int(self._uniform(0, width - w + 1 - 1e-9))
+                return top, left, h, w
+        return 0, 0, height, width
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        height, width = image.shape[-2:]
+        top, left, h, w = self._crop_box(height, width)
+        out = tvf.resized_crop(image, top, left, h, w, [height, width], antialias=True)
+        if cfg.rotation_degrees > 0:
+            angle = self._uniform(-cfg.rotation_degrees, cfg.rotation_degrees)
+            out = tvf.rotate(out, angle, interpolation=InterpolationMode.BILINEAR, fill=0.0)
+        if cfg.brightness > 0:
+            out = tvf.adjust_brightness(out, self._uniform(1 - cfg.brightness, 1 + cfg.brightness))
+        if cfg.contrast > 0:
+            out = tvf.adjust_contrast(out, self._uniform(1 - cfg.contrast, 1 + cfg.contrast))
+        if cfg.hflip and self._uniform(0.0, 1.0) < 0.5:
+            out = tvf.horizontal_flip(out)
+        return out.clamp_(0.0, 1.0)
+
+
+def worker_init_fn(worker_id: int) -> None:
+    """Give each DataLoader worker its own augmentation stream (else all workers repeat one)."""
+    info = torch.utils.data.get_worker_info()
+    transform = getattr(getattr(info, "dataset", None), "transform", None)
+    if isinstance(transform, SeededAugment):
+        transform.reseed(transform.seed * 1009 + worker_id + 1)
+
+
+def _save_png(pixels: torch.Tensor, path: Path) -> None:
+    from PIL import Image
+
+    array = np.round(pixels.clamp(0, 1).numpy() * 255.0).astype(np.uint8)
+    image = Image.fromarray(array[0]) if array.shape[0] == 1 else Image.fromarray(
+        np.transpose(array, (1, 2, 0))
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+
+
+def static_augment(
+    site_dir: Path,
+    copies: int,
+    seed: int,
+    *,
+    ratios: Sequence[float] = (0.8, 0.1, 0.1),
+    split_seed: int = 0,
+    frame: str = "0",
+    config: AugmentConfig | None = None,
+) -> int:
+    """Write ``copies`` augmented PNGs of every training image and add them to the manifest.
+
+    Splits are fixed first (``assign_splits`` with ``ratios`` / ``split_seed``, the same call
+    the dataset builder makes) and written to the manifest, so each copy is certain to be in
+    ``train`` together with every other image of its patient. Copies go to
+    ``SITE_DIR/augmented/``; running again replaces earlier copies. Unreadable images are
+    skipped. Returns the number of images written.
+    """
+    from fedmsk.data.errors import ImageReadError
+    from fedmsk.data.images import load_image
+
+    if copies < 0:
+        raise ValueError(f"copies={copies}: must be >= 0")
+    site_dir = Path(site_dir)
+    rows = [r for r in read_manifest(site_dir) if not r.image.startswith(f"{STATIC_DIR}/")]
+    kept, _ = find_split_issues(rows)
+    kept_ids = {id(r) for r in kept}
+    assigned = iter(assign_splits(kept, ratios, split_seed))
+    rows = [next(assigned) if id(r) in kept_ids else r for r in rows]
+    augment = SeededAugment(config, seed)
+    new_rows: list[ManifestRow] = []
+    for index, row in enumerate(r for r in rows if r.split == "train"):
+        try:
+            loaded = load_image(site_dir / row.image, frame=frame)
+        except ImageReadError:
+            continue
+        tensor = torch.from_numpy(np.ascontiguousarray(np.transpose(loaded.pixels, (2, 0, 1))))
+        for k in range(copies):
+            name = f"{STATIC_DIR}/{index:06d}_{Path(row.image).stem}_aug{k}.png"
+            _save_png(augment(tensor.float()), site_dir / name)
+            new_rows.append(replace(row, image=name, split="train"))
+    write_manifest(site_dir, rows + new_rows)
+    return len(new_rows)

@@ -1,0 +1,277 @@
+"""Torch datasets and loaders over one site's manifest.
+
+Everything that can go wrong with a file is found when the loaders are built, not during a
+federated round: every image is passed through the preprocessing cache at construction, which
+decodes it once (filling the cache) and collects each failure as an :class:`ImageReadError`.
+Failed images are logged here with their file name (the log stays on the node) and left out;
+only their count and error type names may be reported upstream.
+
+Split source: the manifest's ``split`` column where filled, otherwise :func:`assign_splits` with
+``DataConfig.split_ratios`` and ``split_seed`` (patient-grouped, stratified). Splits are assigned
+before any image is decoded, so a repaired or newly broken file never moves other patients.
+Rows that cannot be used are dropped the same way ``fedmsk data check`` drops them: unknown
+split values, patients already in two splits, labels outside the task, views outside the task,
+and exact duplicate files (the first copy is kept).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+
+from fedmsk.config import DataConfig, TaskConfig, TrainConfig
+from fedmsk.data.augment import SeededAugment, worker_init_fn
+from fedmsk.data.cache import PreprocessCache, PreprocessParams, default_cache_dir, to_float
+from fedmsk.data.errors import ImageReadError
+from fedmsk.data.manifest import ManifestRow, read_manifest
+from fedmsk.data.splits import assign_splits, find_split_issues, split_names
+
+log = logging.getLogger(__name__)
+
+Transform = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SiteItem:
+    """One usable image: where it is, its class index, its patient and its content hash."""
+
+    path: Path
+    label: int
+    patient_id: str
+    digest: str
+    view: str = ""
+
+
+class SiteDataset(Dataset):
+    """(float32 tensor C x H x W, int label) pairs read from the preprocessing cache.
+
+    Build it with :meth:`from_rows`, which validates every image and records failures in
+    ``skipped``. Patient identifiers are available through :meth:`patient_ids` for
+    patient-level evaluation on the node; they must never be sent anywhere.
+    """
+
+    def __init__(
+        self,
+        items: list[SiteItem],
+        cache: PreprocessCache,
+        transform: Transform | None = None,
+        skipped: list[ImageReadError] | None = None,
+    ) -> None:
+        self.items = list(items)
+        self.cache = cache
+        self.transform = transform
+        self.skipped = list(skipped or [])
+
+    @classmethod
+    def from_rows(
+        cls,
+        site_dir: Path,
+        rows: list[ManifestRow],
+        classes: list[str],
+        cache: PreprocessCache,
+        transform: Transform | None = None,
+    ) -> SiteDataset:
+        """Validate ``rows`` through ``cache``; unreadable images are skipped and collected."""
+        items: list[SiteItem] = []
+        skipped: list[ImageReadError] = []
+        for row in rows:
+            path = Path(site_dir) / row.image
+            try:
+                digest = cache.content_hash(path)
+                cache.get(path, digest)
+            except ImageReadError as exc:
+                log.warning("skipping unreadable image %s", exc)
+                skipped.append(exc)
+                continue
+            label = classes.index(row.label)
+            items.append(SiteItem(path, label, row.patient_id, digest, row.view))
+        return cls(items, cache, transform, skipped)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        for offset in range(len(self.items)):
+            item = self.items[(index + offset) % len(self.items)]
+            try:
+                array = self.cache.get(item.path, item.digest)
+            except ImageReadError as exc:
+                # Validated at construction; a cache entry lost since then whose source also
+                # broke costs this one sample, never the round.
+                log.warning("image became unreadable during training, substituting: %s", exc)
+                continue
+            tensor = torch.from_numpy(to_float(array))
+            if self.transform is not None:
+                tensor = self.transform(tensor)
+            return tensor, item.label
+        raise IndexError("no readable image left in this dataset")
+
+    def labels(self) -> list[int]:
+        return [item.label for item in self.items]
+
+    def patient_ids(self) -> list[str]:
+        """Patient id per item, aligned with indices; for patient-level metrics on the node."""
+        return [item.patient_id for item in self.items]
+
+    def patient_keys(self) -> list[str]:
+        """Opaque per-dataset patient keys (``"p0"``, ``"p1"``...), aligned with indices.
+
+        Groups items exactly like :meth:`patient_ids` but carries no identifier, for code that
+        only needs to know which items belong together.
+        """
+        codes: dict[str, str] = {}
+        return [codes.setdefault(pid, f"p{len(codes)}") for pid in self.patient_ids()]
+
+    def class_counts(self, num_classes: int) -> list[int]:
+        counts = np.bincount(np.asarray(self.labels(), dtype=np.int64), minlength=num_classes)
+        return [int(c) for c in counts]
+
+
+@dataclass
+class SiteLoaders:
+    """The loaders of one site; ``counts`` is split -> class name -> number of images."""
+
+    train: DataLoader | None
+    val: DataLoader | None
+    test: DataLoader | None
+    counts: dict[str, dict[str, int]]
+    skipped: list[ImageReadError] = field(default_factory=list)
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    def dataset(self, split: str) -> SiteDataset | None:
+        loader = getattr(self, split)
+        return None if loader is None else loader.dataset
+
+
+def select_rows(
+    rows: list[ManifestRow], task: TaskConfig, ratios: list[float], seed: int
+) -> tuple[list[ManifestRow], dict[str, int]]:
+    """Rows with a split that this task can use, and how many were dropped for what reason."""
+    kept, issues = find_split_issues(rows)
+    dropped: dict[str, int] = {}
+    for issue in issues:
+        dropped[issue.kind] = dropped.get(issue.kind, 0) + len(issue.images)
+        log.warning("leaving out %s: %s", ", ".join(issue.images[:5]), issue.detail)
+    assigned = assign_splits(kept, ratios, seed)
+    known = set(split_names(ratios)) | {"train", "val", "test"}
+    usable = []
+    for row in assigned:
+        reason = None
+        if row.label not in task.classes:
+            reason = "unknown_label"
+        elif task.views and row.view and row.view not in task.views:
+            reason = "other_view"
+        elif row.split not in known:
+            reason = "unknown_split"
+        if reason:
+            dropped[reason] = dropped.get(reason, 0) + 1
+            log.warning("leaving out %s (%s)", row.image, reason)
+        else:
+            usable.append(row)
+    return usable, dropped
+
+
+def _drop_duplicates(
+    datasets: dict[str, SiteDataset], order: tuple[str, ...]
+) -> int:
+    """Keep the first copy of identical files (train first) so no image sits in two splits."""
+    seen: set[str] = set()
+    removed = 0
+    for split in order:
+        ds = datasets[split]
+        unique = []
+        for item in ds.items:
+            if item.digest in seen:
+                log.warning("leaving out %s: identical to an earlier file", item.path)
+                removed += 1
+                continue
+            seen.add(item.digest)
+            unique.append(item)
+        ds.items = unique
+    return removed
+
+
+def _make_loader(
+    dataset: SiteDataset,
+    batch_size: int,
+    num_workers: int,
+    generator: torch.Generator | None = None,
+    shuffle: bool = False,
+    balanced: bool = False,
+    num_classes: int = 2,
+) -> DataLoader | None:
+    if len(dataset) == 0:
+        return None
+    sampler = None
+    if balanced:
+        counts = dataset.class_counts(num_classes)
+        weights = torch.tensor([1.0 / counts[label] for label in dataset.labels()])
+        sampler = WeightedRandomSampler(
+            weights, num_samples=len(dataset), replacement=True, generator=generator
+        )
+        shuffle = False
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        sampler=sampler,
+        num_workers=num_workers,
+        generator=generator if shuffle else None,
+        worker_init_fn=worker_init_fn if num_workers > 0 else None,
+    )
+
+
+def build_site_loaders(
+    site_dir: Path, task: TaskConfig, data: DataConfig, train: TrainConfig, seed: int
+) -> SiteLoaders:
+    """Loaders for one site's train/val/test splits (``None`` where a split is empty).
+
+    ``train`` is shuffled with a generator seeded by ``seed`` (or class-balanced by a
+    WeightedRandomSampler when ``train.class_weighting == "sampler"``) and augmented when
+    ``data.augment``; ``val`` and ``test`` are in manifest order, unaugmented.
+    """
+    site_dir = Path(site_dir)
+    params = PreprocessParams(data.image_size, data.in_chans, str(data.frame))
+    cache = PreprocessCache(default_cache_dir(site_dir, data.cache_dir), params)
+    rows, dropped = select_rows(
+        read_manifest(site_dir), task, list(data.split_ratios), data.split_seed
+    )
+    order = ("train", "val", "test")
+    datasets: dict[str, SiteDataset] = {}
+    skipped: list[ImageReadError] = []
+    for split in order:
+        transform = SeededAugment(seed=seed) if split == "train" and data.augment else None
+        split_rows = [r for r in rows if r.split == split]
+        datasets[split] = SiteDataset.from_rows(site_dir, split_rows, task.classes, cache, transform)
+        skipped.extend(datasets[split].skipped)
+    duplicates = _drop_duplicates(datasets, order)
+    if duplicates:
+        dropped["duplicate_content"] = duplicates
+    if skipped:
+        dropped["unreadable_image"] = len(skipped)
+    generator = torch.Generator().manual_seed(seed)
+    loaders = {
+        split: _make_loader(
+            datasets[split],
+            train.batch_size,
+            data.num_workers,
+            generator=generator if split == "train" else None,
+            shuffle=split == "train",
+            balanced=split == "train" and train.class_weighting == "sampler",
+            num_classes=task.num_classes,
+        )
+        for split in order
+    }
+    counts = {
+        split: dict(zip(task.classes, datasets[split].class_counts(task.num_classes), strict=True))
+        for split in order
+    }
+    return SiteLoaders(
+        loaders["train"], loaders["val"], loaders["test"], counts, skipped, dropped
+    )

@@ -1,0 +1,136 @@
+"""The run directory: the one place a run's durable results live.
+
+Everything written here is aggregate and non-identifying (see docs/interfaces.md). Writes are
+atomic (temp file + rename) so that a run killed at any instant leaves either the previous or
+the new version of a file, never half of one: that is what makes ``resume`` safe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedmsk.config import ExperimentConfig, config_hash, to_yaml
+
+CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_PATTERN = "round_{:04d}.ckpt"
+
+
+class ResumeError(RuntimeError):
+    """A run directory that cannot be resumed; the message says why and what to do."""
+
+
+@dataclass
+class Checkpoint:
+    round: int
+    arrays: dict[str, np.ndarray]
+    strategy_state: dict[str, Any]
+    config_hash: str
+    threshold: float
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+class RunDirectory:
+    """Reads and writes one run's files; holds no state beyond its path."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path).resolve()
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def results_path(self) -> Path:
+        return self.path / "results.json"
+
+    def initialise(self, cfg: ExperimentConfig) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        _atomic_write_bytes(self.path / "config.yaml", to_yaml(cfg).encode())
+        _atomic_write_bytes(self.path / "config_hash.txt", (config_hash(cfg) + "\n").encode())
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record, default=_json_default, sort_keys=True)
+        with self.metrics_path.open("a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+            handle.flush()
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_path.is_file():
+            return []
+        lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+
+    def truncate_metrics_after(self, last_round: int) -> None:
+        """Drop metric lines of rounds after ``last_round`` (a resumed run rewrites them)."""
+        kept = [m for m in self.read_metrics() if int(m.get("round", 0)) <= last_round]
+        body = "".join(json.dumps(m, sort_keys=True) + "\n" for m in kept)
+        _atomic_write_bytes(self.metrics_path, body.encode())
+
+    def write_json(self, name: str, content: dict[str, Any]) -> Path:
+        path = self.path / name
+        blob = json.dumps(content, default=_json_default, indent=2, sort_keys=True)
+        _atomic_write_bytes(path, blob.encode())
+        return path
+
+    def save_checkpoint(self, checkpoint: Checkpoint) -> Path:
+        path = self.path / CHECKPOINT_DIR / CHECKPOINT_PATTERN.format(checkpoint.round)
+        _atomic_write_bytes(path, pickle.dumps(checkpoint, protocol=pickle.HIGHEST_PROTOCOL))
+        return path
+
+    def latest_checkpoint(self) -> Checkpoint | None:
+        folder = self.path / CHECKPOINT_DIR
+        candidates = sorted(folder.glob("round_*.ckpt")) if folder.is_dir() else []
+        for path in reversed(candidates):
+            try:
+                with path.open("rb") as handle:
+                    loaded = pickle.load(handle)
+            except (OSError, pickle.UnpicklingError, EOFError) as exc:
+                raise ResumeError(
+                    f"{path}: unreadable checkpoint ({type(exc).__name__}); "
+                    "delete it to resume from the round before"
+                ) from exc
+            if isinstance(loaded, Checkpoint):
+                return loaded
+        return None
+
+    def checkpoint_for_resume(self, cfg: ExperimentConfig) -> Checkpoint | None:
+        """The last complete round, checked against the configuration it was made with."""
+        checkpoint = self.latest_checkpoint()
+        if checkpoint is None:
+            return None
+        expected = config_hash(cfg)
+        if checkpoint.config_hash != expected:
+            raise ResumeError(
+                f"{self.path}: checkpoint was made with config {checkpoint.config_hash}, "
+                f"this run has {expected}; resume with the same overrides"
+            )
+        return checkpoint

@@ -1,0 +1,230 @@
+"""What one hospital node does in a round, with no Flower in sight.
+
+``client/`` turns Flower messages into calls of :class:`SiteRuntime` and its results back into
+messages. Everything here runs on the node that owns the images: per-image scores, patient IDs
+and file paths are used here and never returned. :class:`TrainOutcome` and
+:class:`EvaluationOutcome` carry only what may leave the node.
+
+Node-local state (the privacy accountant, FedBN's local normalisation layers, a log that names
+unreadable files for the site's own IT) lives under ``SITE_DIR/.fedmsk/`` and survives restarts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedmsk.config import ExperimentConfig, config_hash
+
+STATE_DIR_NAME = ".fedmsk"
+
+
+def run_key(cfg: ExperimentConfig) -> str:
+    """Names a run's node-local state: the same experiment written to the same run dir."""
+    blob = f"{config_hash(cfg)}|{Path(cfg.run_dir).name}".encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def derive_seed(base: int, *parts: object) -> int:
+    """A reproducible seed per (run, round, site) so a resumed run repeats the same draws."""
+    text = "|".join([str(base), *map(str, parts)]).encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:4], "little")
+
+
+@dataclass
+class TrainOutcome:
+    arrays: dict[str, np.ndarray]
+    num_examples: int
+    metrics: dict[str, float]
+
+
+@dataclass
+class EvaluationOutcome:
+    num_examples: int
+    summary: dict[str, Any]
+    histogram: dict[str, Any]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class SiteUnavailableError(RuntimeError):
+    """The site cannot take part (no usable images, budget spent); message is PHI-free."""
+
+
+def node_logger(site_dir: Path, alias: str) -> logging.Logger:
+    """A logger that writes to the site's own log file, which never leaves the node."""
+    logger = logging.getLogger(f"fedmsk.node.{alias}")
+    log_dir = Path(site_dir) / STATE_DIR_NAME / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    target = str((log_dir / "node.log").resolve())
+    if not any(getattr(h, "baseFilename", None) == target for h in logger.handlers):
+        handler = logging.FileHandler(target, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    return logger
+
+
+class SiteRuntime:
+    """One site's data and model for one run; built fresh for each message."""
+
+    def __init__(self, cfg: ExperimentConfig, site_dir: Path, alias: str, heldout: bool) -> None:
+        from fedmsk.data.dataset import build_site_loaders
+        from fedmsk.models import create_model
+
+        self.cfg = cfg
+        self.site_dir = Path(site_dir)
+        self.alias = alias
+        self.heldout = heldout
+        self.state_dir = self.site_dir / STATE_DIR_NAME / "runs" / run_key(cfg)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.log = node_logger(self.site_dir, alias)
+        self.loaders = build_site_loaders(
+            self.site_dir, cfg.task, cfg.data, cfg.train, seed=cfg.seed, use_all_for_test=heldout
+        )
+        for error in self.loaders.skipped:
+            self.log.warning("skipped unreadable image: %s", error)
+        self.model = create_model(
+            cfg.model.name,
+            num_classes=cfg.task.num_classes,
+            in_chans=cfg.data.in_chans,
+            pretrained=cfg.model.pretrained,
+            dp_compatible=cfg.model.dp_compatible or cfg.privacy.enabled,
+            drop_rate=cfg.model.drop_rate,
+        )
+
+    # -- weights ---------------------------------------------------------------------------
+
+    def _local_state_path(self) -> Path:
+        return self.state_dir / "local_norm.npz"
+
+    def load_global(self, arrays: dict[str, np.ndarray]) -> None:
+        """Load the global model; under FedBN the site's own normalisation layers win."""
+        from fedmsk.models import get_arrays, set_arrays
+
+        merged = dict(arrays)
+        local_path = self._local_state_path()
+        if self.cfg.strategy.local_norm_layers and local_path.is_file():
+            with np.load(local_path) as local:
+                merged.update({k: local[k] for k in local.files})
+        current = get_arrays(self.model)
+        current.update(merged)
+        set_arrays(self.model, current)
+
+    def _save_local_norm(self) -> None:
+        from fedmsk.models import get_arrays, local_parameter_names
+
+        names = local_parameter_names(self.model)
+        arrays = {k: v for k, v in get_arrays(self.model).items() if k in names}
+        np.savez(self._local_state_path(), **arrays)
+
+    # -- train -----------------------------------------------------------------------------
+
+    def train(self, global_arrays: dict[str, np.ndarray], server_round: int) -> TrainOutcome:
+        from fedmsk.models import get_arrays
+        from fedmsk.training import fit, seed_everything
+
+        if self.heldout:
+            raise SiteUnavailableError("held-out site never trains")
+        if self.loaders.train is None:
+            raise SiteUnavailableError("no usable training images")
+        self.load_global(global_arrays)
+        seed_everything(derive_seed(self.cfg.seed, "train", server_round, self.alias))
+        if hasattr(self.loaders, "reseed"):
+            self.loaders.reseed(derive_seed(self.cfg.seed, "loader", server_round, self.alias))
+        privacy = self._privacy_session()
+        if privacy is not None and not privacy.can_train():
+            raise SiteUnavailableError("privacy budget spent")
+        result = fit(
+            self.model,
+            self.loaders.train,
+            self.cfg.train,
+            self.cfg.task.num_classes,
+            global_arrays=global_arrays if self.cfg.train.proximal_mu > 0 else None,
+            privacy=privacy,
+            class_counts=self._train_class_counts(),
+        )
+        if self.cfg.strategy.local_norm_layers:
+            self._save_local_norm()
+        metrics = {
+            "train-loss": float(result.mean_loss),
+            "train-steps": float(result.steps),
+            "train-seconds": float(result.seconds),
+            "images-per-second": float(result.images_per_second),
+        }
+        if result.epsilon is not None:
+            metrics["epsilon"] = float(result.epsilon)
+        return TrainOutcome(get_arrays(self.model), int(result.num_examples), metrics)
+
+    def _train_class_counts(self) -> list[int]:
+        counts = self.loaders.counts.get("train", {})
+        return [int(counts.get(name, 0)) for name in self.cfg.task.classes]
+
+    def _privacy_session(self) -> Any:
+        if not self.cfg.privacy.enabled:
+            return None
+        from fedmsk.privacy import DPSession
+
+        return DPSession.for_site(
+            self.cfg.privacy,
+            state_path=self.state_dir / "privacy.json",
+            num_examples=sum(self._train_class_counts()),
+            batch_size=self.cfg.train.batch_size,
+            steps_per_round=_steps_per_round(self.loaders.train, self.cfg),
+            planned_rounds=self.cfg.federation.num_rounds,
+        )
+
+    def privacy_status(self) -> dict[str, float]:
+        session = self._privacy_session()
+        return {} if session is None else session.status()
+
+    # -- evaluate --------------------------------------------------------------------------
+
+    def evaluate(
+        self, global_arrays: dict[str, np.ndarray], threshold: float | None
+    ) -> EvaluationOutcome:
+        """Validation split at training sites, all images at a held-out site."""
+        from fedmsk.evaluation import score_histogram, summarize
+        from fedmsk.training import evaluate
+
+        loader = self.loaders.test if self.heldout else self.loaders.val
+        if loader is None:
+            raise SiteUnavailableError("no usable evaluation images")
+        self.load_global(global_arrays)
+        result = evaluate(self.model, loader)
+        patient_ids = _patient_ids(loader)
+        summary = summarize(
+            result.labels,
+            result.probs,
+            list(self.cfg.task.classes),
+            threshold=threshold,
+            bootstrap=self.cfg.evaluation.bootstrap,
+            seed=self.cfg.seed,
+            patient_ids=patient_ids,
+            patient_aggregation=self.cfg.evaluation.patient_aggregation,
+        )
+        histogram = score_histogram(result.labels, result.probs)
+        metrics = {"eval-loss": float(result.loss)}
+        for key in ("auc", "top1_accuracy", "macro_f1"):
+            value = summary.get(key)
+            if isinstance(value, int | float):
+                metrics[key] = float(value)
+        return EvaluationOutcome(int(result.num_examples), summary, histogram, metrics)
+
+
+def _patient_ids(loader: Any) -> list[str] | None:
+    dataset = getattr(loader, "dataset", None)
+    getter = getattr(dataset, "patient_ids", None)
+    return list(getter()) if callable(getter) else None
+
+
+def _steps_per_round(loader: Any, cfg: ExperimentConfig) -> int:
+    steps = len(loader) * max(1, cfg.train.local_epochs)
+    if cfg.train.max_steps is not None:
+        steps = min(steps, int(cfg.train.max_steps))
+    return max(1, steps)

@@ -1,0 +1,217 @@
+"""fedmsk ServerApp: the coordinator's side of a federated run.
+
+Runs the same way in the simulation engine and in a SuperLink deployment. Its steps: rebuild
+the typed config from the run config, find out which node is which site (a query message),
+start (or resume) Flower's strategy loop, then a final two-pass evaluation: the threshold is
+locked on the training sites' validation sets, then every site, the held-out center included,
+is evaluated at that threshold. Results land in the run directory given by the config, which
+must be an absolute path (the ServerApp's working directory is the SuperLink's).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fedmsk.config import ExperimentConfig, compose, config_hash, overrides_from_run_config
+from fedmsk.run_dir import RunDirectory
+from server.rounds import RoundRecorder, SiteEvaluation, arrays_to_numpy
+from server.strategies import build_strategy
+
+app = ServerApp()
+log = logging.getLogger("fedmsk.server")
+
+
+class SiteDiscoveryError(RuntimeError):
+    """The expected sites did not all connect in time; names those missing."""
+
+
+def initial_arrays(cfg: ExperimentConfig) -> dict[str, np.ndarray]:
+    from fedmsk.models import create_model, get_arrays
+    from fedmsk.training import seed_everything
+
+    seed_everything(cfg.seed)
+    model = create_model(
+        cfg.model.name,
+        num_classes=cfg.task.num_classes,
+        in_chans=cfg.data.in_chans,
+        pretrained=cfg.model.pretrained,
+        dp_compatible=cfg.model.dp_compatible or cfg.privacy.enabled,
+        drop_rate=cfg.model.drop_rate,
+    )
+    return get_arrays(model)
+
+
+def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord(OrderedDict((k, np.ascontiguousarray(v)) for k, v in arrays.items()))
+
+
+def discover_sites(grid: Grid, cfg: ExperimentConfig) -> dict[int, str]:
+    """Wait for the expected sites, then ask each node its alias (nothing else)."""
+    expected = set(cfg.federation.sites)
+    deadline = time.monotonic() + cfg.federation.connect_timeout_s
+    node_alias: dict[int, str] = {}
+    while True:
+        unknown = [n for n in grid.get_node_ids() if n not in node_alias]
+        if unknown:
+            messages = [
+                Message(RecordDict({"config": ConfigRecord()}), dst_node_id=n, message_type=MessageType.QUERY)
+                for n in unknown
+            ]
+            for reply in grid.send_and_receive(messages, timeout=60):
+                if not reply.has_error() and "detail" in reply.content:
+                    node_alias[reply.metadata.src_node_id] = str(reply.content["detail"]["site-alias"])
+        seen = set(node_alias.values())
+        if expected and expected <= seen:
+            return {n: a for n, a in node_alias.items() if a in expected}
+        if not expected and node_alias:
+            return node_alias
+        if time.monotonic() > deadline:
+            missing = ", ".join(sorted(expected - seen)) or "any site"
+            raise SiteDiscoveryError(
+                f"federation.sites: {missing} did not connect within "
+                f"{cfg.federation.connect_timeout_s:.0f} s (federation.connect_timeout_s)"
+            )
+        time.sleep(1.0)
+
+
+def evaluate_sites(
+    grid: Grid,
+    recorder: RoundRecorder,
+    arrays: dict[str, np.ndarray],
+    node_ids: list[int],
+    threshold: float | None,
+    tag: int,
+) -> list[SiteEvaluation]:
+    config: dict[str, Any] = {"server-round": tag}
+    if threshold is not None:
+        config["threshold"] = float(threshold)
+    record = to_record(arrays)
+    messages = [
+        Message(
+            RecordDict({"arrays": record, "config": ConfigRecord(config)}),
+            dst_node_id=n,
+            message_type=MessageType.EVALUATE,
+        )
+        for n in node_ids
+    ]
+    recorder.expect("final-evaluate", tag, node_ids)
+    replies = list(grid.send_and_receive(messages, timeout=recorder.cfg.federation.round_timeout_s))
+    return recorder.collect_evaluations("final-evaluate", tag, replies)
+
+
+def final_evaluation(grid: Grid, recorder: RoundRecorder, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Lock the threshold on federated validation, then evaluate every site at it."""
+    tag = recorder.cfg.federation.num_rounds - recorder.round_offset + 1
+    training_nodes = recorder.training_node_ids()
+    validation = evaluate_sites(grid, recorder, arrays, training_nodes, None, tag)
+    recorder.lock_threshold(validation)
+    all_nodes = sorted(recorder.node_alias, key=recorder.alias_of)
+    evaluations = evaluate_sites(grid, recorder, arrays, all_nodes, recorder.threshold, tag + 1)
+    sites = {
+        ev.alias: {
+            "role": ev.role,
+            "split": "test" if ev.role == "heldout" else "val",
+            "n": ev.num_examples,
+            "summary": ev.summary,
+        }
+        for ev in evaluations
+    }
+    for ev in evaluations:
+        recorder.run_dir.append_metrics(
+            {
+                "round": recorder.cfg.federation.num_rounds,
+                "phase": "final-heldout" if ev.role == "heldout" else "final-val",
+                "site": ev.alias,
+                "n": ev.num_examples,
+            }
+            | ev.metrics
+        )
+    return sites
+
+
+def write_results(recorder: RoundRecorder, sites: dict[str, Any], seconds: float) -> None:
+    cfg = recorder.cfg
+    threshold_source = (
+        "youden on federated validation histograms"
+        if cfg.evaluation.threshold == "youden" and cfg.task.is_binary
+        else "fixed"
+    )
+    recorder.run_dir.write_json(
+        "results.json",
+        {
+            "run": {
+                "mode": "federated",
+                "strategy": cfg.strategy.name,
+                "model": cfg.model.name,
+                "task": cfg.task.name,
+                "classes": list(cfg.task.classes),
+                "rounds": cfg.federation.num_rounds,
+                "config_hash": config_hash(cfg),
+                "privacy": "dp" if cfg.privacy.enabled else "none",
+                "secure_aggregation": cfg.privacy.secure_aggregation,
+                "training_sites": sorted(a for a in recorder.node_alias.values() if not recorder.is_heldout(a)),
+                "heldout_sites": sorted(a for a in recorder.node_alias.values() if recorder.is_heldout(a)),
+                "seconds": round(seconds, 1),
+            },
+            "threshold": {"value": recorder.threshold, "source": threshold_source},
+            "sites": sites,
+            "failures": recorder.failures,
+            "privacy": recorder.privacy,
+        },
+    )
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    started = time.monotonic()
+    cfg = compose(overrides_from_run_config(dict(context.run_config)))
+    if not Path(cfg.run_dir).is_absolute():
+        raise ValueError(f"run_dir={cfg.run_dir!r} must be an absolute path for a federated run")
+    run_dir = RunDirectory(cfg.run_dir)
+    checkpoint = run_dir.checkpoint_for_resume(cfg) if cfg.resume else None
+    run_dir.initialise(cfg)
+    node_alias = discover_sites(grid, cfg)
+    arrays = checkpoint.arrays if checkpoint else initial_arrays(cfg)
+    recorder = RoundRecorder(
+        cfg=cfg,
+        run_dir=run_dir,
+        node_alias=node_alias,
+        reference_shapes={k: tuple(v.shape) for k, v in arrays.items()},
+        round_offset=checkpoint.round if checkpoint else 0,
+        threshold=checkpoint.threshold if checkpoint else cfg.evaluation.fixed_threshold,
+        last_arrays=arrays,
+    )
+    if checkpoint:
+        run_dir.truncate_metrics_after(checkpoint.round)
+    else:
+        run_dir.truncate_metrics_after(0)
+    training = recorder.training_node_ids()
+    strategy = build_strategy(cfg.strategy, len(training), len(node_alias))
+    strategy.attach(recorder)
+    if checkpoint:
+        strategy.import_state(checkpoint.strategy_state)
+    remaining = cfg.federation.num_rounds - recorder.round_offset
+    if remaining > 0:
+        strategy.start(
+            grid=grid,
+            initial_arrays=to_record(arrays),
+            num_rounds=remaining,
+            timeout=cfg.federation.round_timeout_s,
+            train_config=ConfigRecord({"num-rounds": cfg.federation.num_rounds}),
+        )
+    final = recorder.last_arrays if recorder.last_arrays is not None else arrays
+    np.savez(run_dir.path / "final_model.npz", **final)
+    sites = final_evaluation(grid, recorder, final)
+    write_results(recorder, sites, time.monotonic() - started)
+    log.info("fedmsk run finished: %s", run_dir.path.name)
+
+
+__all__ = ["app", "arrays_to_numpy"]

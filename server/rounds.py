@@ -1,0 +1,252 @@
+"""Server-side bookkeeping of a federated run: who is who, what came back, what is kept.
+
+The :class:`RoundRecorder` is the strategy's memory between hooks. It maps Flower node IDs to
+site aliases, screens replies (errors, timeouts, wrong shapes, non-finite values), locks the
+decision threshold on the federated validation sets, and writes metrics.jsonl lines and a
+checkpoint after every round. It never sees an image, a path or a per-image score: only what
+``client/app.py`` lets leave a node.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord
+
+from fedmsk.config import ExperimentConfig, config_hash
+from fedmsk.run_dir import Checkpoint, RunDirectory
+
+log = logging.getLogger("fedmsk.server")
+
+_SITE_ERROR = re.compile(r"site=([A-Za-z0-9_.-]+) error=([A-Za-z0-9_]+)")
+
+
+def arrays_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def describe_error(reason: str) -> str:
+    """The error class from a reply's reason; anything else in the text is dropped."""
+    match = _SITE_ERROR.search(reason or "")
+    if match:
+        return match.group(2)
+    class_name = re.search(r"<class '([A-Za-z0-9_.]+)'>", reason or "")
+    return class_name.group(1).rsplit(".", 1)[-1] if class_name else "ClientAppError"
+
+
+@dataclass
+class SiteEvaluation:
+    alias: str
+    role: str
+    num_examples: int
+    summary: dict[str, Any]
+    histogram: dict[str, Any]
+    metrics: dict[str, float]
+
+
+@dataclass
+class RoundRecorder:
+    cfg: ExperimentConfig
+    run_dir: RunDirectory
+    node_alias: dict[int, str]
+    reference_shapes: dict[str, tuple[int, ...]]
+    round_offset: int = 0
+    threshold: float = 0.5
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    expected: dict[tuple[str, int], list[int]] = field(default_factory=dict)
+    latest_evaluations: dict[str, SiteEvaluation] = field(default_factory=dict)
+    privacy: dict[str, dict[str, float]] = field(default_factory=dict)
+    last_arrays: dict[str, np.ndarray] | None = None
+
+    # -- sites -----------------------------------------------------------------------------
+
+    def alias_of(self, node_id: int) -> str:
+        return self.node_alias.get(node_id, f"node-{node_id}")
+
+    def is_heldout(self, alias: str) -> bool:
+        return alias in self.cfg.federation.heldout_sites
+
+    def training_node_ids(self) -> list[int]:
+        return sorted(
+            (n for n, a in self.node_alias.items() if not self.is_heldout(a)),
+            key=self.alias_of,
+        )
+
+    def absolute_round(self, server_round: int) -> int:
+        return server_round + self.round_offset
+
+    # -- replies ---------------------------------------------------------------------------
+
+    def expect(self, phase: str, server_round: int, node_ids: list[int]) -> None:
+        self.expected[(phase, server_round)] = list(node_ids)
+
+    def record_failure(self, server_round: int, alias: str, phase: str, error: str) -> None:
+        entry = {
+            "round": self.absolute_round(server_round),
+            "phase": phase,
+            "site": alias,
+            "error": error,
+        }
+        self.failures.append(entry)
+        self.run_dir.append_metrics({**entry, "phase": f"{phase}-failure"})
+        log.warning("round %s: %s %s failed (%s)", entry["round"], alias, phase, error)
+
+    def _split_replies(
+        self, phase: str, server_round: int, replies: list[Message]
+    ) -> list[Message]:
+        """Record error replies and missing replies; return the ones with content."""
+        answered = {m.metadata.src_node_id for m in replies}
+        for node_id in self.expected.get((phase, server_round), []):
+            if node_id not in answered:
+                self.record_failure(server_round, self.alias_of(node_id), phase, "Timeout")
+        good = []
+        for msg in replies:
+            if msg.has_error():
+                error = describe_error(msg.error.reason)
+                self.record_failure(server_round, self.alias_of(msg.metadata.src_node_id), phase, error)
+            else:
+                good.append(msg)
+        return sorted(good, key=lambda m: self.alias_of(m.metadata.src_node_id))
+
+    def screen_train_replies(self, server_round: int, replies: list[Message]) -> list[Message]:
+        accepted = []
+        for msg in self._split_replies("train", server_round, replies):
+            alias = self.alias_of(msg.metadata.src_node_id)
+            problem = self._update_problem(msg)
+            if problem:
+                self.record_failure(server_round, alias, "train", f"RejectedUpdate: {problem}")
+                continue
+            metrics = dict(msg.content["metrics"]) if "metrics" in msg.content else {}
+            self.run_dir.append_metrics(
+                {"round": self.absolute_round(server_round), "phase": "train", "site": alias}
+                | {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+            )
+            if "epsilon" in metrics:
+                self.privacy.setdefault(alias, {})["epsilon"] = float(metrics["epsilon"])
+            accepted.append(msg)
+        return accepted
+
+    def _update_problem(self, msg: Message) -> str | None:
+        records = list(msg.content.array_records.values())
+        if len(records) != 1:
+            return f"expected one array record, got {len(records)}"
+        arrays = records[0]
+        if set(arrays.keys()) != set(self.reference_shapes):
+            return "array names differ from the global model"
+        for key, array in arrays.items():
+            value = array.numpy()
+            if tuple(value.shape) != self.reference_shapes[key]:
+                return f"shape of {key} is {tuple(value.shape)}, expected {self.reference_shapes[key]}"
+            if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+                return f"non-finite values in {key}"
+        return None
+
+    def enough_replies(self, accepted: list[Message]) -> bool:
+        needed = max(1, math.ceil(self.cfg.federation.min_reply_fraction * len(self.training_node_ids())))
+        return len(accepted) >= needed
+
+    def record_skipped_round(self, server_round: int, received: int) -> None:
+        self.run_dir.append_metrics(
+            {
+                "round": self.absolute_round(server_round),
+                "phase": "train-skipped",
+                "site": None,
+                "accepted": received,
+            }
+        )
+
+    # -- after aggregation -----------------------------------------------------------------
+
+    def on_train_aggregated(
+        self,
+        server_round: int,
+        arrays: ArrayRecord | None,
+        metrics: MetricRecord | None,
+        strategy_state: dict[str, Any],
+    ) -> None:
+        absolute = self.absolute_round(server_round)
+        if arrays is not None:
+            self.last_arrays = arrays_to_numpy(arrays)
+        numbers = {k: v for k, v in dict(metrics or {}).items() if isinstance(v, int | float)}
+        self.run_dir.append_metrics({"round": absolute, "phase": "train", "site": None} | numbers)
+        assert self.last_arrays is not None
+        self.run_dir.save_checkpoint(
+            Checkpoint(
+                round=absolute,
+                arrays=self.last_arrays,
+                strategy_state=strategy_state,
+                config_hash=config_hash(self.cfg),
+                threshold=self.threshold,
+            )
+        )
+
+    def on_evaluate_replies(self, server_round: int, replies: list[Message]) -> MetricRecord | None:
+        evaluations = self.collect_evaluations("evaluate", server_round, replies)
+        absolute = self.absolute_round(server_round)
+        for ev in evaluations:
+            self.run_dir.append_metrics(
+                {
+                    "round": absolute,
+                    "phase": "heldout" if ev.role == "heldout" else "val",
+                    "site": ev.alias,
+                    "n": ev.num_examples,
+                }
+                | ev.metrics
+            )
+        self.lock_threshold(evaluations)
+        validation = [e for e in evaluations if e.role == "train"]
+        total = sum(e.num_examples for e in validation)
+        if not total:
+            return None
+        mean = {
+            key: sum(e.metrics.get(key, 0.0) * e.num_examples for e in validation) / total
+            for key in ("auc", "top1_accuracy", "eval-loss")
+            if all(key in e.metrics for e in validation)
+        }
+        self.run_dir.append_metrics({"round": absolute, "phase": "val", "site": None, "n": total} | mean)
+        return MetricRecord({"num-examples": total, **mean})
+
+    def collect_evaluations(
+        self, phase: str, server_round: int, replies: list[Message]
+    ) -> list[SiteEvaluation]:
+        evaluations = []
+        for msg in self._split_replies(phase, server_round, replies):
+            alias = self.alias_of(msg.metadata.src_node_id)
+            metrics = {
+                k: float(v)
+                for k, v in dict(msg.content["metrics"]).items()
+                if isinstance(v, int | float) and k != "num-examples"
+            }
+            detail = msg.content["detail"]
+            ev = SiteEvaluation(
+                alias=alias,
+                role="heldout" if self.is_heldout(alias) else "train",
+                num_examples=int(msg.content["metrics"]["num-examples"]),
+                summary=json.loads(str(detail["summary"])),
+                histogram=json.loads(str(detail["histogram"])),
+                metrics=metrics,
+            )
+            if "epsilon" in metrics:
+                self.privacy.setdefault(alias, {}).update(
+                    {k: v for k, v in metrics.items() if k.startswith(("epsilon", "delta", "budget"))}
+                )
+            self.latest_evaluations[alias] = ev
+            evaluations.append(ev)
+        return evaluations
+
+    def lock_threshold(self, evaluations: list[SiteEvaluation]) -> None:
+        """Youden threshold on the summed validation histograms of the training sites."""
+        if self.cfg.evaluation.threshold != "youden" or not self.cfg.task.is_binary:
+            self.threshold = float(self.cfg.evaluation.fixed_threshold)
+            return
+        histograms = [e.histogram for e in evaluations if e.role == "train" and e.histogram]
+        if histograms:
+            from fedmsk.evaluation import threshold_from_histograms
+
+            self.threshold = float(threshold_from_histograms(histograms))

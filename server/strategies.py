@@ -1,0 +1,157 @@
+"""Flower strategies chosen by config, with fedmsk's round bookkeeping mixed in.
+
+The round loop is Flower's own ``Strategy.start``. :class:`FedMskMixin` overrides four hooks:
+training goes only to training sites (never the held-out center), replies are screened
+(shapes, finite values) and sorted by site before aggregation so the sum is reproducible, and
+after every round the :class:`server.rounds.RoundRecorder` writes metrics and a checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import (
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    Strategy,
+)
+
+from fedmsk.config import StrategyConfig
+from server.rounds import RoundRecorder
+
+STRATEGY_STATE_ATTRIBUTES = ("current_arrays", "m_t", "v_t", "momentum_vector")
+
+
+class NodeSubsetGrid:
+    """A view of a Grid that offers only some node IDs to a strategy's sampler."""
+
+    def __init__(self, grid: Grid, node_ids: list[int]) -> None:
+        self._grid = grid
+        self._node_ids = list(node_ids)
+
+    def get_node_ids(self) -> list[int]:
+        connected = set(self._grid.get_node_ids())
+        return [n for n in self._node_ids if n in connected]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+class FedMskMixin:
+    """Round bookkeeping shared by every strategy; the aggregation itself stays Flower's."""
+
+    recorder: RoundRecorder
+
+    def attach(self, recorder: RoundRecorder) -> None:
+        self.recorder = recorder
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        view = NodeSubsetGrid(grid, self.recorder.training_node_ids())
+        messages = list(super().configure_train(server_round, arrays, config, view))  # type: ignore[misc]
+        self.recorder.expect("train", server_round, [m.metadata.dst_node_id for m in messages])
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        accepted = self.recorder.screen_train_replies(server_round, list(replies))
+        if not self.recorder.enough_replies(accepted):
+            self.recorder.record_skipped_round(server_round, len(accepted))
+            arrays, metrics = None, None
+        else:
+            arrays, metrics = super().aggregate_train(server_round, accepted)  # type: ignore[misc]
+        self.recorder.on_train_aggregated(server_round, arrays, metrics, self.export_state())
+        return arrays, metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        config["threshold"] = self.recorder.threshold
+        messages = list(super().configure_evaluate(server_round, arrays, config, grid))  # type: ignore[misc]
+        self.recorder.expect("evaluate", server_round, [m.metadata.dst_node_id for m in messages])
+        return messages
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        return self.recorder.on_evaluate_replies(server_round, list(replies))
+
+    def export_state(self) -> dict[str, Any]:
+        return {
+            name: getattr(self, name)
+            for name in STRATEGY_STATE_ATTRIBUTES
+            if getattr(self, name, None) is not None
+        }
+
+    def import_state(self, state: dict[str, Any]) -> None:
+        for name, value in state.items():
+            if name in STRATEGY_STATE_ATTRIBUTES:
+                setattr(self, name, value)
+
+
+def _with_mixin(base: type[Strategy]) -> type[Strategy]:
+    return type(f"FedMsk{base.__name__}", (FedMskMixin, base), {})
+
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    "fedavg": FedAvg,
+    "fedbn": FedAvg,
+    "fedprox": FedProx,
+    "fedadam": FedAdam,
+    "fedyogi": FedYogi,
+    "fedadagrad": FedAdagrad,
+    "fedavgm": FedAvgM,
+    "fedmedian": FedMedian,
+    "fedtrimmedavg": FedTrimmedAvg,
+    "krum": Krum,
+}
+
+
+def build_strategy(cfg: StrategyConfig, num_training_sites: int, num_sites: int) -> Any:
+    """The configured Flower strategy, sampling every training site each round."""
+    if cfg.name not in STRATEGIES:
+        known = ", ".join(sorted(STRATEGIES))
+        raise ValueError(f"strategy.name={cfg.name!r} is not known; choose one of {known}")
+    base = STRATEGIES[cfg.name]
+    common: dict[str, Any] = {
+        "fraction_train": cfg.fraction_train,
+        "fraction_evaluate": 1.0,
+        "min_train_nodes": min(cfg.min_train_nodes, num_training_sites),
+        "min_evaluate_nodes": num_sites,
+        "min_available_nodes": num_sites,
+    }
+    extra: dict[str, Any] = {}
+    if base is FedProx:
+        extra = {"proximal_mu": cfg.proximal_mu}
+    elif base in (FedAdam, FedYogi):
+        extra = {
+            "eta": cfg.eta,
+            "eta_l": cfg.eta_l,
+            "beta_1": cfg.beta_1,
+            "beta_2": cfg.beta_2,
+            "tau": cfg.tau,
+        }
+    elif base is FedAdagrad:
+        extra = {"eta": cfg.eta, "eta_l": cfg.eta_l, "tau": cfg.tau}
+    elif base is FedAvgM:
+        extra = {
+            "server_learning_rate": cfg.server_learning_rate,
+            "server_momentum": cfg.server_momentum,
+        }
+    elif base is FedTrimmedAvg:
+        extra = {"beta": cfg.trim_beta}
+    elif base is Krum:
+        extra = {"num_malicious_nodes": cfg.num_malicious_nodes}
+    return _with_mixin(base)(**common, **extra)
