@@ -27,7 +27,7 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 
 from fedmsk.config import ExperimentConfig, compose, overrides_from_run_config
-from fedmsk.site_runtime import SiteRuntime, node_logger
+from fedmsk.site_runtime import SiteRuntime, derive_seed, node_logger
 
 app = ClientApp()
 
@@ -126,10 +126,12 @@ def _handle(msg: Message, context: Context, action: str) -> Message:
             return Message(RecordDict({"detail": ConfigRecord({"site-alias": alias})}), reply_to=msg)
         config = msg.content["config"] if "config" in msg.content else ConfigRecord()
         heldout = alias in cfg.federation.heldout_sites
-        runtime = SiteRuntime(cfg, site_dir, alias, heldout=heldout)
+        server_round = int(config.get("fedmsk-round", config.get("server-round", 0)))
+        seed = derive_seed(cfg.seed, "loader", server_round, alias)
+        runtime = SiteRuntime(cfg, site_dir, alias, heldout=heldout, seed=seed)
         arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
         if action == "train":
-            outcome = runtime.train(arrays, int(config.get("server-round", 0)))
+            outcome = runtime.train(arrays, server_round)
             content = train_reply_content(outcome.arrays, outcome.num_examples, outcome.metrics)
         else:
             threshold = config.get("threshold")

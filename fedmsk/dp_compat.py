@@ -167,9 +167,7 @@ def validation_errors(model: nn.Module) -> list[str]:
     return errors
 
 
-def make_dp_compatible(
-    model: nn.Module, *, name: str | None = None
-) -> tuple[nn.Module, list[str]]:
+def make_dp_compatible(model: nn.Module, *, name: str | None = None) -> tuple[nn.Module, list[str]]:
     """Make ``model`` trainable with Opacus DP-SGD, in place; return it and what was changed.
 
     Raises :class:`DPCompatibilityError` naming the model when Opacus' validator still finds

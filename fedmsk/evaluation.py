@@ -184,20 +184,26 @@ def _positive_scores(probs) -> np.ndarray:
     arr = np.asarray(probs, dtype=np.float64)
     if arr.ndim == 2:
         if arr.shape[1] != 2:
-            raise ValueError(f"score histograms are for binary tasks; probs has {arr.shape[1]} columns")
+            raise ValueError(
+                f"score histograms are for binary tasks; probs has {arr.shape[1]} columns"
+            )
         arr = arr[:, 1]
     if arr.ndim != 1 or not np.all(np.isfinite(arr)):
         raise ValueError("scores must be a finite 1-D array or an (N, 2) probability array")
     return arr
 
 
-def score_histogram(labels, probs, bins: int = 200) -> dict:
+def score_histogram(labels, probs, bins: int = 200) -> dict | None:
     """Counts of the positive-class score per class in ``bins`` equal bins on [0, 1].
 
     Bin b holds scores in [b/bins, (b+1)/bins) (the last bin includes 1), so "score >= edge b"
     is exactly "bin >= b": thresholds on bin edges are evaluated without error.
-    Keys: bins, range, negative (counts), positive (counts).
+    Keys: bins, range, negative (counts), positive (counts). A multi-class ``probs`` (more than
+    two columns) has no positive-class score: the result is None, so callers may call this for
+    every task and skip the threshold step when it is None.
     """
+    if np.ndim(probs) == 2 and np.shape(probs)[1] > 2:
+        return None
     if bins < 1:
         raise ValueError(f"bins must be >= 1, got {bins}")
     y = m.as_binary_labels(labels)

@@ -1,7 +1,8 @@
-"""Study statistics: AUC with DeLong variance, tests, CIs, thresholds, per-class metrics, calibration.
+"""Study statistics: AUC with DeLong variance, tests, CIs, thresholds, per-class metrics.
 
-Everything here works on plain numpy arrays of labels and scores that stay on the node that
-computed them; :mod:`fedmsk.evaluation` turns the results into aggregate-only summaries.
+Also calibration and McNemar. Everything here works on plain numpy arrays of labels and scores
+that stay on the node that computed them; :mod:`fedmsk.evaluation` turns the results into
+aggregate-only summaries.
 
 Conventions a caller must know:
 
@@ -118,7 +119,9 @@ class AucResult:
     n_negative: int
 
 
-def auc_delong(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray) -> AucResult:
+def auc_delong(
+    labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray
+) -> AucResult:
     """AUC with DeLong variance and clipped normal 95% CI."""
     pos, neg = _split(np.asarray(labels), np.asarray(scores))
     p = delong_placements(pos, neg)
@@ -265,7 +268,9 @@ def f1_estimate(tp: int, fp: int, fn: int) -> Estimate:
         return Estimate(float("nan"), (float("nan"), float("nan")), 0, 0)
     low, high = wilson_ci(tp, total)
     j = tp / total
-    return Estimate(2 * j / (1 + j), (2 * low / (1 + low), 2 * high / (1 + high)), 2 * tp, tp + total)
+    return Estimate(
+        2 * j / (1 + j), (2 * low / (1 + low), 2 * high / (1 + high)), 2 * tp, tp + total
+    )
 
 
 # ----------------------------------------------------------------------------- thresholds
@@ -369,7 +374,9 @@ def threshold_for_sensitivity(labels, scores, target: float) -> OperatingPoint:
     pos_desc = np.sort(pos)[::-1]
     needed = max(1, math.ceil(target * len(pos) - 1e-9))
     threshold = float(pos_desc[min(needed, len(pos)) - 1])
-    return OperatingPoint(threshold, float(np.mean(pos >= threshold)), float(np.mean(neg < threshold)))
+    return OperatingPoint(
+        threshold, float(np.mean(pos >= threshold)), float(np.mean(neg < threshold))
+    )
 
 
 @dataclass(frozen=True)
@@ -383,7 +390,9 @@ class ThresholdedMetrics:
 
 def evaluate_at_youden(labels, scores) -> ThresholdedMetrics:
     point = youden_threshold(labels, scores)
-    return ThresholdedMetrics(point.threshold, "youden", metrics_at_threshold(labels, scores, point.threshold))
+    return ThresholdedMetrics(
+        point.threshold, "youden", metrics_at_threshold(labels, scores, point.threshold)
+    )
 
 
 def evaluate_at_fixed(labels, scores, threshold: float) -> ThresholdedMetrics:
@@ -507,7 +516,9 @@ def as_class_labels(labels, n_classes: int) -> np.ndarray:
     arr = np.asarray(labels)
     if arr.ndim != 1:
         raise ValueError(f"labels must be one-dimensional, got shape {arr.shape}")
-    if arr.size and (not np.issubdtype(arr.dtype, np.integer) or arr.min() < 0 or arr.max() >= n_classes):
+    if arr.size and (
+        not np.issubdtype(arr.dtype, np.integer) or arr.min() < 0 or arr.max() >= n_classes
+    ):
         raise ValueError(f"labels must be class indices in 0..{n_classes - 1}")
     return arr.astype(np.int64)
 
@@ -589,7 +600,9 @@ def aggregate_by_patient(
         if p.shape[1] == 2:
             out_p[:, 0] = 1.0 - out_p[:, 1]
         else:
-            out_p = out_p / np.where(out_p.sum(axis=1, keepdims=True) > 0, out_p.sum(axis=1, keepdims=True), 1.0)
+            out_p = out_p / np.where(
+                out_p.sum(axis=1, keepdims=True) > 0, out_p.sum(axis=1, keepdims=True), 1.0
+            )
     return out_y, out_p
 
 
@@ -626,6 +639,10 @@ def mcnemar_test(first_correct, second_correct, exact_below: int = MCNEMAR_EXACT
         return McNemar(len(a), first_only, second_only, None, min(1.0, p), "exact binomial")
     stat = (abs(first_only - second_only) - 1.0) ** 2 / discordant
     return McNemar(
-        len(a), first_only, second_only, stat, float(stats.chi2.sf(stat, 1)),
+        len(a),
+        first_only,
+        second_only,
+        stat,
+        float(stats.chi2.sf(stat, 1)),
         "chi-square with continuity correction",
     )

@@ -67,13 +67,23 @@ def node_logger(site_dir: Path, alias: str) -> logging.Logger:
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
+    _route_data_logs(logger)
     return logger
+
+
+def _route_data_logs(node_log: logging.Logger) -> None:
+    """The data layer names files in its warnings: keep those in the site's own log only."""
+    data_logger = logging.getLogger("fedmsk.data")
+    data_logger.handlers = list(node_log.handlers)
+    data_logger.propagate = False
 
 
 class SiteRuntime:
     """One site's data and model for one run; built fresh for each message."""
 
-    def __init__(self, cfg: ExperimentConfig, site_dir: Path, alias: str, heldout: bool) -> None:
+    def __init__(
+        self, cfg: ExperimentConfig, site_dir: Path, alias: str, heldout: bool, seed: int
+    ) -> None:
         from fedmsk.data.dataset import build_site_loaders
         from fedmsk.models import create_model
 
@@ -84,11 +94,9 @@ class SiteRuntime:
         self.state_dir = self.site_dir / STATE_DIR_NAME / "runs" / run_key(cfg)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.log = node_logger(self.site_dir, alias)
-        self.loaders = build_site_loaders(
-            self.site_dir, cfg.task, cfg.data, cfg.train, seed=cfg.seed, use_all_for_test=heldout
-        )
-        for error in self.loaders.skipped:
-            self.log.warning("skipped unreadable image: %s", error)
+        self.loaders = build_site_loaders(self.site_dir, cfg.task, cfg.data, cfg.train, seed=seed)
+        if self.loaders.skipped:
+            self.log.warning("%d unreadable image(s) left out", len(self.loaders.skipped))
         self.model = create_model(
             cfg.model.name,
             num_classes=cfg.task.num_classes,
@@ -135,8 +143,6 @@ class SiteRuntime:
             raise SiteUnavailableError("no usable training images")
         self.load_global(global_arrays)
         seed_everything(derive_seed(self.cfg.seed, "train", server_round, self.alias))
-        if hasattr(self.loaders, "reseed"):
-            self.loaders.reseed(derive_seed(self.cfg.seed, "loader", server_round, self.alias))
         privacy = self._privacy_session()
         if privacy is not None and not privacy.can_train():
             raise SiteUnavailableError("privacy budget spent")
@@ -192,7 +198,7 @@ class SiteRuntime:
         from fedmsk.evaluation import score_histogram, summarize
         from fedmsk.training import evaluate
 
-        loader = self.loaders.test if self.heldout else self.loaders.val
+        loader = all_images_loader(self.loaders, self.cfg) if self.heldout else self.loaders.val
         if loader is None:
             raise SiteUnavailableError("no usable evaluation images")
         self.load_global(global_arrays)
@@ -215,6 +221,21 @@ class SiteRuntime:
             if isinstance(value, int | float):
                 metrics[key] = float(value)
         return EvaluationOutcome(int(result.num_examples), summary, histogram, metrics)
+
+
+def all_images_loader(loaders: Any, cfg: ExperimentConfig) -> Any:
+    """Every usable image of a site, unaugmented: a held-out center is all external test."""
+    from torch.utils.data import DataLoader
+
+    from fedmsk.data.dataset import SiteDataset
+
+    parts = [loaders.dataset(s) for s in ("train", "val", "test")]
+    parts = [p for p in parts if p is not None and len(p)]
+    if not parts:
+        return None
+    items = [item for part in parts for item in part.items]
+    combined = SiteDataset(items, parts[0].cache, transform=None)
+    return DataLoader(combined, batch_size=cfg.train.batch_size, shuffle=False)
 
 
 def _patient_ids(loader: Any) -> list[str] | None:

@@ -58,6 +58,7 @@ class FedMskMixin:
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        config["fedmsk-round"] = self.recorder.absolute_round(server_round)
         view = NodeSubsetGrid(grid, self.recorder.training_node_ids())
         messages = list(super().configure_train(server_round, arrays, config, view))  # type: ignore[misc]
         self.recorder.expect("train", server_round, [m.metadata.dst_node_id for m in messages])
@@ -79,6 +80,7 @@ class FedMskMixin:
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         config["threshold"] = self.recorder.threshold
+        config["fedmsk-round"] = self.recorder.absolute_round(server_round)
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))  # type: ignore[misc]
         self.recorder.expect("evaluate", server_round, [m.metadata.dst_node_id for m in messages])
         return messages

@@ -244,3 +244,13 @@ def test_local_parameter_names_by_type_not_by_name() -> None:
         "block.1.weight",
         "block.1.bias",
     }
+
+
+def test_dp_compatible_variant_has_no_batchnorm() -> None:
+    pytest.importorskip("fedmsk.privacy")
+    model = create_model("efficientnet_b0", num_classes=2, in_chans=1, dp_compatible=True)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    names = local_parameter_names(model)
+    assert names and names == _expected_norm_names(model, (nn.GroupNorm,))
+    with torch.no_grad():
+        assert model.eval()(torch.randn(2, 1, 32, 32)).shape == (2, 2)

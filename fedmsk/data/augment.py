@@ -104,8 +104,10 @@ def _save_png(pixels: torch.Tensor, path: Path) -> None:
     from PIL import Image
 
     array = np.round(pixels.clamp(0, 1).numpy() * 255.0).astype(np.uint8)
-    image = Image.fromarray(array[0]) if array.shape[0] == 1 else Image.fromarray(
-        np.transpose(array, (1, 2, 0))
+    image = (
+        Image.fromarray(array[0])
+        if array.shape[0] == 1
+        else Image.fromarray(np.transpose(array, (1, 2, 0)))
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)

@@ -19,6 +19,7 @@ target folder and moved into place with :func:`os.replace`, which is atomic on o
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -204,10 +205,8 @@ class PreprocessCache:
             raise _missing_file_error(path, exc) from exc
         if time.time() - stat.st_mtime_ns / 1e9 > _RACY_SECONDS:
             payload = json.dumps({"stat": signature, "sha256": digest}).encode()
-            try:
+            with contextlib.suppress(OSError):
                 _atomic_write_bytes(memo, payload)
-            except OSError:
-                pass
         return digest
 
     def entry_path(self, digest: str) -> Path:

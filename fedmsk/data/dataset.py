@@ -30,7 +30,7 @@ from fedmsk.data.augment import SeededAugment, worker_init_fn
 from fedmsk.data.cache import PreprocessCache, PreprocessParams, default_cache_dir, to_float
 from fedmsk.data.errors import ImageReadError
 from fedmsk.data.manifest import ManifestRow, read_manifest
-from fedmsk.data.splits import assign_splits, find_split_issues, split_names
+from fedmsk.data.splits import assign_splits, find_split_issues
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,6 @@ def select_rows(
         dropped[issue.kind] = dropped.get(issue.kind, 0) + len(issue.images)
         log.warning("leaving out %s: %s", ", ".join(issue.images[:5]), issue.detail)
     assigned = assign_splits(kept, ratios, seed)
-    known = set(split_names(ratios)) | {"train", "val", "test"}
     usable = []
     for row in assigned:
         reason = None
@@ -167,8 +166,6 @@ def select_rows(
             reason = "unknown_label"
         elif task.views and row.view and row.view not in task.views:
             reason = "other_view"
-        elif row.split not in known:
-            reason = "unknown_split"
         if reason:
             dropped[reason] = dropped.get(reason, 0) + 1
             log.warning("leaving out %s (%s)", row.image, reason)
@@ -177,9 +174,7 @@ def select_rows(
     return usable, dropped
 
 
-def _drop_duplicates(
-    datasets: dict[str, SiteDataset], order: tuple[str, ...]
-) -> int:
+def _drop_duplicates(datasets: dict[str, SiteDataset], order: tuple[str, ...]) -> int:
     """Keep the first copy of identical files (train first) so no image sits in two splits."""
     seen: set[str] = set()
     removed = 0
@@ -248,7 +243,9 @@ def build_site_loaders(
     for split in order:
         transform = SeededAugment(seed=seed) if split == "train" and data.augment else None
         split_rows = [r for r in rows if r.split == split]
-        datasets[split] = SiteDataset.from_rows(site_dir, split_rows, task.classes, cache, transform)
+        datasets[split] = SiteDataset.from_rows(
+            site_dir, split_rows, task.classes, cache, transform
+        )
         skipped.extend(datasets[split].skipped)
     duplicates = _drop_duplicates(datasets, order)
     if duplicates:
@@ -272,6 +269,4 @@ def build_site_loaders(
         split: dict(zip(task.classes, datasets[split].class_counts(task.num_classes), strict=True))
         for split in order
     }
-    return SiteLoaders(
-        loaders["train"], loaders["val"], loaders["test"], counts, skipped, dropped
-    )
+    return SiteLoaders(loaders["train"], loaders["val"], loaders["test"], counts, skipped, dropped)

@@ -455,8 +455,7 @@ def _write_with_gdcm(
         writer.SetImage(change.GetOutput())
         if not writer.Write():
             raise RuntimeError(f"GDCM could not write {path}")
-    if want_422 or ds.SamplesPerPixel == 3:
-        _fix_colour_header(path, "YBR_FULL_422" if want_422 else None)
+    _restore_header(path, ds, ts, "YBR_FULL_422" if want_422 else None)
 
 
 def _check_gdcm_jpeg_limits(ds: Dataset, ts: dicom_uid.UID) -> None:
@@ -486,14 +485,23 @@ def _gdcm_syntax(gdcm: Any, ts: dicom_uid.UID) -> int:
     return int(getattr(gdcm.TransferSyntax, names[ts]))
 
 
-def _fix_colour_header(path: Path, photometric: str | None) -> None:
-    """Record what the JPEG stream really holds (GDCM keeps the input's photometric)."""
+def _restore_header(path: Path, ds: Dataset, ts: dicom_uid.UID, photometric: str | None) -> None:
+    """Keep GDCM's compressed stream but our header: GDCM adds attributes (a 1\\1 pixel
+    spacing, for one) that would make the file claim what the caller never said."""
     from pydicom import dcmread
 
-    ds = dcmread(path)
+    encoded = dcmread(path)
+    ds.file_meta.TransferSyntaxUID = ts
+    ds.PixelData = encoded.PixelData
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
     if photometric is not None:
         ds.PhotometricInterpretation = photometric
-    ds.PlanarConfiguration = 0
+    if ds.SamplesPerPixel == 3:
+        ds.PlanarConfiguration = 0
+    if ts in LOSSY_SYNTAXES:
+        ds.LossyImageCompression = "01"
+        ds.LossyImageCompressionMethod = "ISO_10918_1"
     dcmwrite(path, ds, enforce_file_format=True)
 
 

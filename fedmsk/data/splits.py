@@ -132,9 +132,7 @@ def _ordered_patients(groups: dict[str, list[ManifestRow]], seed: int) -> list[s
     return ordered
 
 
-def _allocate(
-    patients: list[str], sizes: dict[str, int], ratios: list[float]
-) -> dict[str, int]:
+def _allocate(patients: list[str], sizes: dict[str, int], ratios: list[float]) -> dict[str, int]:
     """Deal patients to splits so that image counts track the ratios at every prefix.
 
     A weighted smooth round-robin: each patient goes to the split that is furthest below its

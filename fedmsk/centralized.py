@@ -1,0 +1,143 @@
+"""The two baselines every federated result is read against, on the same splits.
+
+``pooled``: all training centers' images trained together (the centralized upper bound a
+federation tries to reach). ``local``: one center alone (the lower bound a hospital would get
+without the federation). Both train for the same number of passes over the data as the
+federation (rounds x local epochs) and are evaluated exactly as the federation is: validation
+split of every training center, every image of each held-out center, threshold locked on the
+pooled validation scores. The run directory has the federated run's layout.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch.utils.data import ConcatDataset, DataLoader
+
+from fedmsk.config import ExperimentConfig, config_hash
+from fedmsk.data.federation import Federation, load_federation
+from fedmsk.run_dir import RunDirectory
+from fedmsk.site_runtime import all_images_loader, derive_seed
+
+
+def _loaders(cfg: ExperimentConfig, federation: Federation, seed: int) -> dict[str, Any]:
+    from fedmsk.data.dataset import build_site_loaders
+
+    return {
+        site.alias: build_site_loaders(
+            federation.root / site.dir, cfg.task, cfg.data, cfg.train, seed=seed
+        )
+        for site in federation.sites
+    }
+
+
+def run_centralized(cfg: ExperimentConfig, mode: str, site: str | None = None) -> Path:
+    """Train pooled or local-only and write results.json in the run directory."""
+    from fedmsk.evaluation import score_histogram, summarize, threshold_from_histograms
+    from fedmsk.models import create_model
+    from fedmsk.training import evaluate, fit, seed_everything
+
+    if mode not in ("pooled", "local"):
+        raise ValueError(f"--mode {mode!r}: choose pooled or local")
+    started = time.monotonic()
+    federation = load_federation(Path(cfg.data.root))
+    heldout = set(cfg.federation.heldout_sites) or {s.alias for s in federation.heldout_sites}
+    training_sites = [s.alias for s in federation.sites if s.alias not in heldout]
+    if mode == "local":
+        if site not in training_sites:
+            raise ValueError(f"--site {site!r}: choose one of {', '.join(training_sites)}")
+        trained_on = [site]
+    else:
+        trained_on = training_sites
+    run_dir = RunDirectory(cfg.run_dir)
+    run_dir.initialise(cfg)
+    run_dir.truncate_metrics_after(0)
+    seed_everything(cfg.seed)
+    loaders = _loaders(cfg, federation, seed=derive_seed(cfg.seed, "loader", mode))
+    train_sets = [loaders[a].dataset("train") for a in trained_on if loaders[a].train is not None]
+    if not train_sets:
+        raise ValueError(f"{cfg.data.root}: no training images at {', '.join(trained_on)}")
+    pooled = ConcatDataset(train_sets)
+    counts = [0] * cfg.task.num_classes
+    for dataset in train_sets:
+        for i, c in enumerate(dataset.class_counts(cfg.task.num_classes)):
+            counts[i] += c
+    import torch
+
+    generator = torch.Generator().manual_seed(cfg.seed)
+    train_loader = DataLoader(pooled, batch_size=cfg.train.batch_size, shuffle=True, generator=generator)
+    model = create_model(
+        cfg.model.name,
+        num_classes=cfg.task.num_classes,
+        in_chans=cfg.data.in_chans,
+        pretrained=cfg.model.pretrained,
+        drop_rate=cfg.model.drop_rate,
+    )
+    for epoch in range(1, cfg.federation.num_rounds + 1):
+        result = fit(model, train_loader, cfg.train, cfg.task.num_classes, class_counts=counts)
+        run_dir.append_metrics(
+            {"round": epoch, "phase": "train", "site": None, "train-loss": result.mean_loss}
+        )
+    evaluations = {}
+    for alias in sorted(loaders):
+        loader = all_images_loader(loaders[alias], cfg) if alias in heldout else loaders[alias].val
+        if loader is not None:
+            evaluations[alias] = evaluate(model, loader)
+    histograms = [
+        score_histogram(e.labels, e.probs) for a, e in evaluations.items() if a not in heldout
+    ]
+    binary = cfg.task.is_binary and cfg.evaluation.threshold == "youden" and histograms
+    threshold = threshold_from_histograms(histograms) if binary else cfg.evaluation.fixed_threshold
+    sites = {}
+    for alias, result in evaluations.items():
+        summary = summarize(
+            result.labels,
+            result.probs,
+            list(cfg.task.classes),
+            threshold=threshold,
+            bootstrap=cfg.evaluation.bootstrap,
+            seed=cfg.seed,
+        )
+        role = "heldout" if alias in heldout else "train"
+        sites[alias] = {
+            "role": role,
+            "split": "test" if role == "heldout" else "val",
+            "n": int(result.num_examples),
+            "summary": summary,
+        }
+        run_dir.append_metrics(
+            {
+                "round": cfg.federation.num_rounds,
+                "phase": "final-heldout" if role == "heldout" else "final-val",
+                "site": alias,
+                "n": int(result.num_examples),
+                "auc": summary.get("auc"),
+            }
+        )
+    from fedmsk.models import get_arrays
+
+    np.savez(run_dir.path / "final_model.npz", **get_arrays(model))
+    run_dir.write_json(
+        "results.json",
+        {
+            "run": {
+                "mode": mode,
+                "strategy": mode if mode == "pooled" else f"local:{site}",
+                "model": cfg.model.name,
+                "task": cfg.task.name,
+                "classes": list(cfg.task.classes),
+                "rounds": cfg.federation.num_rounds,
+                "config_hash": config_hash(cfg),
+                "training_sites": trained_on,
+                "heldout_sites": sorted(heldout),
+                "seconds": round(time.monotonic() - started, 1),
+            },
+            "threshold": {"value": float(threshold), "source": "youden on pooled validation"},
+            "sites": sites,
+            "failures": [],
+        },
+    )
+    return run_dir.path

@@ -1,0 +1,554 @@
+"""DP-SGD for one site with Opacus, with a privacy budget that spans the whole federation.
+
+Each training site runs DP-SGD (per-sample clipping, Gaussian noise, Poisson sampling). The noise
+multiplier is derived once per site and run from the target (epsilon, delta), the site's sample
+rate and the *planned* number of local steps over all rounds, so that the budget covers the whole
+federation rather than one round. The accountant's history is kept on the node in a JSON file
+(one per site and run) and survives restarts of the node; every round adds the steps it really
+took. A site whose next round would push epsilon above its target does not train again
+(:meth:`DPSession.can_train` is False and :attr:`DPSession.reason` says why); the federation goes on
+with the other sites.
+
+Delta defaults to ``1 / (10 n)`` for a site with ``n`` training images: well below ``1/n``, the
+level at which releasing one random record outright would already satisfy the guarantee.
+
+Nothing here leaves the node except :meth:`DPSession.status` (aggregate numbers) and messages
+that name settings, never paths or images.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
+
+from fedmsk.config import PrivacyConfig
+from fedmsk.dp_compat import (
+    DPCompatibilityError,
+    has_depthwise_conv,
+    make_dp_compatible,
+    model_name,
+    validation_errors,
+)
+
+__all__ = [
+    "ACCOUNTANTS",
+    "GRAD_SAMPLE_MODES",
+    "BudgetExhaustedError",
+    "DPCompatibilityError",
+    "DPSession",
+    "PrivacyState",
+    "choose_grad_sample_mode",
+    "default_delta",
+    "derive_noise_multiplier",
+    "epsilon_for",
+    "make_dp_compatible",
+]
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+ACCOUNTANTS = ("rdp", "prv")
+GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ew", "ghost")
+# fit() calls criterion(model(x), y) then loss.backward(): ghost clipping needs Opacus' own
+# two-pass criterion, which that loop cannot use, so a request for it falls back to these.
+_FIT_FALLBACKS = ("hooks", "functorch")
+_EPSILON_SLACK = 1e-6
+
+History = list[tuple[float, float, int]]
+
+
+class BudgetExhaustedError(RuntimeError):
+    """Training was asked of a site whose privacy budget is spent (message is PHI-free)."""
+
+
+# -- accounting ---------------------------------------------------------------------------------
+
+
+def default_delta(num_examples: int) -> float:
+    """``1 / (10 n)``: comfortably below ``1/n`` for a site with ``n`` training images."""
+    if num_examples <= 0:
+        raise ValueError("a DP site needs at least one training image to set privacy.target_delta")
+    return 1.0 / (10.0 * num_examples)
+
+
+def planned_sample_rate(num_examples: int, batch_size: int) -> float:
+    """The rate Opacus' Poisson loader uses: one over the number of batches of the plain loader."""
+    if batch_size <= 0:
+        raise ValueError(f"train.batch_size must be positive for DP-SGD, got {batch_size}")
+    return 1.0 / max(1, math.ceil(num_examples / batch_size))
+
+
+def _accountant(mechanism: str, history: History) -> Any:
+    from opacus.accountants import create_accountant
+
+    accountant = create_accountant(mechanism=mechanism)
+    accountant.history = [tuple(entry) for entry in history]
+    return accountant
+
+
+def epsilon_for(history: History, delta: float, mechanism: str = "rdp") -> float:
+    """Epsilon spent by a sequence of ``(noise_multiplier, sample_rate, steps)`` at ``delta``."""
+    entries = [entry for entry in history if entry[2] > 0]
+    if not entries:
+        return 0.0
+    return float(_accountant(mechanism, entries).get_epsilon(delta=delta))
+
+
+def derive_noise_multiplier(
+    *,
+    target_epsilon: float,
+    target_delta: float,
+    sample_rate: float,
+    total_steps: int,
+    accountant: str = "rdp",
+) -> float:
+    """The smallest noise multiplier (to 0.01 in epsilon) whose epsilon after ``total_steps``
+    is at most ``target_epsilon``."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    if target_epsilon <= 0:
+        raise ValueError(f"privacy.target_epsilon must be positive, got {target_epsilon}")
+    if not 0 < target_delta < 1:
+        raise ValueError(f"privacy.target_delta must be in (0, 1), got {target_delta}")
+    try:
+        return float(
+            get_noise_multiplier(
+                target_epsilon=target_epsilon,
+                target_delta=target_delta,
+                sample_rate=sample_rate,
+                steps=max(1, total_steps),
+                accountant=accountant,
+            )
+        )
+    except ValueError as err:
+        raise ValueError(
+            f"privacy.target_epsilon={target_epsilon} is too small for {total_steps} DP-SGD "
+            f"steps at sample rate {sample_rate:.4g}: raise privacy.target_epsilon or lower "
+            "federation.num_rounds / train.local_epochs"
+        ) from err
+
+
+def _steps_in(history: History) -> int:
+    return int(sum(entry[2] for entry in history))
+
+
+# -- persisted state ----------------------------------------------------------------------------
+
+
+@dataclass
+class PrivacyState:
+    """Everything a site must remember between rounds and restarts to account honestly."""
+
+    target_epsilon: float
+    target_delta: float
+    max_grad_norm: float
+    accountant: str
+    noise_multiplier: float
+    sample_rate: float
+    num_examples: int
+    steps_per_round: int
+    planned_rounds: int
+    history: History = field(default_factory=list)
+    steps_taken: int = 0
+    rounds_trained: int = 0
+    epsilon_spent: float = 0.0
+    grad_sample_mode: str | None = None
+    version: int = STATE_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["history"] = [[float(s), float(q), int(n)] for s, q, n in self.history]
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PrivacyState:
+        known = {f for f in cls.__dataclass_fields__}
+        values = {k: v for k, v in data.items() if k in known}
+        values["history"] = [(float(s), float(q), int(n)) for s, q, n in data.get("history", [])]
+        return cls(**values)
+
+
+def _shown(path: Path) -> str:
+    """The state file as it may appear in a message: the site directory's name is left out."""
+    parts = path.parts[-4:] if ".fedmsk" in path.parts[-4:] else path.parts[-2:]
+    return str(Path(*parts))
+
+
+def _write_atomically(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            json.dump(data, out, indent=2, sort_keys=True)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_state(path: Path) -> PrivacyState:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return PrivacyState.from_json(data)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise ValueError(
+            f"{_shown(path)}: the privacy accountant state cannot be read ({type(err).__name__}). "
+            "Do not delete it to continue the run: that would reset the site's spent budget. "
+            "Restore it from a backup or start a new run."
+        ) from err
+
+
+def _check_settings(state: PrivacyState, cfg: PrivacyConfig, delta: float, path: Path) -> None:
+    """An ongoing run's budget must not change underfoot: that would void its guarantee."""
+    wanted = {
+        "privacy.target_epsilon": (state.target_epsilon, float(cfg.target_epsilon)),
+        "privacy.target_delta": (state.target_delta, float(delta)),
+        "privacy.max_grad_norm": (state.max_grad_norm, float(cfg.max_grad_norm)),
+        "privacy.accountant": (state.accountant, str(cfg.accountant).lower()),
+    }
+    for setting, (saved, now) in wanted.items():
+        same = math.isclose(saved, now, rel_tol=1e-9) if isinstance(saved, float) else saved == now
+        if not same:
+            raise ValueError(
+                f"{setting}={now} but this site's ongoing run was accounted with {saved} "
+                f"({_shown(path)}): keep the run's privacy settings or start a new run"
+            )
+
+
+# -- per-sample gradient mode -------------------------------------------------------------------
+
+
+def choose_grad_sample_mode(model: nn.Module, requested: str = "auto") -> str:
+    """Opacus' per-sample gradient implementation for ``model``.
+
+    ``auto``: functorch for models with depthwise/grouped convolutions (EfficientNet,
+    MobileNet, MnasNet), where the hook modes are 3-5x slower and use GBs more memory; hooks
+    otherwise (ResNets), the fastest and most widely supported mode there.
+    """
+    mode = (requested or "auto").strip().lower()
+    if mode not in GRAD_SAMPLE_MODES:
+        raise ValueError(
+            f"privacy.grad_sample_mode={requested!r} is not one of {', '.join(GRAD_SAMPLE_MODES)}"
+        )
+    if mode != "auto":
+        return mode
+    return "functorch" if has_depthwise_conv(model) else "hooks"
+
+
+def _probe_input(loader: DataLoader) -> torch.Tensor:
+    """Random images of the dataset's shape: the probe must not touch any real image's values."""
+    sample = loader.dataset[0]  # type: ignore[index]
+    image = sample[0] if isinstance(sample, tuple | list) else sample
+    shape = tuple(torch.as_tensor(image).shape)
+    return torch.randn((2, *shape))
+
+
+def _mode_works(model: nn.Module, mode: str, loader: DataLoader) -> str | None:
+    """One forward/backward of random data through Opacus' wrapper; the failure, if any."""
+    from opacus.grad_sample.utils import wrap_model
+
+    device = next(model.parameters()).device
+    inputs = _probe_input(loader).to(device)
+    wrapped = None
+    try:
+        wrapped = wrap_model(model, grad_sample_mode=mode, batch_first=True, loss_reduction="mean")
+        output = wrapped(inputs)
+        output.float().sum().backward()
+        missing = [
+            name
+            for name, p in model.named_parameters()
+            if p.requires_grad and getattr(p, "grad_sample", None) is None
+        ]
+        if missing:
+            return f"no per-sample gradient for {missing[0]}"
+        return None
+    except Exception as err:  # noqa: BLE001 - any failure means "try the next mode"
+        return f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+    finally:
+        if wrapped is not None:
+            wrapped.cleanup()
+        model.zero_grad(set_to_none=True)
+
+
+# -- the session ---------------------------------------------------------------------------------
+
+
+class DPSession:
+    """DP-SGD for one site and run; implements ``fedmsk.training.PrivacyHook``.
+
+    Build it with :meth:`for_site`, which loads the site's accountant state or starts it (and
+    derives the noise multiplier for the planned federation). ``fit`` then calls
+    :meth:`can_train`, :meth:`attach` and :meth:`after_fit`; the state file is rewritten after
+    every round.
+    """
+
+    def __init__(self, cfg: PrivacyConfig, state: PrivacyState, state_path: Path) -> None:
+        self.cfg = cfg
+        self.state = state
+        self.state_path = Path(state_path)
+        self.messages: list[str] = []
+        self._wrapped: Any = None
+        self._steps_before = 0
+
+    # construction
+
+    @classmethod
+    def for_site(
+        cls,
+        cfg: PrivacyConfig,
+        *,
+        state_path: Path | str,
+        num_examples: int,
+        batch_size: int,
+        steps_per_round: int,
+        planned_rounds: int,
+        sample_rate: float | None = None,
+    ) -> DPSession:
+        """Load this site's accountant state from ``state_path``, or start it there.
+
+        A new state fixes the noise multiplier so that ``planned_rounds * steps_per_round``
+        steps at ``sample_rate`` (default: what Opacus' Poisson loader will use for
+        ``num_examples`` and ``batch_size``) spend at most ``cfg.target_epsilon``. An existing
+        state keeps its noise multiplier and history; its privacy settings must match ``cfg``.
+        """
+        path = Path(state_path)
+        delta = (
+            float(cfg.target_delta) if cfg.target_delta is not None else default_delta(num_examples)
+        )
+        mechanism = str(cfg.accountant).lower()
+        if mechanism not in ACCOUNTANTS:
+            raise ValueError(
+                f"privacy.accountant={cfg.accountant!r} is not one of {', '.join(ACCOUNTANTS)}"
+            )
+        if cfg.max_grad_norm <= 0:
+            raise ValueError(f"privacy.max_grad_norm must be positive, got {cfg.max_grad_norm}")
+        if path.is_file():
+            state = _read_state(path)
+            _check_settings(state, cfg, delta, path)
+            return cls(cfg, state, path)
+        rate = (
+            sample_rate
+            if sample_rate is not None
+            else planned_sample_rate(num_examples, batch_size)
+        )
+        steps_per_round = max(1, int(steps_per_round))
+        planned_rounds = max(1, int(planned_rounds))
+        sigma = derive_noise_multiplier(
+            target_epsilon=float(cfg.target_epsilon),
+            target_delta=delta,
+            sample_rate=rate,
+            total_steps=steps_per_round * planned_rounds,
+            accountant=mechanism,
+        )
+        state = PrivacyState(
+            target_epsilon=float(cfg.target_epsilon),
+            target_delta=delta,
+            max_grad_norm=float(cfg.max_grad_norm),
+            accountant=mechanism,
+            noise_multiplier=sigma,
+            sample_rate=rate,
+            num_examples=int(num_examples),
+            steps_per_round=steps_per_round,
+            planned_rounds=planned_rounds,
+        )
+        session = cls(cfg, state, path)
+        session.save()
+        return session
+
+    @classmethod
+    def load(cls, cfg: PrivacyConfig, state_path: Path | str) -> DPSession:
+        """Reopen an existing state file (e.g. after a node restart)."""
+        path = Path(state_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{_shown(path)}: no privacy accountant state for this run")
+        return cls(cfg, _read_state(path), path)
+
+    def save(self) -> None:
+        _write_atomically(self.state_path, self.state.to_json())
+
+    # budget
+
+    @property
+    def epsilon(self) -> float:
+        """Epsilon spent so far by this site in this run."""
+        return self.state.epsilon_spent
+
+    def projected_epsilon(self, extra_steps: int | None = None) -> float:
+        """Epsilon after one more round (or ``extra_steps`` more steps) at the current noise."""
+        steps = self.state.steps_per_round if extra_steps is None else extra_steps
+        history = [
+            *self.state.history,
+            (self.state.noise_multiplier, self.state.sample_rate, steps),
+        ]
+        return epsilon_for(history, self.state.target_delta, self.state.accountant)
+
+    def can_train(self) -> bool:
+        return self.reason is None
+
+    @property
+    def reason(self) -> str | None:
+        """Why this site may not train another round, or None. Names numbers, never paths."""
+        st = self.state
+        projected = self.projected_epsilon()
+        if projected <= st.target_epsilon * (1 + _EPSILON_SLACK):
+            return None
+        return (
+            f"privacy budget spent: epsilon {st.epsilon_spent:.3f} of target "
+            f"{st.target_epsilon:g} (delta {st.target_delta:.2e}) after {st.rounds_trained} "
+            f"round(s) and {st.steps_taken} steps; another round of {st.steps_per_round} steps "
+            f"would reach {projected:.3f}, so this site stops training (planned rounds: "
+            f"{st.planned_rounds})"
+        )
+
+    def status(self) -> dict[str, float]:
+        """Aggregate, PHI-free numbers for metrics and reports."""
+        st = self.state
+        exhausted = not self.can_train()
+        return {
+            "epsilon": float(st.epsilon_spent),
+            "epsilon-target": float(st.target_epsilon),
+            "delta": float(st.target_delta),
+            "noise-multiplier": float(st.noise_multiplier),
+            "budget-exhausted": 1.0 if exhausted else 0.0,
+            "budget-rounds-trained": float(st.rounds_trained),
+        }
+
+    # PrivacyHook
+
+    def attach(
+        self, model: nn.Module, optimizer: Optimizer, loader: DataLoader
+    ) -> tuple[nn.Module, Optimizer, DataLoader]:
+        """Wrap the trio for DP-SGD: per-sample gradients, clipping + noise, Poisson sampling."""
+        from opacus import PrivacyEngine
+
+        if not self.can_train():
+            raise BudgetExhaustedError(self.reason)
+        errors = validation_errors(model)
+        if errors:
+            raise DPCompatibilityError(
+                f"model {model_name(model)!r} is not DP-compatible ({errors[0]}): set "
+                "model.dp_compatible=true when privacy.enabled=true"
+            )
+        self._align_sample_rate(1.0 / max(1, len(loader)))
+        self._note_sampler(loader)
+        mode = self._working_mode(model, loader)
+        engine = PrivacyEngine(accountant=self.state.accountant)
+        engine.accountant = _accountant(self.state.accountant, self.state.history)
+        self._steps_before = _steps_in(self.state.history)
+        wrapped, dp_optimizer, dp_loader = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=self.state.noise_multiplier,
+            max_grad_norm=self.state.max_grad_norm,
+            poisson_sampling=True,
+            grad_sample_mode=mode,
+            loss_reduction="mean",
+        )
+        self._engine = engine
+        self._wrapped = wrapped
+        return wrapped, dp_optimizer, dp_loader
+
+    def after_fit(self, steps: int) -> float:
+        """Record the round's spend, save the state, unhook the model; return epsilon so far."""
+        if self._wrapped is not None:
+            history = [tuple(e) for e in self._engine.accountant.history]
+            counted = _steps_in(history) - self._steps_before
+            missing = int(steps) - counted
+            if missing > 0:  # steps the hook did not see still spent budget: count them
+                history.append((self.state.noise_multiplier, self.state.sample_rate, missing))
+            taken = max(int(steps), counted)
+            self.state.history = [(float(s), float(q), int(n)) for s, q, n in history]
+            self.state.steps_taken += taken
+            self.state.rounds_trained += 1 if taken > 0 else 0
+            self.state.epsilon_spent = epsilon_for(
+                self.state.history, self.state.target_delta, self.state.accountant
+            )
+            self._detach()
+            self.save()
+        return self.state.epsilon_spent
+
+    # internals
+
+    def _detach(self) -> None:
+        wrapped, self._wrapped = self._wrapped, None
+        cleanup = getattr(wrapped, "cleanup", None)
+        if callable(cleanup):
+            cleanup()
+        self._engine = None
+
+    def _align_sample_rate(self, actual: float) -> None:
+        """Keep the accounted sample rate equal to the one the Poisson loader really uses."""
+        st = self.state
+        if math.isclose(actual, st.sample_rate, rel_tol=1e-9):
+            return
+        if st.steps_taken == 0:
+            st.noise_multiplier = derive_noise_multiplier(
+                target_epsilon=st.target_epsilon,
+                target_delta=st.target_delta,
+                sample_rate=actual,
+                total_steps=st.steps_per_round * st.planned_rounds,
+                accountant=st.accountant,
+            )
+            self._say(
+                f"sample rate is {actual:.4g}, not the planned {st.sample_rate:.4g}: "
+                f"noise multiplier re-derived as {st.noise_multiplier:.3f}"
+            )
+        else:
+            self._say(
+                f"sample rate changed from {st.sample_rate:.4g} to {actual:.4g} "
+                "(training set changed): accounted as such; the budget may end early"
+            )
+        st.sample_rate = actual
+        self.save()
+
+    def _note_sampler(self, loader: DataLoader) -> None:
+        if not isinstance(loader.sampler, RandomSampler | SequentialSampler):
+            self._say(
+                f"the training loader's {type(loader.sampler).__name__} is replaced by uniform "
+                "Poisson sampling under DP-SGD (class_weighting=sampler has no effect)"
+            )
+
+    def _working_mode(self, model: nn.Module, loader: DataLoader) -> str:
+        """The requested/auto mode if a probe succeeds, else the first fallback that does."""
+        requested = choose_grad_sample_mode(model, self.cfg.grad_sample_mode)
+        candidates = [requested] + [m for m in _FIT_FALLBACKS if m != requested]
+        if requested == "ghost":
+            self._say(
+                "privacy.grad_sample_mode=ghost needs Opacus' two-pass loss, which "
+                "fedmsk.training.fit does not use: falling back"
+            )
+            candidates = list(_FIT_FALLBACKS)
+        if self.state.grad_sample_mode in candidates[:1]:
+            return self.state.grad_sample_mode  # probed in an earlier round of this run
+        for mode in candidates:
+            problem = _mode_works(model, mode, loader)
+            if problem is None:
+                if mode != candidates[0]:
+                    self._say(
+                        f"per-sample gradient mode {mode!r} used instead of {candidates[0]!r}"
+                    )
+                self.state.grad_sample_mode = mode
+                return mode
+            self._say(f"per-sample gradient mode {mode!r} fails for {model_name(model)}: {problem}")
+        raise DPCompatibilityError(
+            f"model {model_name(model)!r}: no Opacus per-sample gradient mode works "
+            f"(tried {', '.join(candidates)}); choose another model or set privacy.enabled=false"
+        )
+
+    def _say(self, message: str) -> None:
+        self.messages.append(message)
+        log.warning("DP-SGD: %s", message)

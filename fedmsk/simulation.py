@@ -1,0 +1,168 @@
+"""Run the fedmsk Flower app in Flower's simulation engine, on this machine.
+
+The core never imports Flower, so this launcher drives Flower's own command-line tools:
+a private SuperLink in simulation mode on a free loopback port (offline: runtime dependency
+installation disabled), then ``flwr run`` of the app in this repository with the Hydra
+overrides as its only run config. The SuperLink is always stopped afterwards, also when the run
+fails or the caller is interrupted. ``flwr run`` exits 0 even when a run failed, so success is
+judged by the run directory: ``results.json`` must have been written by the ServerApp.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedmsk.config import ExperimentConfig, config_dir
+
+APP_DIR = Path(__file__).resolve().parent.parent
+CONNECTION = "fedmsk-sim"
+
+
+class SimulationError(RuntimeError):
+    """The federated run did not finish; the message points at its log."""
+
+
+@dataclass(frozen=True)
+class SimulationPlan:
+    cfg: ExperimentConfig
+    overrides: list[str]
+    num_supernodes: int
+    log_path: Path
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _bin(name: str) -> str:
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def _toml_string(value: str) -> str:
+    return json.dumps(value)
+
+
+def write_flwr_home(home: Path, port: int, plan: SimulationPlan) -> None:
+    cfg = plan.cfg
+    home.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "[superlink]",
+        f'default = "{CONNECTION}"',
+        "",
+        f"[superlink.{CONNECTION}]",
+        f'address = "127.0.0.1:{port}"',
+        "insecure = true",
+        f"options.num-supernodes = {plan.num_supernodes}",
+        f"options.backend.client-resources.num-cpus = {int(cfg.federation.client_num_cpus)}",
+        f"options.backend.client-resources.num-gpus = {float(cfg.federation.client_num_gpus)}",
+        f"options.backend.init-args.num-cpus = {max(1, os.cpu_count() or 1)}",
+    ]
+    (home / "config.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _wait_for_health(port: int, process: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SimulationError(f"flower-superlink exited with code {process.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise SimulationError(f"flower-superlink did not answer on 127.0.0.1:{port} in {timeout:.0f} s")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=15)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait(timeout=15)
+
+
+def _environment(home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["FLWR_HOME"] = str(home)
+    env["FEDMSK_CONFIG_DIR"] = str(config_dir())
+    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(APP_DIR), env.get("PYTHONPATH")]))
+    env.setdefault("RAY_DEDUP_LOGS", "0")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def run_simulation(plan: SimulationPlan) -> Path:
+    """Run the federation; return the run directory (it holds results.json)."""
+    run_dir = Path(plan.cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    home = run_dir / ".flwr"
+    port = free_port()
+    write_flwr_home(home, port, plan)
+    run_config = home / "run_config.toml"
+    run_config.write_text(
+        f"fedmsk-overrides = {_toml_string(json.dumps(plan.overrides))}\n", encoding="utf-8"
+    )
+    env = _environment(home)
+    results = run_dir / "results.json"
+    started = time.time()
+    plan.log_path.parent.mkdir(parents=True, exist_ok=True)
+    with plan.log_path.open("a", encoding="utf-8") as log:
+        superlink = subprocess.Popen(
+            [
+                _bin("flower-superlink"),
+                "--insecure",
+                "--simulation",
+                "--isolation",
+                "subprocess",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--disable-runtime-dependency-installation",
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=run_dir,
+        )
+        try:
+            _wait_for_health(port, superlink)
+            completed = subprocess.run(
+                [_bin("flwr"), "run", str(APP_DIR), CONNECTION, "--run-config", str(run_config), "--stream"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=run_dir,
+                check=False,
+            )
+        finally:
+            _stop(superlink)
+    finished = results.is_file() and results.stat().st_mtime >= started
+    if completed.returncode != 0 or not finished:
+        raise SimulationError(
+            f"{plan.log_path}: the federated run did not finish (flwr run exit "
+            f"{completed.returncode}); see this log for the cause"
+        )
+    return run_dir
