@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import (
+    Array,
     ArrayRecord,
     ConfigRecord,
     Context,
@@ -76,7 +77,7 @@ def train_reply_content(
     arrays: dict[str, np.ndarray], num_examples: int, metrics: dict[str, float]
 ) -> RecordDict:
     record = MetricRecord({"num-examples": int(num_examples), **_finite_numbers(metrics)})
-    array_record = ArrayRecord(OrderedDict((k, np.ascontiguousarray(v)) for k, v in arrays.items()))
+    array_record = ArrayRecord(OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in arrays.items()))
     return RecordDict({"arrays": array_record, "metrics": record})
 
 

@@ -18,11 +18,15 @@ that name settings, never paths or images.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import os
+import random
+import secrets
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,28 +119,39 @@ def derive_noise_multiplier(
 ) -> float:
     """The smallest noise multiplier (to 0.01 in epsilon) whose epsilon after ``total_steps``
     is at most ``target_epsilon``."""
-    from opacus.accountants.utils import get_noise_multiplier
-
     if target_epsilon <= 0:
         raise ValueError(f"privacy.target_epsilon must be positive, got {target_epsilon}")
     if not 0 < target_delta < 1:
         raise ValueError(f"privacy.target_delta must be in (0, 1), got {target_delta}")
     try:
-        return float(
-            get_noise_multiplier(
-                target_epsilon=target_epsilon,
-                target_delta=target_delta,
-                sample_rate=sample_rate,
-                steps=max(1, total_steps),
-                accountant=accountant,
-            )
-        )
+        return _cached_noise_multiplier(
+            float(target_epsilon), float(target_delta), float(sample_rate),
+            max(1, int(total_steps)), accountant,
+        )  # fmt: skip
     except ValueError as err:
         raise ValueError(
             f"privacy.target_epsilon={target_epsilon} is too small for {total_steps} DP-SGD "
             f"steps at sample rate {sample_rate:.4g}: raise privacy.target_epsilon or lower "
             "federation.num_rounds / train.local_epochs"
         ) from err
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_noise_multiplier(
+    target_epsilon: float, target_delta: float, sample_rate: float, steps: int, accountant: str
+) -> float:
+    """The binary search costs seconds; sessions of one process often ask the same question."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=target_delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=accountant,
+        )
+    )
 
 
 def _steps_in(history: History) -> int:
@@ -264,23 +279,55 @@ def _mode_works(model: nn.Module, mode: str, loader: DataLoader) -> str | None:
     inputs = _probe_input(loader).to(device)
     wrapped = None
     try:
-        wrapped = wrap_model(model, grad_sample_mode=mode, batch_first=True, loss_reduction="mean")
-        output = wrapped(inputs)
-        output.float().sum().backward()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            wrapped = wrap_model(
+                model, grad_sample_mode=mode, batch_first=True, loss_reduction="mean"
+            )
+            wrapped(inputs).float().sum().backward()
         missing = [
             name
             for name, p in model.named_parameters()
             if p.requires_grad and getattr(p, "grad_sample", None) is None
         ]
-        if missing:
-            return f"no per-sample gradient for {missing[0]}"
-        return None
+        return f"no per-sample gradient for {missing[0]}" if missing else None
     except Exception as err:  # noqa: BLE001 - any failure means "try the next mode"
-        return f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+        first_line = str(err).splitlines()[0][:200] if str(err) else ""
+        return f"{type(err).__name__}: {first_line}"
     finally:
         if wrapped is not None:
             wrapped.cleanup()
         model.zero_grad(set_to_none=True)
+
+
+class EmptyBatchSafe(nn.Module):
+    """Opacus' wrapped model, made to accept the empty batches Poisson sampling can draw.
+
+    The functorch and expanded-weights modes fail on a batch of zero images. For such a batch
+    the plain model runs without gradients (for the output's shape) and every parameter gets an
+    empty per-sample gradient, so the DP optimizer still takes its step: noise only, which the
+    accountant counts like any other step.
+    """
+
+    def __init__(self, wrapped: nn.Module) -> None:
+        super().__init__()
+        self.wrapped = wrapped
+
+    def forward(self, inputs: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if inputs.shape[0] > 0:
+            return self.wrapped(inputs, *args, **kwargs)
+        inner = getattr(self.wrapped, "_module", self.wrapped)
+        with torch.no_grad():
+            output = inner(inputs, *args, **kwargs)
+        for param in inner.parameters():
+            if param.requires_grad:
+                param.grad_sample = torch.zeros(
+                    (0, *param.shape), dtype=param.dtype, device=param.device
+                )
+        return output.detach().requires_grad_(True)
+
+    def cleanup(self) -> None:
+        self.wrapped.cleanup()
 
 
 # -- the session ---------------------------------------------------------------------------------
@@ -295,13 +342,19 @@ class DPSession:
     every round.
     """
 
-    def __init__(self, cfg: PrivacyConfig, state: PrivacyState, state_path: Path) -> None:
+    def __init__(
+        self, cfg: PrivacyConfig, state: PrivacyState, state_path: Path, *, seed: int | None = None
+    ) -> None:
+        """``seed`` fixes sampling and noise for tests and benchmarks only: with a seed that
+        others know, the noise can be recomputed and the guarantee is void. None (the default)
+        draws them from the operating system's entropy."""
         self.cfg = cfg
         self.state = state
         self.state_path = Path(state_path)
         self.messages: list[str] = []
         self._wrapped: Any = None
         self._steps_before = 0
+        self._seeds = random.Random(seed) if seed is not None else None
 
     # construction
 
@@ -316,6 +369,7 @@ class DPSession:
         steps_per_round: int,
         planned_rounds: int,
         sample_rate: float | None = None,
+        seed: int | None = None,
     ) -> DPSession:
         """Load this site's accountant state from ``state_path``, or start it there.
 
@@ -338,7 +392,7 @@ class DPSession:
         if path.is_file():
             state = _read_state(path)
             _check_settings(state, cfg, delta, path)
-            return cls(cfg, state, path)
+            return cls(cfg, state, path, seed=seed)
         rate = (
             sample_rate
             if sample_rate is not None
@@ -364,17 +418,19 @@ class DPSession:
             steps_per_round=steps_per_round,
             planned_rounds=planned_rounds,
         )
-        session = cls(cfg, state, path)
+        session = cls(cfg, state, path, seed=seed)
         session.save()
         return session
 
     @classmethod
-    def load(cls, cfg: PrivacyConfig, state_path: Path | str) -> DPSession:
+    def load(
+        cls, cfg: PrivacyConfig, state_path: Path | str, *, seed: int | None = None
+    ) -> DPSession:
         """Reopen an existing state file (e.g. after a node restart)."""
         path = Path(state_path)
         if not path.is_file():
             raise FileNotFoundError(f"{_shown(path)}: no privacy accountant state for this run")
-        return cls(cfg, _read_state(path), path)
+        return cls(cfg, _read_state(path), path, seed=seed)
 
     def save(self) -> None:
         _write_atomically(self.state_path, self.state.to_json())
@@ -445,8 +501,15 @@ class DPSession:
         self._align_sample_rate(1.0 / max(1, len(loader)))
         self._note_sampler(loader)
         mode = self._working_mode(model, loader)
-        engine = PrivacyEngine(accountant=self.state.accountant)
+        with warnings.catch_warnings():  # "secure RNG off": private seeds are used instead
+            warnings.simplefilter("ignore")
+            engine = PrivacyEngine(accountant=self.state.accountant)
         engine.accountant = _accountant(self.state.accountant, self.state.history)
+        # Batch membership and noise must be unpredictable to whoever knows the run's seed
+        # (the server does): Poisson sampling and noise draw from generators seeded privately.
+        engine.secure_rng = torch.Generator().manual_seed(self._private_seed())
+        device = next(model.parameters()).device
+        noise_rng = torch.Generator(device=device).manual_seed(self._private_seed())
         self._steps_before = _steps_in(self.state.history)
         wrapped, dp_optimizer, dp_loader = engine.make_private(
             module=model,
@@ -457,10 +520,11 @@ class DPSession:
             poisson_sampling=True,
             grad_sample_mode=mode,
             loss_reduction="mean",
+            noise_generator=noise_rng,
         )
         self._engine = engine
-        self._wrapped = wrapped
-        return wrapped, dp_optimizer, dp_loader
+        self._wrapped = EmptyBatchSafe(wrapped)
+        return self._wrapped, dp_optimizer, dp_loader
 
     def after_fit(self, steps: int) -> float:
         """Record the round's spend, save the state, unhook the model; return epsilon so far."""
@@ -548,6 +612,9 @@ class DPSession:
             f"model {model_name(model)!r}: no Opacus per-sample gradient mode works "
             f"(tried {', '.join(candidates)}); choose another model or set privacy.enabled=false"
         )
+
+    def _private_seed(self) -> int:
+        return self._seeds.getrandbits(63) if self._seeds else secrets.randbits(63)
 
     def _say(self, message: str) -> None:
         self.messages.append(message)

@@ -193,6 +193,8 @@ def validate_server_name(server_name: str) -> str:
         )
     if _ip(name) is not None:
         return str(_ip(name))
+    if re.fullmatch(r"[0-9.]+", name):
+        raise ProvisionError(f"--server-name {server_name!r} is not a valid IP address")
     if ":" in name:
         raise ProvisionError(
             f"--server-name {server_name!r}: give the port with --port, not in the server name"
@@ -502,28 +504,29 @@ def _ensure_server(
     """Keep a server certificate that still fits (same CA, same names), else refuse; make a
     new one when there is none or ``renew`` is set."""
     key_path, cert_path = coord_dir / "server.key", coord_dir / "server.crt"
+    reissue = (
+        f"to re-issue it from the same CA (site kits stay valid), delete server.crt and "
+        f"server.key in {coord_dir} and re-run; --force re-creates the whole federation"
+    )
     if not renew and (key_path.exists() or cert_path.exists()):
         if not (key_path.exists() and cert_path.exists()):
-            raise ProvisionError(
-                f"only one of {key_path} and {cert_path} exists; use --force to re-issue both"
-            )
+            raise ProvisionError(f"only one of {key_path} and {cert_path} exists; {reissue}")
         key, cert = _load_pem_key(key_path), _load_cert(cert_path)
         if not _same_public_key(key, cert) or not _issued_by(cert, ca_cert):
             raise ProvisionError(
                 f"{cert_path} does not match {key_path} or was not issued by the CA in "
-                f"{coord_dir.parent / 'ca' / 'ca.crt'}; use --force to re-issue it"
+                f"{coord_dir.parent / 'ca' / 'ca.crt'}; {reissue}"
             )
         if set(san_strings(_cert_sans(cert))) != set(san_strings(sans)):
             raise ProvisionError(
                 f"{cert_path} was issued for {', '.join(san_strings(_cert_sans(cert)))}, not "
-                f"{', '.join(san_strings(sans))}; use --force to re-issue it (the sites keep "
-                "their keys but need the new kit only if the CA changes)"
+                f"{', '.join(san_strings(sans))}; {reissue}"
             )
         ledger.kept += [key_path, cert_path]
         expires = cert.not_valid_after_utc.date().isoformat()
         ledger.notes.append(f"kept the SuperLink certificate {cert_path} (expires {expires})")
         if cert.not_valid_after_utc <= _now():
-            ledger.notes.append(f"WARNING: {cert_path} has expired; re-issue it with --force")
+            ledger.notes.append(f"WARNING: {cert_path} has expired; {reissue}")
         return cert
     if _now() + dt.timedelta(days=days) > ca_cert.not_valid_after_utc + dt.timedelta(days=1):
         raise ProvisionError(
@@ -783,7 +786,8 @@ def _previous_sites(manifest: dict[str, Any], sites_dir: Path) -> dict[str, int 
             found[entry["name"]] = port if isinstance(port, int) else None
     if sites_dir.is_dir():
         for child in sorted(sites_dir.iterdir()):
-            if (child / "node.pub").exists() and child.name not in found:
+            known = child.name in found or not _SITE_NAME.fullmatch(child.name)
+            if (child / "node.pub").exists() and not known:
                 found[child.name] = None
     return found
 

@@ -294,8 +294,15 @@ def _readers_section(doc: Document, data: RunData, figure: Path | None) -> None:
             for r in study.readers
         ]
     else:
-        headers = ["Reader", "Experience", "n", "Accuracy", "Model accuracy", "Difference",
-                   "McNemar p"]
+        headers = [
+            "Reader",
+            "Experience",
+            "n",
+            "Accuracy",
+            "Model accuracy",
+            "Difference",
+            "McNemar p",
+        ]
         rows = [
             [
                 r.label,
@@ -323,8 +330,14 @@ def _readers_section(doc: Document, data: RunData, figure: Path | None) -> None:
         ]
         doc.add(
             Table(
-                ["Experience", "Readers", "Mean sensitivity", "Mean specificity",
-                 "Mean accuracy", "Model sensitivity at mean specificity"],
+                [
+                    "Experience",
+                    "Readers",
+                    "Mean sensitivity",
+                    "Mean specificity",
+                    "Mean accuracy",
+                    "Model sensitivity at mean specificity",
+                ],
                 group_rows,
                 "Reader groups",
             )
@@ -339,9 +352,15 @@ def _comparisons_section(doc: Document, data: RunData) -> None:
     if not data.comparisons:
         return
     rows = [
-        [c.label, fmt(c.auc1), fmt(c.auc2), fmt(c.difference),
-         f"[{fmt(c.ci_low)}, {fmt(c.ci_high)}]" if c.ci_low is not None else "n/a",
-         fmt(c.statistic, 2), fmt_p(c.p)]
+        [
+            c.label,
+            fmt(c.auc1),
+            fmt(c.auc2),
+            fmt(c.difference),
+            f"[{fmt(c.ci_low)}, {fmt(c.ci_high)}]" if c.ci_low is not None else "n/a",
+            fmt(c.statistic, 2),
+            fmt_p(c.p),
+        ]
         for c in data.comparisons
     ]
     doc.add(
@@ -354,14 +373,20 @@ def _privacy_section(doc: Document, data: RunData) -> None:
     if not data.privacy:
         return
     rows = [
-        [p.site, fmt(p.epsilon, 2), "n/a" if p.delta is None else f"{p.delta:.1e}",
-         "n/a" if p.stopped is None else ("yes" if p.stopped else "no")]
+        [
+            p.site,
+            fmt(p.epsilon, 2),
+            "n/a" if p.delta is None else f"{p.delta:.1e}",
+            "n/a" if p.stopped is None else ("yes" if p.stopped else "no"),
+        ]
         for p in data.privacy
     ]
     doc.add(
         Heading("Differential privacy (DP-SGD)"),
-        Paragraph("Privacy spent per center over the run; a center stops training when its "
-                  "budget is reached."),
+        Paragraph(
+            "Privacy spent per center over the run; a center stops training when its "
+            "budget is reached."
+        ),
         Table(["Center", "epsilon", "delta", "Budget reached"], rows),
     )
 
@@ -372,8 +397,10 @@ def _failures_section(doc: Document, data: RunData) -> None:
     rows = [[fmt_count(f.round), f.site, f.error] for f in data.failures]
     doc.add(
         Heading("Failed center rounds"),
-        Paragraph("Rounds in which a center did not reply or replied with an error; the round "
-                  "aggregated the other centers. Only the error type is recorded."),
+        Paragraph(
+            "Rounds in which a center did not reply or replied with an error; the round "
+            "aggregated the other centers. Only the error type is recorded."
+        ),
         Table(["Round", "Center", "Error"], rows),
     )
 
@@ -411,9 +438,11 @@ def _make_figures(data: RunData, folder: Path) -> dict[str, Path]:
         "roc": lambda: figs.roc_overlay(data.sites, data.pooled, folder / "roc.png"),
         "roc_by_center": lambda: figs.roc_by_site(data.sites, folder / "roc_by_center.png"),
         "roc_per_class": lambda: figs.roc_per_class(data.sites, folder / "roc_per_class.png"),
-        "roc_readers": lambda: figs.roc_readers(data.readers, folder / "roc_readers.png")
-        if data.readers is not None
-        else None,
+        "roc_readers": lambda: (
+            figs.roc_readers(data.readers, folder / "roc_readers.png")
+            if data.readers is not None
+            else None
+        ),
         "confusion": lambda: figs.confusion_matrices(data.sites, folder / "confusion.png"),
         "calibration": lambda: figs.calibration_curves(data.sites, folder / "calibration.png"),
         "training": lambda: figs.training_curves(data.history, folder / "training.png"),
@@ -429,12 +458,17 @@ def _make_figures(data: RunData, folder: Path) -> dict[str, Path]:
 def _figures_section(doc: Document, made: dict[str, Path], data: RunData) -> None:
     captions = [
         ("roc", "ROC curves of all centers (AUC in the legend)."),
-        ("roc_by_center", "ROC per center with its 95% band; the dot is the operating point "
-         "at the locked threshold."),
+        (
+            "roc_by_center",
+            "ROC per center with its 95% band; the dot is the operating point "
+            "at the locked threshold.",
+        ),
         ("roc_per_class", "One-vs-rest ROC curves per class and center."),
         ("confusion", "Confusion matrices (rows: true class, columns: predicted)."),
-        ("calibration", "Calibration: observed fraction positive per bin of predicted "
-         "probability."),
+        (
+            "calibration",
+            "Calibration: observed fraction positive per bin of predicted probability.",
+        ),
         ("training", "Training curves from metrics.jsonl."),
     ]
     images = [Image(made[key], caption) for key, caption in captions if key in made]
@@ -443,8 +477,12 @@ def _figures_section(doc: Document, made: dict[str, Path], data: RunData) -> Non
     if data.cam_figures:
         doc.add(
             Heading("Grad-CAM"),
-            Paragraph("Heatmaps computed where the images are (on the node or in a local "
-                      "simulation); red marks the regions that raised the explained class score."),
+            Paragraph(
+                "Heatmaps computed where the images are (on the node or in a local "
+                "simulation); red marks the regions that raised the explained class score. "
+                "These figures show patient images: share this report only where the images "
+                "themselves may go."
+            ),
             *[Image(path, "Grad-CAM overlays") for path in data.cam_figures],
         )
 
@@ -572,6 +610,9 @@ def _flatten_summary(out: dict, prefix: str, summary: SummaryView) -> None:
         out[f"{prefix}.n"] = summary.n
     if summary.binary:
         _flatten_metric(out, f"{prefix}.auc", summary.auc)
+        if summary.auc_bootstrap_ci95 is not None:
+            out[f"{prefix}.auc_bootstrap_ci95_low"] = summary.auc_bootstrap_ci95[0]
+            out[f"{prefix}.auc_bootstrap_ci95_high"] = summary.auc_bootstrap_ci95[1]
         if summary.threshold is not None:
             out[f"{prefix}.threshold"] = summary.threshold
         for name in AT_THRESHOLD_METRICS:

@@ -146,6 +146,7 @@ class SummaryView:
     n: int | None
     n_per_class: list[int | None]
     auc: Metric | None = None
+    auc_bootstrap_ci95: tuple[float | None, float | None] | None = None
     threshold: float | None = None
     at_threshold: dict[str, Metric | None] = field(default_factory=dict)
     youden: dict[str, float | None] = field(default_factory=dict)
@@ -184,7 +185,7 @@ def summary_view(raw: Any, fallback_classes: list[str]) -> SummaryView | None:
         task_type=task_type,
         classes=classes,
         n=_count(raw.get("n")),
-        n_per_class=_per_class_counts(raw.get("n_per_class"), classes),
+        n_per_class=_per_class_counts(raw.get("n_per_class"), _class_keys(raw, classes)),
         confusion=_matrix(raw.get("confusion_matrix"), len(classes)),
         calibration=_calibration(raw.get("calibration")),
     )
@@ -198,6 +199,8 @@ def summary_view(raw: Any, fallback_classes: list[str]) -> SummaryView | None:
 
 def _fill_binary(view: SummaryView, raw: dict) -> None:
     view.auc = metric(raw.get("auc"), raw.get("auc_ci95"))
+    bootstrap = _pair(raw.get("auc_bootstrap_ci95"))
+    view.auc_bootstrap_ci95 = bootstrap if None not in bootstrap else None
     view.threshold = number(raw.get("threshold"))
     at = raw.get("at_threshold") if isinstance(raw.get("at_threshold"), dict) else {}
     view.at_threshold = {name: metric(at.get(name)) for name in AT_THRESHOLD_METRICS}
@@ -212,8 +215,9 @@ def _fill_multiclass(view: SummaryView, raw: dict) -> None:
     view.weighted_f1 = metric(raw.get("weighted_f1"))
     per_class = raw.get("per_class") if isinstance(raw.get("per_class"), dict) else {}
     rocs = raw.get("roc_per_class") if isinstance(raw.get("roc_per_class"), dict) else {}
+    keys = _class_keys(raw, view.classes)
     for index, name in enumerate(view.classes):
-        entry = per_class.get(name)
+        entry = per_class.get(keys[index])
         if isinstance(entry, dict):
             view.per_class.append(
                 ClassRow(
@@ -223,7 +227,7 @@ def _fill_multiclass(view: SummaryView, raw: dict) -> None:
                     metrics={m: metric(entry.get(m)) for m in PER_CLASS_METRICS},
                 )
             )
-        roc = curve(rocs.get(name))
+        roc = curve(rocs.get(keys[index]))
         if roc is not None:
             view.roc_per_class[name] = roc
 
@@ -232,6 +236,14 @@ def _classes(raw: Any) -> list[str]:
     if not isinstance(raw, list) or len(raw) < 2:
         return []
     return [safe_label(name, f"class {i}") for i, name in enumerate(raw)]
+
+
+def _class_keys(raw: dict, shown: list[str]) -> list[str]:
+    """The summary's own class names, to look up per-class entries (shown names may differ)."""
+    names = raw.get("classes")
+    if isinstance(names, list) and len(names) == len(shown):
+        return [str(name) for name in names]
+    return shown
 
 
 def _count(raw: Any) -> int | None:
@@ -404,7 +416,9 @@ def load_run(run_dir: Path) -> RunData:
     if not run.classes and sites:
         run.classes = sites[0].summary.classes
     pooled_raw = results.get("pooled")
-    pooled = summary_view(pooled_raw.get("val"), run.classes) if isinstance(pooled_raw, dict) else None
+    pooled = (
+        summary_view(pooled_raw.get("val"), run.classes) if isinstance(pooled_raw, dict) else None
+    )
     return RunData(
         run=run,
         sites=sites,

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from fedmsk.report_data import Curve, MetricPoint, ReaderStudy, SiteResult, SummaryView
 
@@ -99,8 +100,14 @@ def roc_by_site(sites: Sequence[SiteResult], path: Path) -> Path | None:
         sens = summary.at_threshold.get("sensitivity")
         spec = summary.at_threshold.get("specificity")
         if sens and spec and sens.value is not None and spec.value is not None:
-            ax.plot([1 - spec.value], [sens.value], "o", color="black", markersize=4,
-                    label="at locked threshold")
+            ax.plot(
+                [1 - spec.value],
+                [sens.value],
+                "o",
+                color="black",
+                markersize=4,
+                label="at locked threshold",
+            )
         role = "held-out" if site.role == "heldout" else "train"
         _roc_axes(ax, f"{site.alias} ({role}, {site.split})")
         ax.legend(loc="lower right", fontsize=6.5)
@@ -168,12 +175,24 @@ def roc_readers(study: ReaderStudy, path: Path) -> Path | None:
         if reader.roc_point is None:
             continue
         marker = markers[experiences.index(reader.experience) % len(markers)]
-        ax.plot([reader.roc_point[0]], [reader.roc_point[1]], marker, markersize=6,
-                linestyle="none", label=f"{reader.label} ({reader.experience})")
+        ax.plot(
+            [reader.roc_point[0]],
+            [reader.roc_point[1]],
+            marker,
+            markersize=6,
+            linestyle="none",
+            label=f"{reader.label} ({reader.experience})",
+        )
     for group in study.groups:
         if group.sensitivity is not None and group.specificity is not None:
-            ax.plot([1 - group.specificity], [group.sensitivity], "k*", markersize=11,
-                    linestyle="none", label=f"mean {group.experience}")
+            ax.plot(
+                [1 - group.specificity],
+                [group.sensitivity],
+                "k*",
+                markersize=11,
+                linestyle="none",
+                label=f"mean {group.experience}",
+            )
     _roc_axes(ax, "Model vs readers")
     ax.legend(loc="lower right", fontsize=6.5)
     return _save(fig, path)
@@ -261,11 +280,26 @@ def _plot_series(ax: Axes, series: dict, phase_label: str, style: str, many: boo
     drawn = 0
     for site, (rounds, values) in sorted(series.items(), key=lambda kv: str(kv[0])):
         if site is None:
-            ax.plot(rounds, values, style, color="black", linewidth=2, marker="o", markersize=3,
-                    label=f"{phase_label} (all centers)")
+            ax.plot(
+                rounds,
+                values,
+                style,
+                color="black",
+                linewidth=2,
+                marker="o",
+                markersize=3,
+                label=f"{phase_label} (all centers)",
+            )
         else:
-            ax.plot(rounds, values, style, linewidth=1, alpha=0.55 if many else 0.9, marker=".",
-                    label=None if many else f"{phase_label} {site}")
+            ax.plot(
+                rounds,
+                values,
+                style,
+                linewidth=1,
+                alpha=0.55 if many else 0.9,
+                marker=".",
+                label=None if many else f"{phase_label} {site}",
+            )
         drawn += 1
     return drawn
 
@@ -288,6 +322,7 @@ def training_curves(history: Sequence[MetricPoint], path: Path) -> Path | None:
         return None
     for ax, title in ((loss_ax, "Loss per round"), (score_ax, f"{score_key} per round")):
         ax.set_xlabel("round", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title + (" (thin lines: centers)" if many else ""), fontsize=9)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)

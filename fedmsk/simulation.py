@@ -104,6 +104,7 @@ def _stop(process: subprocess.Popen) -> None:
 def _environment(home: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["FLWR_HOME"] = str(home)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["FEDMSK_CONFIG_DIR"] = str(config_dir())
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(APP_DIR), env.get("PYTHONPATH")]))

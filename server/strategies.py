@@ -132,7 +132,7 @@ def build_strategy(cfg: StrategyConfig, num_training_sites: int, num_sites: int)
         "fraction_evaluate": 1.0,
         "min_train_nodes": min(cfg.min_train_nodes, num_training_sites),
         "min_evaluate_nodes": num_sites,
-        "min_available_nodes": num_sites,
+        "min_available_nodes": num_training_sites,
     }
     extra: dict[str, Any] = {}
     if base is FedProx:

@@ -1,9 +1,10 @@
 """Throughput of ``fedmsk.training.fit`` against a bare PyTorch training loop.
 
 Both loops train the same model object on the same in-memory random batches in one process,
-alternating A/B repetitions after a warm-up so that machine load drifts hit both alike; the
-median of each side is compared. Each repetition is timed from outside the call, so fit's
-set-up (optimizer, scheduler, device checks) counts against it.
+alternating repetitions in A-B-B-A order after a warm-up so that drifts in machine load hit both
+alike; the median of each side is compared. Each repetition is timed from outside the call, so
+fit's set-up (optimizer, scheduler, device checks) counts against it. Besides wall-clock time the
+process CPU time is reported: on a machine shared with other jobs it is the steadier of the two.
 
     .venv/bin/python simulations/bench_fit.py          # resnet18, 32 x 128 px, 2 threads
     .venv/bin/python simulations/bench_fit.py --steps 4 --reps 3 --json bench.json
@@ -37,8 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--in-chans", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=6, help="optimizer steps per repetition")
-    parser.add_argument("--reps", type=int, default=5, help="repetitions of each loop")
+    parser.add_argument("--steps", type=int, default=3, help="optimizer steps per repetition")
+    parser.add_argument("--reps", type=int, default=8, help="repetitions of each loop")
     parser.add_argument("--warmup", type=int, default=3, help="warm-up steps of each loop")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
@@ -65,10 +66,11 @@ def bare_loop(model: nn.Module, loader: DataLoader, cfg: TrainConfig, device: to
         torch.cuda.synchronize(device)
 
 
-def timed(run) -> float:
-    start = time.perf_counter()
+def timed(run) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
     run()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,17 +101,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.warmup:
         bare_loop(model, warm_loader, cfg, device)
         fit(model, warm_loader, cfg, num_classes=2)
-    bare_times, fit_times, fit_inner = [], [], []
-    for _ in range(args.reps):
-        bare_times.append(timed(lambda: bare_loop(model, loader, cfg, device)))
-        start = time.perf_counter()
-        result = fit(model, loader, cfg, num_classes=2)
-        fit_times.append(time.perf_counter() - start)
-        fit_inner.append(result.images_per_second)
-        assert result.steps == args.steps
+    times: dict[str, list[tuple[float, float]]] = {"bare": [], "fit": []}
+    fit_inner: list[float] = []
 
-    bare_ips = n / statistics.median(bare_times)
-    fit_ips = n / statistics.median(fit_times)
+    def run_bare() -> None:
+        bare_loop(model, loader, cfg, device)
+
+    def run_fit() -> None:
+        result = fit(model, loader, cfg, num_classes=2)
+        assert result.steps == args.steps
+        fit_inner.append(result.images_per_second)
+
+    for rep in range(args.reps):
+        order = [("bare", run_bare), ("fit", run_fit)]
+        for name, run in order if rep % 2 == 0 else order[::-1]:
+            times[name].append(timed(run))
+
+    def median_ips(name: str, index: int) -> float:
+        return n / statistics.median(t[index] for t in times[name])
+
+    bare_ips, fit_ips = median_ips("bare", 0), median_ips("fit", 0)
+    bare_cpu, fit_cpu = median_ips("bare", 1), median_ips("fit", 1)
     summary = {
         "model": args.model,
         "batch_size": args.batch_size,
@@ -124,16 +136,19 @@ def main(argv: list[str] | None = None) -> int:
         "fit_images_per_second": round(fit_ips, 2),
         "fit_reported_images_per_second": round(statistics.median(fit_inner), 2),
         "ratio": round(fit_ips / bare_ips, 4),
-        "bare_rep_seconds": [round(t, 3) for t in bare_times],
-        "fit_rep_seconds": [round(t, 3) for t in fit_times],
+        "bare_images_per_cpu_second": round(bare_cpu, 2),
+        "fit_images_per_cpu_second": round(fit_cpu, 2),
+        "cpu_time_ratio": round(fit_cpu / bare_cpu, 4),
+        "bare_rep_seconds": [round(t[0], 3) for t in times["bare"]],
+        "fit_rep_seconds": [round(t[0], 3) for t in times["fit"]],
     }
     print(f"\n{args.model}, batch {args.batch_size}, {args.image_size} px, {args.threads} threads,")
     print(f"{args.reps} alternating repetitions of {args.steps} steps, median, on {device}\n")
-    print("| loop | images/s |")
-    print("|---|---|")
-    print(f"| bare PyTorch | {bare_ips:.1f} |")
-    print(f"| fedmsk fit() | {fit_ips:.1f} |")
-    print(f"| ratio fit/bare | {fit_ips / bare_ips:.3f} |\n")
+    print("| loop | images/s (wall) | images per CPU-second |")
+    print("|---|---|---|")
+    print(f"| bare PyTorch | {bare_ips:.1f} | {bare_cpu:.1f} |")
+    print(f"| fedmsk fit() | {fit_ips:.1f} | {fit_cpu:.1f} |")
+    print(f"| ratio fit/bare | {fit_ips / bare_ips:.3f} | {fit_cpu / bare_cpu:.3f} |\n")
     text = json.dumps(summary)
     print(text)
     if args.json is not None:

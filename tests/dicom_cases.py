@@ -56,7 +56,7 @@ EXPECTED_DECODER = {
     uid.JPEGLSNearLossless: "pyjpegls",
     uid.JPEG2000Lossless: "pylibjpeg-openjpeg",
     uid.JPEG2000: "pylibjpeg-openjpeg",
-    uid.JPEGLosslessSV1: "pylibjpeg-libjpeg",
+    uid.JPEGLosslessSV1: "gdcm",
     uid.JPEGBaseline8Bit: "pylibjpeg-libjpeg",
 }
 

@@ -56,6 +56,8 @@ def test_writer_rejects_values_outside_bits_stored(tmp_path: Path) -> None:
         write_dicom(tmp_path / "x.dcm", np.full((4, 4), 4096, np.uint16), bits_stored=12)
     with pytest.raises(ValueError, match="integer"):
         write_dicom(tmp_path / "x.dcm", np.zeros((4, 4), np.float32))
+    with pytest.raises(ValueError, match="32 rows"):
+        write_dicom(tmp_path / "x.dcm", np.zeros((16, 40), np.uint16), transfer_syntax=uid.JPEG2000)
 
 
 def test_encode_support_explains_what_cannot_be_written() -> None:
@@ -94,7 +96,7 @@ def test_rescale_slope_and_intercept_are_applied(tmp_path: Path) -> None:
 
 
 def test_window_center_width_follows_the_standard(tmp_path: Path) -> None:
-    pixels = np.array([[0, 900, 1000, 1100, 1500, 4095]], dtype=np.uint16)
+    pixels = np.array([[0, 899, 1000, 1100, 1500, 4095]], dtype=np.uint16)
     path = write(tmp_path, "w.dcm", pixels, window=(1000.0, 201.0))
     decoded = read_dicom(path)
     assert decoded.voi.kind == "window"
@@ -238,7 +240,7 @@ def test_lossless_syntaxes_are_bit_exact(tmp_path: Path, ts: str) -> None:
 @pytest.mark.parametrize("ts", [uid.RLELossless, uid.JPEGLSLossless, uid.JPEG2000Lossless])
 def test_compressed_multiframe(tmp_path: Path, ts: str) -> None:
     require_encoder(ts)
-    pixels = grey_image((3, 24, 20), bits=10)
+    pixels = grey_image((3, 40, 36), bits=10)  # J2K's 6 resolutions need >= 32 px
     path = write(tmp_path, "m.dcm", pixels, bits_stored=10, transfer_syntax=ts, modality="US")
     np.testing.assert_array_equal(read_dicom(path, "middle").values, pixels[1])
     np.testing.assert_array_equal(read_dicom_frames(path).values, pixels)
@@ -246,15 +248,17 @@ def test_compressed_multiframe(tmp_path: Path, ts: str) -> None:
 
 @pytest.mark.parametrize(
     ("ts", "tolerance"),
-    [(uid.JPEGLSNearLossless, 2), (uid.JPEG2000, 160)],
+    [(uid.JPEGLSNearLossless, 2), (uid.JPEG2000, 200)],
     ids=["jpegls-near", "j2k-lossy"],
 )
 def test_lossy_syntaxes_stay_close(tmp_path: Path, ts: str, tolerance: int) -> None:
     require_encoder(ts)
-    pixels = grey_image((64, 64), bits=12)
+    yy, xx = np.mgrid[0:64, 0:64]
+    pixels = (2000 + 1500 * np.sin(xx / 9.0) * np.cos(yy / 13.0)).astype(np.uint16)
     decoded = read_dicom(write(tmp_path, "l.dcm", pixels, transfer_syntax=ts))
     error = np.abs(decoded.values - pixels)
-    assert error.max() <= tolerance
+    assert error.max() <= tolerance and error.mean() < 0.03 * 4095
+    assert np.corrcoef(decoded.values.ravel(), pixels.ravel())[0, 1] > 0.99
     assert decoded.decoder == EXPECTED_DECODER[ts]
 
 
@@ -375,7 +379,7 @@ def _testdata(name: str) -> Path:
 
 
 def test_real_cr_monochrome1_uncompressed_equals_j2k() -> None:
-    plain = read_dicom(_testdata("RG1_UNCI.dcm"))
+    plain = read_dicom(_testdata("RG1_UNCR.dcm"))
     j2k = read_dicom(_testdata("RG1_J2KR.dcm"))
     assert plain.photometric == "MONOCHROME1" and plain.metadata.modality == "CR"
     np.testing.assert_array_equal(plain.values, j2k.values)
@@ -408,8 +412,10 @@ def test_display_of_all_frames_uses_a_window_per_frame(tmp_path: Path) -> None:
 
 def test_apply_voi_commutes_with_resizing_for_linear_windows(tmp_path: Path) -> None:
     decoded = read_dicom(write(tmp_path, "a.dcm", grey_image((64, 64)), window=(2000, 3000)))
-    pooled = decoded.values.reshape(32, 2, 32, 2).mean(axis=(1, 3))
+    blocks = decoded.values.reshape(32, 2, 32, 2)
+    pooled = blocks.mean(axis=(1, 3))
     direct = apply_voi(pooled, decoded.voi)
     via_display = decoded.display().reshape(32, 2, 32, 2).mean(axis=(1, 3))
-    inside = (pooled > 600) & (pooled < 3400)
+    inside = (blocks.min(axis=(1, 3)) > 600) & (blocks.max(axis=(1, 3)) < 3400)
+    assert inside.mean() > 0.5
     np.testing.assert_allclose(direct[inside], via_display[inside], atol=1e-5)

@@ -79,7 +79,7 @@ def test_gradcam_plus_plus_and_predicted_class(name: str) -> None:
     images = _images(3, 1, 48)
     plus = gradcam(model, images, [1, 1, 1], method="gradcam++")
     assert plus.shape == (3, 48, 48)
-    assert 0.0 <= plus.min() and plus.max() <= 1.0
+    assert plus.min() >= 0.0 and plus.max() <= 1.0
     assert all(float(h.std()) > 1e-3 for h in plus)
     predicted = gradcam(model, images, None)
     assert predicted.shape == (3, 48, 48)

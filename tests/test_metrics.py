@@ -208,9 +208,7 @@ def test_metrics_at_threshold_match_sklearn():
 def test_youden_is_the_best_observed_threshold():
     y, s = synthetic(n=70, seed=8, decimals=1)
     point = m.youden_threshold(y, s)
-    best = max(
-        np.mean(s[y == 1] >= t) + np.mean(s[y == 0] < t) - 1 for t in np.unique(s)
-    )
+    best = max(np.mean(s[y == 1] >= t) + np.mean(s[y == 0] < t) - 1 for t in np.unique(s))
     assert point.sensitivity + point.specificity - 1 == pytest.approx(best)
     assert point.sensitivity == pytest.approx(np.mean(s[y == 1] >= point.threshold))
     assert point.threshold in set(s.tolist())
@@ -236,8 +234,11 @@ def test_threshold_for_specificity_is_most_sensitive_rule_meeting_target(target)
     op = m.threshold_for_specificity(y, s, target)
     assert op.specificity >= target - 1e-12
     best = max(
-        (np.mean(s[y == 1] >= t) for t in np.append(np.unique(s), np.inf)
-         if np.mean(s[y == 0] < t) >= target - 1e-12),
+        (
+            np.mean(s[y == 1] >= t)
+            for t in np.append(np.unique(s), np.inf)
+            if np.mean(s[y == 0] < t) >= target - 1e-12
+        ),
     )
     assert op.sensitivity == pytest.approx(best)
 

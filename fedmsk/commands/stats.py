@@ -1,4 +1,4 @@
-"""``fedmsk stats``: study statistics on CSV files (a public, stable interface).
+"""fedmsk stats: study statistics on CSV files (a public, stable interface).
 
 All commands read CSV files with a header row. Without ``--json`` they print a readable table;
 with ``--json`` exactly one JSON object (NaN/undefined -> null). A user error (missing file or

@@ -93,11 +93,16 @@ class SeededAugment:
 
 
 def worker_init_fn(worker_id: int) -> None:
-    """Give each DataLoader worker its own augmentation stream (else all workers repeat one)."""
+    """Give each DataLoader worker its own augmentation stream.
+
+    Workers receive a copy of the dataset, generator state included, so without this every
+    worker, in every epoch, would repeat one stream. ``info.seed`` differs per worker and per
+    epoch and is drawn from the loader's seeded generator, so runs stay reproducible.
+    """
     info = torch.utils.data.get_worker_info()
     transform = getattr(getattr(info, "dataset", None), "transform", None)
-    if isinstance(transform, SeededAugment):
-        transform.reseed(transform.seed * 1009 + worker_id + 1)
+    if info is not None and isinstance(transform, SeededAugment):
+        transform.reseed((transform.seed * 1_000_003 + info.seed) % 2**63)
 
 
 def _save_png(pixels: torch.Tensor, path: Path) -> None:

@@ -172,9 +172,9 @@ class PreprocessCache:
 
     ``get(path)`` returns a (C, H, W) array in the storage dtype or raises
     :class:`ImageReadError`. ``decoder`` defaults to :func:`load_image`; tests pass a counting
-    one. Content hashes are remembered per file (size, mtime, inode) so that a second run does
-    not re-read every file; a hash is only remembered once the file is older than two seconds,
-    so a file rewritten within the filesystem's timestamp granularity is always re-hashed.
+    one. Content hashes are remembered per file (size, mtime, ctime, inode) so that a second run
+    does not re-read every file; a hash is only remembered once the file is older than two
+    seconds, so a file rewritten within the filesystem's timestamp granularity is re-hashed.
     """
 
     def __init__(
@@ -193,7 +193,7 @@ class PreprocessCache:
         try:
             stat = path.stat()
             memo = self._hash_memo / (hashlib.sha256(str(path.resolve()).encode()).hexdigest())
-            signature = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+            signature = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
             try:
                 record = json.loads(memo.read_text())
                 if record.get("stat") == signature:
@@ -203,7 +203,7 @@ class PreprocessCache:
             digest = file_sha256(path)
         except OSError as exc:
             raise _missing_file_error(path, exc) from exc
-        if time.time() - stat.st_mtime_ns / 1e9 > _RACY_SECONDS:
+        if time.time() - max(stat.st_mtime_ns, stat.st_ctime_ns) / 1e9 > _RACY_SECONDS:
             payload = json.dumps({"stat": signature, "sha256": digest}).encode()
             with contextlib.suppress(OSError):
                 _atomic_write_bytes(memo, payload)

@@ -120,7 +120,7 @@ def _table(counts: dict[str, dict[str, int]], classes: list[str]) -> list[str]:
     body.append(["total", *map(str, totals), str(sum(totals))])
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
     return [
-        "  " + "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True))
+        ("  " + "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True))).rstrip()
         for r in [header, *body]
     ]
 

@@ -217,7 +217,7 @@ def _make_loader(
         shuffle=shuffle,
         sampler=sampler,
         num_workers=num_workers,
-        generator=generator if shuffle else None,
+        generator=generator,
         worker_init_fn=worker_init_fn if num_workers > 0 else None,
     )
 

@@ -35,14 +35,14 @@ from fedmsk.data.errors import (
 PERCENTILE_WINDOW = (0.5, 99.5)
 """Percentiles that bound the display window when a file carries no VOI information."""
 
-_PERCENTILE_SAMPLE_PIXELS = 1 << 20
+_PERCENTILE_SAMPLE_PIXELS = 1 << 18
 
 # Decoder plugins in order of preference per transfer syntax (measured on the project's
 # machines: see NOTES-platform.md and simulations/bench_decode.py); later ones are fallbacks.
 _RLE = ("pylibjpeg", "pydicom", "gdcm")
 _JPEG_LS = ("pyjpegls", "gdcm", "pylibjpeg")
 _JPEG_LOSSY = ("pylibjpeg", "pillow", "gdcm")
-_JPEG_LOSSLESS = ("pylibjpeg", "gdcm")
+_JPEG_LOSSLESS = ("gdcm", "pylibjpeg")
 _JPEG_2000 = ("pylibjpeg", "gdcm", "pillow")
 PLUGIN_ORDER: dict[str, tuple[str, ...]] = {
     "1.2.840.10008.1.2.5": _RLE,

@@ -412,6 +412,11 @@ def _write_with_pydicom_encoder(
 ) -> None:
     if ds.PhotometricInterpretation == "YBR_FULL_422":
         raise ValueError("YBR_FULL_422 can only be written with a JPEG transfer syntax here")
+    if ts in (dicom_uid.JPEG2000, dicom_uid.JPEG2000Lossless) and min(ds.Rows, ds.Columns) < 32:
+        raise ValueError(
+            f"{ts.name} needs at least 32 rows and columns here (the encoder's 6 wavelet "
+            f"resolutions); got {ds.Rows}x{ds.Columns}"
+        )
     if ts == dicom_uid.JPEGLSNearLossless:
         options.setdefault("jls_error", 2)
     if ts == dicom_uid.JPEG2000 and "j2k_psnr" not in options:

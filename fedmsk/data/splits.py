@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from fedmsk.data.manifest import ManifestRow
 
 SPLIT_NAMES = ("train", "val", "test")
-_NAMES_BY_COUNT = {1: ("train",), 2: ("train", "test"), 3: ("train", "val", "test")}
+_NAMES_BY_COUNT = {2: ("train", "test"), 3: ("train", "val", "test")}
 
 
 class SplitError(ValueError):
@@ -42,7 +42,7 @@ class SplitIssue:
 
 
 def split_names(ratios: Sequence[float]) -> tuple[str, ...]:
-    """``train/test`` for two ratios, ``train/val/test`` for three (``train`` for one)."""
+    """``train/test`` for two ratios, ``train/val/test`` for three."""
     names = _NAMES_BY_COUNT.get(len(ratios))
     if names is None:
         raise SplitError(

@@ -128,9 +128,7 @@ def arc_mask(
     return sigmoid((half_span - np.abs(diff)) / 0.08)
 
 
-def ring(
-    u: np.ndarray, v: np.ndarray, centre: Point, radius: float, width: float
-) -> np.ndarray:
+def ring(u: np.ndarray, v: np.ndarray, centre: Point, radius: float, width: float) -> np.ndarray:
     """Gaussian ring (a rim seen edge-on)."""
     dist = np.hypot(u - centre[0], v - centre[1])
     return np.exp(-(((dist - radius) / max(width, 1e-6)) ** 2))

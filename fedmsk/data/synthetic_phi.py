@@ -63,15 +63,20 @@ def _date(rng: np.random.Generator, first_year: int, last_year: int) -> str:
     return f"{year:04d}{int(rng.integers(1, 13)):02d}{int(rng.integers(1, 29)):02d}"
 
 
-def patient_identity(rng: np.random.Generator, site_index: int, entropy: list[int]) -> PatientIdentity:
-    """Draw a patient; ``entropy`` (seed, task, site, patient) makes the UIDs reproducible."""
+def patient_identity(
+    rng: np.random.Generator, site_index: int, patient_index: int, entropy: list[int]
+) -> PatientIdentity:
+    """Draw a patient; ``entropy`` (seed, task, site, patient) makes the UIDs reproducible.
+
+    The patient index is part of the ID, so IDs are unique within a center by construction.
+    """
     family = _surname(rng)
     given = str(rng.choice(_GIVEN))
     doctor = f"{_surname(rng)}^{rng.choice(_GIVEN)}^^Dr"
     study = generate_uid(entropy_srcs=[str(x) for x in entropy] + ["study"])
     series = generate_uid(entropy_srcs=[str(x) for x in entropy] + ["series"])
     return PatientIdentity(
-        patient_id=f"PX{site_index:02d}{int(rng.integers(0, 10**6)):06d}",
+        patient_id=f"PX{site_index:02d}{int(rng.integers(0, 10**4)):04d}{patient_index:03d}",
         patient_name=f"{family}^{given}",
         family_name=family,
         birth_date=_date(rng, 1935, 2006),

@@ -83,10 +83,20 @@ class SiteProfile:
 
     def technical_summary(self) -> dict[str, Any]:
         """What federation.json records about the center (no PHI, no institution)."""
+        if self.kind == "web":
+            return {"kind": "web", "formats": ["png", "jpeg"], "size": "varied"}
         keep = ("rows", "cols", "photometric", "bits_stored", "signed", "kind")
         summary = {k: v for k, v in asdict(self).items() if k in keep}
         summary["transfer_syntax"] = dicom_uid.UID(self.transfer_syntax).name
         return summary
+
+
+def _multiple_of_8(value: float, lo: int, hi: int) -> int:
+    """Scanners write even matrix sizes; GDCM's RLE and JPEG encoders also fail on odd ones."""
+    step = 8 if hi - lo >= 8 else 2
+    snapped = int(round(float(value) / step) * step)
+    low = -(-lo // step) * step
+    return int(min(max(snapped, low), max(low, hi - hi % step)))
 
 
 def _pick_syntax(preferred: str, available: tuple[str, ...]) -> str:
@@ -107,8 +117,8 @@ def make_site_profile(
     """Draw a center's profile; the encoding style follows the center index."""
     available = available_encode_syntaxes()
     lo, hi = size_range
-    rows = int(rng.integers(lo, hi + 1))
-    cols = int(np.clip(rows * rng.uniform(0.75, 1.33), lo, hi))
+    rows = _multiple_of_8(rng.integers(lo, hi + 1), lo, hi)
+    cols = _multiple_of_8(rows * rng.uniform(0.75, 1.33), lo, hi)
     if modality == "us":
         syntax, photometric = _US_STYLES[index % len(_US_STYLES)]
         syntax = _pick_syntax(syntax, available)
@@ -141,7 +151,7 @@ def make_site_profile(
         rotation_deg=float(rng.uniform(2.0, 12.0)),
         blur=float(rng.uniform(0.0, 1.3)),
         gamma=float(rng.uniform(0.65, 1.5)),
-        exposure=float(rng.uniform(1.2, 2.4)),
+        exposure=float(rng.uniform(0.7, 1.5)),
         noise=float(rng.uniform(0.01, 0.06)),
         heel=float(rng.uniform(-0.12, 0.12)),
         low=float(rng.uniform(0.0, 0.15)),
@@ -188,9 +198,13 @@ def resample(
     if flip:
         matrix = matrix @ np.diag([1.0, -1.0])
     out_centre = np.array([(rows - 1) / 2.0, (cols - 1) / 2.0])
-    in_centre = np.array([(size - 1) / 2.0 + shift[0] * size / 2, (size - 1) / 2.0 + shift[1] * size / 2])
+    in_centre = np.array(
+        [(size - 1) / 2.0 + shift[0] * size / 2, (size - 1) / 2.0 + shift[1] * size / 2]
+    )
     offset = in_centre - matrix @ out_centre
-    return ndimage.affine_transform(canvas, matrix, offset=offset, output_shape=shape, order=1, mode="constant", cval=0.0)
+    return ndimage.affine_transform(
+        canvas, matrix, offset=offset, output_shape=shape, order=1, mode="constant", cval=0.0
+    )
 
 
 # --------------------------------------------------------------------------- X-ray
@@ -211,7 +225,9 @@ def _burn_marker(image: np.ndarray, letter: str, value: float) -> None:
     for r, line in enumerate(glyph):
         for c, bit in enumerate(line):
             if bit == "1":
-                image[top + r * cell : top + (r + 1) * cell, left + c * cell : left + (c + 1) * cell] = value
+                image[
+                    top + r * cell : top + (r + 1) * cell, left + c * cell : left + (c + 1) * cell
+                ] = value
 
 
 def acquire_xray(
@@ -227,7 +243,9 @@ def acquire_xray(
     rotation = rng.uniform(-profile.rotation_deg, profile.rotation_deg)
     shift = (rng.uniform(-0.08, 0.08), rng.uniform(-0.08, 0.08))
     zoom = profile.zoom * rng.uniform(0.93, 1.07)
-    att = resample(attenuation, shape, zoom=zoom, rotation_deg=rotation, shift=shift, flip=laterality == "L")
+    att = resample(
+        attenuation, shape, zoom=zoom, rotation_deg=rotation, shift=shift, flip=laterality == "L"
+    )
     bright = 1.0 - np.exp(-profile.exposure * np.clip(att, 0, None))
     ramp = np.linspace(-1.0, 1.0, shape[0], dtype=np.float32)[:, None]
     bright = bright * (1.0 + profile.heel * ramp)
@@ -282,9 +300,7 @@ def to_stored_grey(bright: np.ndarray, profile: SiteProfile) -> StoredImage:
 # --------------------------------------------------------------------------- ultrasound
 
 
-def acquire_us(
-    echo: np.ndarray, profile: SiteProfile, rng: np.random.Generator
-) -> np.ndarray:
+def acquire_us(echo: np.ndarray, profile: SiteProfile, rng: np.random.Generator) -> np.ndarray:
     """Echogenicity canvas -> 8-bit RGB frame with speckle, log compression and scanner UI."""
     shape = (profile.rows, profile.cols)
     zoom = profile.zoom * rng.uniform(0.95, 1.05)
@@ -300,7 +316,9 @@ def acquire_us(
     attenuation = np.exp(-2.0 * depth * (1.0 - profile.tgc))
     intensity = np.clip(amp, 0, None) * envelope * attenuation + 1e-4
     db = 20.0 * np.log10(intensity)
-    display = np.clip((db + profile.dynamic_range_db - profile.gain_db) / profile.dynamic_range_db, 0, 1)
+    display = np.clip(
+        (db + profile.dynamic_range_db - profile.gain_db) / profile.dynamic_range_db, 0, 1
+    )
     display = display ** (profile.gamma * 0.8)
     if profile.blur > 0.6:
         display = ndimage.gaussian_filter(display, profile.blur - 0.5)
@@ -316,9 +334,11 @@ def acquire_us(
     for _ in range(int(rng.integers(1, 4))):
         r0 = int(rng.integers(1, max(rows // 8, 2)))
         c0 = int(rng.integers(1, max(cols // 3, 2)))
-        rgb[r0 : r0 + max(rows // 40, 1), c0 : c0 + int(rng.integers(cols // 20 + 1, cols // 6 + 2)), :] = (
-            (220.0, 220.0, 90.0)
-        )
+        rgb[
+            r0 : r0 + max(rows // 40, 1),
+            c0 : c0 + int(rng.integers(cols // 20 + 1, cols // 6 + 2)),
+            :,
+        ] = (220.0, 220.0, 90.0)
     return np.clip(np.round(rgb), 0, 255).astype(np.uint8)
 
 
@@ -338,7 +358,9 @@ def web_variant(bright: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarra
         img = 1.0 - img
     height = int(rng.integers(90, 420))
     width = int(np.clip(height * rng.uniform(0.6, 1.5), 80, 520))
-    pil = Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).resize((width, height), Image.BILINEAR)
+    pil = Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).resize(
+        (width, height), Image.BILINEAR
+    )
     arr = np.asarray(pil)
     if rng.random() < 0.3:
         pad = int(rng.integers(3, 20))

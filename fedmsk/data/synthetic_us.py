@@ -71,11 +71,15 @@ def ligament_render(
     severity = a["severity"]
     if label == 1:
         thickness = thickness * (1.0 - (1.0 - a["thin"]) * in_tear * severity)
-    band = d.sigmoid((thickness / 2 - np.abs(across)) / 0.006) * d.sigmoid((0.75 - np.abs(u)) / 0.03)
+    band = d.sigmoid((thickness / 2 - np.abs(across)) / 0.006) * d.sigmoid(
+        (0.75 - np.abs(u)) / 0.03
+    )
     fibres = 0.95 * (1.0 + 0.45 * np.cos(2 * np.pi * across / a["period"]))
     lig_echo = fibres
     if a["anisotropy"]:
-        lig_echo = lig_echo * (1.0 - 0.45 * d.gauss_blob(u, v, (rng.uniform(-0.5, 0.5), 0.0), (0.12, 5.0)))
+        lig_echo = lig_echo * (
+            1.0 - 0.45 * d.gauss_blob(u, v, (rng.uniform(-0.5, 0.5), 0.0), (0.12, 5.0))
+        )
     visibility = 0.3 if a["anisotropy"] and label == 0 else 0.0
     if label == 1:
         cleft = in_tear * d.sigmoid((across - thickness * (0.5 - a["cleft"])) / 0.006)
@@ -85,13 +89,20 @@ def ligament_render(
         gap = in_tear * (0.6 + 0.4 * severity)
         lig_echo = lig_echo * (1.0 - gap) + 0.06 * gap
         stump = d.sigmoid((a["tear_len"] * stress / 2 + 0.08 - np.abs(along)) / 0.02) - in_tear
-        band = np.clip(band + 0.6 * stump * d.sigmoid((a["thickness"] * 0.8 - np.abs(across)) / 0.01), 0, 1)
+        band = np.clip(
+            band + 0.6 * stump * d.sigmoid((a["thickness"] * 0.8 - np.abs(across)) / 0.01), 0, 1
+        )
         lig_echo = lig_echo * (1.0 - 0.35 * np.clip(stump, 0, 1))
         visibility = 0.5 + 0.5 * severity
     echo = echo * (1.0 - band) + band * lig_echo
     if label > 0 or a["effusion"] > 0.8:
         amount = 0.85 if label > 0 else 0.4
-        fluid = d.gauss_blob(u, v, (a["tear_pos"], a["lig_depth"] * 2 - 1 - 0.12), (0.25 * a["effusion"] + 0.05, 0.05))
+        fluid = d.gauss_blob(
+            u,
+            v,
+            (a["tear_pos"], a["lig_depth"] * 2 - 1 - 0.12),
+            (0.25 * a["effusion"] + 0.05, 0.05),
+        )
         echo = echo * (1.0 - amount * a["effusion"] * fluid)
     fib_surface = 0.62 + 0.9 * (u + 0.45) ** 2
     fib_mask = d.sigmoid((-0.35 - u) / 0.03)
@@ -119,7 +130,11 @@ def gout_anatomy(rng: np.random.Generator, label: int) -> Anatomy:
     }
 
 
-_GOUT_VIEWS = {"dorsal": (1.0, 0.0, True), "medial": (0.8, -0.05, False), "plantar": (1.15, 0.06, False)}
+_GOUT_VIEWS = {
+    "dorsal": (1.0, 0.0, True),
+    "medial": (0.8, -0.05, False),
+    "plantar": (1.15, 0.06, False),
+}
 
 
 def gout_render(
@@ -132,7 +147,11 @@ def gout_render(
     echo = _soft_tissue(rng, u, v, a["skin"] + (0.04 if view == "plantar" else 0.0))
     ju = a["joint_u"]
     bd = a["bone_depth"] + depth_shift
-    meta_surface = bd + curvature * 1.2 * np.clip(u - (ju - 0.45), None, 0) ** 2 + 0.5 * curvature * np.clip(u - ju + 0.05, 0, None) ** 2 * 8
+    meta_surface = (
+        bd
+        + curvature * 1.2 * np.clip(u - (ju - 0.45), None, 0) ** 2
+        + 0.5 * curvature * np.clip(u - ju + 0.05, 0, None) ** 2 * 8
+    )
     meta_mask = d.sigmoid((ju - 0.03 - u) / 0.02)
     phal_surface = bd + 0.04 + 0.6 * (u - ju - 0.5) ** 2 * curvature
     phal_mask = d.sigmoid((u - ju - 0.05) / 0.02)
@@ -142,11 +161,17 @@ def gout_render(
     if tendon:
         tdepth = a["skin"] + 0.12
         band = d.sigmoid((0.025 - np.abs(depth - tdepth)) / 0.005)
-        echo = echo * (1 - band) + band * 0.9 * (1 + 0.4 * np.cos(2 * np.pi * (depth - tdepth) / 0.012))
-    capsule = 0.7 * np.exp(-(((depth - (bd - 0.14 - 0.1 * np.exp(-((u - ju) / 0.25) ** 2))) / 0.01) ** 2))
+        echo = echo * (1 - band) + band * 0.9 * (
+            1 + 0.4 * np.cos(2 * np.pi * (depth - tdepth) / 0.012)
+        )
+    capsule = 0.7 * np.exp(
+        -(((depth - (bd - 0.14 - 0.1 * np.exp(-(((u - ju) / 0.25) ** 2)))) / 0.01) ** 2)
+    )
     echo = echo + capsule * d.sigmoid((0.5 - np.abs(u - ju)) / 0.05)
     if a["interface_sign"]:
-        echo = echo + 0.5 * np.exp(-(((depth - (meta_surface - a["cartilage"])) / 0.005) ** 2)) * meta_mask * d.sigmoid((0.1 - np.abs(u - ju + 0.35)) / 0.03)
+        echo = echo + 0.5 * np.exp(
+            -(((depth - (meta_surface - a["cartilage"])) / 0.005) ** 2)
+        ) * meta_mask * d.sigmoid((0.1 - np.abs(u - ju + 0.35)) / 0.03)
     if a["physiological_fluid"]:
         echo = echo * (1 - 0.6 * d.gauss_blob(u, v, (ju, 2 * (bd - 0.07) - 1), (0.08, 0.03)))
     visibility = 0.25 if label == 0 and (a["interface_sign"] or a["physiological_fluid"]) else 0.0
@@ -157,7 +182,10 @@ def gout_render(
             double_contour = True
         if double_contour:
             irregular = 0.004 * d.smooth_noise(rng, u.shape, (1.0, size / 30.0))
-            dc = np.exp(-(((depth - (meta_surface - a["cartilage"]) + irregular) / 0.007) ** 2)) * meta_mask
+            dc = (
+                np.exp(-(((depth - (meta_surface - a["cartilage"]) + irregular) / 0.007) ** 2))
+                * meta_mask
+            )
             echo = echo + 1.4 * s * dc * (u > ju - 0.6)
         if tophus:
             centre = (ju - 0.05, 2 * (bd - 0.09) - 1)
@@ -169,7 +197,9 @@ def gout_render(
             notch = 0.05 * s * d.gauss_blob(u, v, (ju - 0.25, 0.0), (0.05, 10.0))
             meta_surface = meta_surface + notch
         if effusion:
-            echo = echo * (1 - 0.85 * s * d.gauss_blob(u, v, (ju, 2 * (bd - 0.08) - 1), (0.2, 0.05)))
+            echo = echo * (
+                1 - 0.85 * s * d.gauss_blob(u, v, (ju, 2 * (bd - 0.08) - 1), (0.2, 0.05))
+            )
         visibility = float(s)
     for surface, mask in ((meta_surface, meta_mask), (phal_surface, phal_mask)):
         line, shadow = _bone_surface(depth, surface, mask)

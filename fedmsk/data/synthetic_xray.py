@@ -37,7 +37,7 @@ class Rendered:
 
 
 def fracture_anatomy(rng: np.random.Generator, label: int) -> Anatomy:
-    subtle = rng.random() < 0.35
+    subtle = rng.random() < 0.3
     return {
         "x0": rng.uniform(-0.1, 0.1),
         "half_width": rng.uniform(0.17, 0.27),
@@ -50,9 +50,9 @@ def fracture_anatomy(rng: np.random.Generator, label: int) -> Anatomy:
         "flare": rng.uniform(0.2, 0.7),
         "frac_v": rng.uniform(-0.55, 0.55),
         "frac_angle": rng.uniform(0.35, 1.1) * rng.choice([-1.0, 1.0]),
-        "frac_depth": rng.uniform(0.18, 0.4) if subtle else rng.uniform(0.4, 0.85),
-        "frac_width": rng.uniform(0.012, 0.02) if subtle else rng.uniform(0.018, 0.035),
-        "frac_step": 0.0 if subtle or rng.random() < 0.4 else rng.uniform(0.02, 0.07),
+        "frac_depth": rng.uniform(0.3, 0.55) if subtle else rng.uniform(0.55, 0.95),
+        "frac_width": rng.uniform(0.018, 0.028) if subtle else rng.uniform(0.028, 0.05),
+        "frac_step": 0.0 if subtle or rng.random() < 0.3 else rng.uniform(0.04, 0.12),
         "frac_extent": rng.uniform(0.5, 0.9) if subtle else rng.uniform(0.9, 1.6),
         "canal": rng.random() < 0.45,
         "canal_v": rng.uniform(-0.6, 0.6),
@@ -62,7 +62,11 @@ def fracture_anatomy(rng: np.random.Generator, label: int) -> Anatomy:
     }
 
 
-_FRACTURE_VIEWS = {"ap": (1.0, 1.0, 1.0), "lateral": (0.86, -0.7, 0.85), "oblique": (0.93, 0.5, 0.7)}
+_FRACTURE_VIEWS = {
+    "ap": (1.0, 1.0, 1.0),
+    "lateral": (0.86, -0.7, 0.85),
+    "oblique": (0.93, 0.5, 0.7),
+}
 
 
 def fracture_render(
@@ -71,8 +75,10 @@ def fracture_render(
     u, v = d.grid(size)
     width_factor, angle_factor, vis_factor = _FRACTURE_VIEWS.get(view, (1.0, 1.0, 1.0))
     a = anatomy
-    half = a["half_width"] * width_factor * (
-        1.0 + a["flare"] * np.clip(a["flare_end"] * v - 0.25, 0, None) ** 2 * 2.0
+    half = (
+        a["half_width"]
+        * width_factor
+        * (1.0 + a["flare"] * np.clip(a["flare_end"] * v - 0.25, 0, None) ** 2 * 2.0)
     )
     angle = a["frac_angle"] * angle_factor + rng.normal(0, 0.08)
     point = (a["x0"], a["frac_v"])
@@ -85,9 +91,10 @@ def fracture_render(
     inner = d.chord(dist, half * (1.0 - a["cortex"]))
     texture = d.smooth_noise(rng, u.shape, (size / 60.0, size / 200.0))
     marrow = a["marrow_density"] * (1.0 + a["trabecular"] * texture)
-    bone = a["cortex_density"] * (outer - inner) + np.clip(marrow, 0, None) * inner
+    norm = 1.0 / (2.0 * a["half_width"])
+    bone = norm * (a["cortex_density"] * (outer - inner) + np.clip(marrow, 0, None) * inner)
     soft_half = a["half_width"] * a["soft"] * width_factor
-    soft = d.chord(np.abs(u - a["x0"] * 0.6), soft_half) * 0.18
+    soft = d.chord(np.abs(u - a["x0"] * 0.6), soft_half) * 0.25 / (2.0 * soft_half)
     visibility = 0.0
     if a["growth_lines"]:
         for k in range(int(rng.integers(1, 4))):
@@ -108,13 +115,14 @@ def fracture_render(
         visibility = float(np.clip(depth + 2.0 * a["frac_step"] + 0.1 * a["frac_extent"], 0, 1))
     signal = soft + bone
     if a["skin_fold"]:
-        fold = d.sigmoid(d.signed_side(u, v, (rng.uniform(-0.5, 0.5), 0.0), rng.uniform(0.3, 1.2)) / 0.01)
-        signal = signal + 0.05 * fold
+        side = d.signed_side(u, v, (rng.uniform(-0.5, 0.5), 0.0), rng.uniform(0.3, 1.2))
+        fold = d.sigmoid(side / 0.005) * np.exp(-np.clip(side, 0, None) / 0.04)
+        signal = signal + 0.06 * fold * (soft > 0)
         visibility = max(visibility, 0.2) if label == 0 else visibility
     if a["vessel"]:
         prof, _ = d.line_profile(u, v, (a["x0"] + soft_half * 0.6, 0.0), np.pi / 2 + 0.05, 0.006)
         dots = (np.sin(v * 60 + rng.uniform(0, 6)) > 0.3).astype(np.float32)
-        signal = signal + 0.25 * prof * dots
+        signal = signal + 0.08 * prof * dots
     return Rendered(signal.astype(np.float32), visibility)
 
 
@@ -153,7 +161,7 @@ def implant_anatomy(rng: np.random.Generator, label: int) -> Anatomy:
             "n_cannulated": int(rng.integers(2, 4)),
             "plate_top": rng.uniform(0.2, 0.45),
             "plate_len": rng.uniform(0.55, 0.85),
-            "metal": rng.uniform(2.5, 4.0),
+            "metal": rng.uniform(10.0, 18.0),
             "head_scale": rng.uniform(0.92, 1.05),
             "tha_head": rng.uniform(0.09, 0.12),
             "shaft_fracture": rng.random() < 0.5,
@@ -165,7 +173,12 @@ def implant_anatomy(rng: np.random.Generator, label: int) -> Anatomy:
 
 
 def _proximal_femur(
-    u: np.ndarray, v: np.ndarray, a: Anatomy, pts: dict[str, d.Point], with_head: bool, rng: np.random.Generator
+    u: np.ndarray,
+    v: np.ndarray,
+    a: Anatomy,
+    pts: dict[str, d.Point],
+    with_head: bool,
+    rng: np.random.Generator,
 ) -> np.ndarray:
     xs, half = a["xs"], a["shaft_half"]
     dist = np.abs(u - xs)
@@ -183,7 +196,7 @@ def _proximal_femur(
     rim = d.ring(u, v, head, a["head_r"] + 0.025, 0.012) * d.arc_mask(u, v, head, socket_dir, 1.3)
     pelvis = a["pelvis"] * d.gauss_blob(u, v, d.add(head, (-0.25, -0.3)), (0.45, 0.35))
     foramen = d.gauss_blob(u, v, d.add(head, (0.05, 0.45)), (0.12, 0.08))
-    return a["density"] * bone + 0.25 * rim + 0.25 * pelvis * (1 - 0.6 * foramen)
+    return 2.0 * a["density"] * bone + 0.4 * rim + 0.3 * pelvis * (1 - 0.6 * foramen)
 
 
 def _stem(u: np.ndarray, v: np.ndarray, a: Anatomy, pts: dict[str, d.Point]) -> np.ndarray:
@@ -203,7 +216,7 @@ def implant_render(
     head, direction, entry = pts["head"], pts["dir"], pts["entry"]
     with_head = label not in (3, 4)
     signal = _proximal_femur(u, v, a, pts, with_head, rng)
-    signal = signal + a["soft"] * d.chord(np.abs(u - 0.05), 0.95)
+    signal = signal + a["soft"] * d.chord(np.abs(u - 0.05), 0.95) / 1.9
     plate_w = 0.012 if lateral else 0.03
     metal = np.zeros_like(u)
     xs, half = a["xs"], a["shaft_half"]
@@ -253,7 +266,9 @@ def implant_render(
         n = a["n_screws"] + 3
         for k in range(n):
             y = top[1] + 0.05 + k * (bottom[1] - top[1] - 0.1) / max(n - 1, 1)
-            metal += d.threaded_rod(u, v, (top[0], y), (xs - half - 0.02, y), 0.013, thread_from=0.3)
+            metal += d.threaded_rod(
+                u, v, (top[0], y), (xs - half - 0.02, y), 0.013, thread_from=0.3
+            )
         if a["shaft_fracture"]:
             prof, _ = d.line_profile(u, v, (xs, top[1] + 0.4), 0.5, 0.015)
             signal = signal * (1.0 - 0.5 * prof * (np.abs(u - xs) < half))
@@ -322,7 +337,9 @@ def vcf_render(
             ratio = a["adjacent_wedge"]
         body, cortex = _vertebra(u, v, (cx, cy), a["depth"], a["height"], ratio, rim)
         signal = signal + a["density"] * (0.45 * body * (1 + 0.25 * texture) + cortex)
-        posterior = d.rod(u, v, (cx + a["depth"] / 2, cy - 0.05), (cx + a["depth"] / 2 + 0.25, cy + 0.05), 0.045)
+        posterior = d.rod(
+            u, v, (cx + a["depth"] / 2, cy - 0.05), (cx + a["depth"] / 2 + 0.25, cy + 0.05), 0.045
+        )
         signal = signal + 0.35 * a["density"] * posterior
         if k == a["index"]:
             top = cy - a["height"] / 2 * ratio
@@ -334,7 +351,9 @@ def vcf_render(
                 signal = signal + 0.5 * a["strength"] * buckle
             else:
                 for sign in (-1, 1):
-                    beak = d.gauss_blob(u, v, (front - 0.02, cy + sign * a["height"] / 2 * ratio), (0.025, 0.012))
+                    beak = d.gauss_blob(
+                        u, v, (front - 0.02, cy + sign * a["height"] / 2 * ratio), (0.025, 0.012)
+                    )
                     signal = signal + 0.6 * a["strength"] * beak
     if a["aorta"]:
         prof, _ = d.line_profile(u, v, (a["xc"] - a["depth"] - 0.1, 0.0), np.pi / 2, 0.008)
@@ -378,12 +397,17 @@ def dislocation_render(
     amount = a["disp"] if label == 1 else a["normal_disp"]
     direction = d.rotate_point(disp_dir, a["jitter"] * 0.5)
     head = d.add(socket, direction, amount * r * 2.0)
-    shaft_dir = (float(np.cos(shaft_angle + a["rotation"])), float(np.sin(shaft_angle + a["rotation"])))
+    shaft_dir = (
+        float(np.cos(shaft_angle + a["rotation"])),
+        float(np.sin(shaft_angle + a["rotation"])),
+    )
     shaft_end = d.add(head, shaft_dir, 1.6)
     metal = view == "tha"
     dens = a["density"]
     signal = 0.2 * d.chord(np.hypot(u - socket[0], v - socket[1]) * 0.6, 1.2)
-    socket_body = d.gauss_blob(u, v, d.add(socket, (np.cos(facing), np.sin(facing)), r * 1.8), (0.45, 0.4))
+    socket_body = d.gauss_blob(
+        u, v, d.add(socket, (np.cos(facing), np.sin(facing)), r * 1.8), (0.45, 0.4)
+    )
     rim = d.ring(u, v, socket, r * socket_f, 0.014) * d.arc_mask(u, v, socket, facing, half_span)
     signal = signal + dens * (0.45 * socket_body + 0.5 * rim)
     shaft = d.tapered_rod(u, v, head, shaft_end, r * 0.7, r * 0.55)
@@ -394,11 +418,16 @@ def dislocation_render(
             np.hypot(u - socket[0], v - socket[1]), r * socket_f
         )
         signal = signal + 3.0 * np.clip(cup, 0, None) * d.arc_mask(u, v, socket, facing, half_span)
-        signal = signal + 3.0 * (d.disk(u, v, head, r * 0.8) + d.tapered_rod(u, v, head, d.add(head, shaft_dir, 0.8), 0.05, 0.02))
+        signal = signal + 3.0 * (
+            d.disk(u, v, head, r * 0.8)
+            + d.tapered_rod(u, v, head, d.add(head, shaft_dir, 0.8), 0.05, 0.02)
+        )
     else:
         signal = signal + dens * d.disk(u, v, head, r)
     if view == "elbow":
         radius_start = d.add(head, (0.1, 0.25), 1.0)
-        signal = signal + 0.7 * dens * d.rod(u, v, radius_start, d.add(radius_start, (0.3, 1.0), 1.2), 0.06)
+        signal = signal + 0.7 * dens * d.rod(
+            u, v, radius_start, d.add(radius_start, (0.3, 1.0), 1.2), 0.06
+        )
     visibility = float(np.clip(amount / 1.2, 0, 1)) if label == 1 else float(a["normal_disp"] * 3)
     return Rendered(signal.astype(np.float32), visibility)

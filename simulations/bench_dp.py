@@ -1,0 +1,237 @@
+"""DP-SGD versus plain training: images per second and peak memory per per-sample-gradient mode.
+
+Each configuration (model x mode) runs in its own subprocess so that its peak resident memory
+(``ru_maxrss``) is its own; torch's allocations are invisible to tracemalloc. Both sides train the
+same DP-compatible (GroupNorm) model on synthetic images, so the ratio isolates the cost of
+per-sample gradients, clipping and noise. Batches are fixed-size here (no Poisson sampling) so
+every step processes the same number of images.
+
+    .venv/bin/python simulations/bench_dp.py            # 128 px, batch 32, 2 threads (~5 min)
+    .venv/bin/python simulations/bench_dp.py --quick    # smoke test, < 30 s
+    .venv/bin/python simulations/bench_dp.py --modes all --json-out dp.json
+
+Prints a Markdown table, then one JSON object with every measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+MODES = ("hooks", "functorch", "ew", "ghost")
+MODELS = ("resnet18", "efficientnet_b0", "mobilenetv3_small_100")
+# Default modes per model: those the platform notes found usable. Hook modes on depthwise
+# models run 10-20x slower than plain training and need GBs; `--modes all` measures them too.
+DEFAULT_MODES = {
+    "resnet18": ("hooks", "ew", "functorch", "ghost"),
+    "efficientnet_b0": ("functorch",),
+    "mobilenetv3_small_100": ("functorch", "hooks"),
+}
+
+
+@dataclass
+class Measurement:
+    model: str
+    mode: str  # "none" = plain training of the same model
+    image_size: int
+    batch_size: int
+    threads: int
+    steps: int
+    images_per_second: float | None
+    peak_rss_mib: float | None
+    rss_before_training_mib: float | None
+    error: str | None = None
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_worker(args: argparse.Namespace) -> Measurement:
+    """Train ``args.steps`` timed steps (after one warm-up) in this process and measure."""
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    sys.path.insert(0, str(REPO))
+    import timm
+
+    from fedmsk.privacy import make_dp_compatible
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = timm.create_model(args.model, num_classes=2, in_chans=1, pretrained=False)
+    model, _ = make_dp_compatible(model)
+    model.train()
+    n = args.batch * (args.steps + 1)
+    images = torch.randn(n, 1, args.size, args.size)
+    labels = torch.randint(0, 2, (n,))
+    loader = DataLoader(TensorDataset(images, labels), batch_size=args.batch, drop_last=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    criterion: nn.Module = nn.CrossEntropyLoss()
+    if args.mode != "none":
+        from opacus import PrivacyEngine
+
+        wrapped = PrivacyEngine().make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            criterion=criterion,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            poisson_sampling=False,
+            grad_sample_mode=args.mode,
+        )
+        if args.mode == "ghost":
+            model, optimizer, criterion, loader = wrapped
+        else:
+            model, optimizer, loader = wrapped
+    rss_before = _rss_mib()
+    seen = 0
+    start = 0.0
+    for step, (x, y) in enumerate(loader):
+        if step == 1:
+            start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss = criterion(model(x), y)
+        loss.backward()
+        optimizer.step()
+        if step >= 1:
+            seen += x.shape[0]
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return Measurement(
+        args.model, args.mode, args.size, args.batch, args.threads, args.steps,
+        seen / seconds if seconds > 0 else None, peak, rss_before,
+    )  # fmt: skip
+
+
+def measure(model: str, mode: str, args: argparse.Namespace) -> Measurement:
+    """One configuration in a fresh interpreter; a crash or timeout becomes an error row."""
+    command = [
+        sys.executable, __file__, "--worker", "--model", model, "--mode", mode,
+        "--size", str(args.size), "--batch", str(args.batch), "--steps", str(args.steps),
+        "--threads", str(args.threads),
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    failed = Measurement(
+        model, mode, args.size, args.batch, args.threads, args.steps, None, None, None
+    )
+    try:
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=args.timeout, env=env, check=False
+        )
+    except subprocess.TimeoutExpired:
+        failed.error = f"timeout after {args.timeout}s"
+        return failed
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        failed.error = f"exit {done.returncode}: {tail[:160]}"
+        return failed
+    return Measurement(**json.loads(lines[-1]))
+
+
+def markdown(rows: list[Measurement]) -> str:
+    baseline = {r.model: r.images_per_second for r in rows if r.mode == "none"}
+    out = [
+        "| model | mode | images/s | DP / non-DP | slowdown | peak RSS MiB "
+        "| RSS before training MiB |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        base = baseline.get(r.model)
+        if r.error:
+            out.append(f"| {r.model} | {r.mode} | failed: {r.error} | | | | |")
+            continue
+        ratio = r.images_per_second / base if base and r.images_per_second else None
+        out.append(
+            f"| {r.model} | {r.mode} | {r.images_per_second:.1f} | "
+            f"{'' if ratio is None or r.mode == 'none' else f'{ratio:.2f}'} | "
+            f"{'' if ratio is None or r.mode == 'none' else f'{1 / ratio:.1f}x'} | "
+            f"{r.peak_rss_mib:.0f} | {r.rss_before_training_mib:.0f} |"
+        )
+    return "\n".join(out)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny smoke test (<30 s)")
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument(
+        "--modes", default="default", help="'default', 'all' or a comma list of " + ",".join(MODES)
+    )
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--timeout", type=int, default=240, help="seconds per configuration")
+    parser.add_argument("--json-out", type=Path, default=None)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model", default="resnet18", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", default="none", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.models, args.modes = "mobilenetv3_small_100", "functorch"
+        args.size, args.batch, args.steps, args.threads = 32, 8, 2, 1
+    return args
+
+
+def modes_for(model: str, choice: str) -> tuple[str, ...]:
+    if choice == "default":
+        return DEFAULT_MODES.get(model, ("hooks", "functorch"))
+    if choice == "all":
+        return MODES
+    modes = tuple(m.strip() for m in choice.split(",") if m.strip())
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise SystemExit(f"--modes: unknown mode(s) {unknown}; choose from {', '.join(MODES)}")
+    return modes
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(asdict(run_worker(args))))
+        return 0
+    started = time.perf_counter()
+    rows: list[Measurement] = []
+    for model in [m.strip() for m in args.models.split(",") if m.strip()]:
+        for mode in ("none", *modes_for(model, args.modes)):
+            rows.append(measure(model, mode, args))
+            print(f"# {model} {mode}: done", file=sys.stderr, flush=True)
+    print(markdown(rows))
+    report = {
+        "config": {
+            "image_size": args.size,
+            "batch_size": args.batch,
+            "threads": args.threads,
+            "timed_steps": args.steps,
+            "cpu_count": os.cpu_count(),
+            "load_average": os.getloadavg(),
+            "seconds": round(time.perf_counter() - started, 1),
+        },
+        "results": [asdict(r) for r in rows],
+    }
+    print(json.dumps(report, indent=2))
+    if args.json_out:
+        args.json_out.write_text(json.dumps(report, indent=2))
+    return 0 if all(r.error is None for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

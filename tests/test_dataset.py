@@ -1,0 +1,326 @@
+"""SiteDataset, the preprocessing cache, loaders and augmentation on tiny synthetic sites."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import WeightedRandomSampler
+
+import fedmsk.data.cache as cache_module
+from fedmsk.config import DataConfig, TaskConfig, TrainConfig
+from fedmsk.data.augment import AugmentConfig, SeededAugment, static_augment
+from fedmsk.data.cache import PreprocessCache, PreprocessParams, preprocess
+from fedmsk.data.dataset import build_site_loaders
+from fedmsk.data.dicom_write import write_dicom
+from fedmsk.data.errors import ImageReadError
+from fedmsk.data.images import load_image
+from fedmsk.data.manifest import ManifestRow, read_manifest, write_manifest
+
+torch.set_num_threads(1)
+
+TASK = TaskConfig(name="t", classes=["normal", "fracture"], positive_class="fracture")
+
+
+def _png(path: Path, seed: int, shape: tuple[int, ...] = (24, 40)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 255, shape, dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+def _site(root: Path, patients: int = 20, fracture_every: int = 3) -> Path:
+    """``patients`` patients with two PNGs each (one RGB), plus one DICOM."""
+    site = root / "site"
+    rows = []
+    for p in range(patients):
+        label = "fracture" if p % fracture_every == 0 else "normal"
+        for k in range(2):
+            name = f"images/p{p}_{k}.png"
+            _png(site / name, p * 10 + k, (24, 40, 3) if k else (24, 40))
+            rows.append(ManifestRow(name, label, f"PID{p:03d}"))
+    write_dicom(site / "images/x.dcm", np.arange(600, dtype=np.uint16).reshape(20, 30) * 6)
+    rows.append(ManifestRow("images/x.dcm", "normal", "PID999"))
+    write_manifest(site, rows)
+    return site
+
+
+class CountingDecoder:
+    """Counts real decodes; installed in place of load_image."""
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+
+    def __call__(self, path: Path, frame: str = "0"):  # type: ignore[no-untyped-def]
+        self.paths.append(Path(path).name)
+        return load_image(path, frame=frame)
+
+
+@pytest.fixture
+def decodes(monkeypatch: pytest.MonkeyPatch) -> CountingDecoder:
+    counter = CountingDecoder()
+    monkeypatch.setattr(cache_module, "load_image", counter)
+    return counter
+
+
+def _data(**kw) -> DataConfig:  # type: ignore[no-untyped-def]
+    base = dict(
+        image_size=32, in_chans=3, augment=True, num_workers=0, split_ratios=[0.6, 0.2, 0.2]
+    )
+    base.update(kw)
+    return DataConfig(**base)
+
+
+def test_shapes_dtype_counts_and_patient_grouping(tmp_path: Path, decodes: CountingDecoder) -> None:
+    site = _site(tmp_path)
+    loaders = build_site_loaders(site, TASK, _data(), TrainConfig(batch_size=4), seed=0)
+    images, labels = next(iter(loaders.train))
+    assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32
+    assert labels.dtype == torch.int64 and set(labels.tolist()) <= {0, 1}
+    assert float(images.min()) >= 0.0 and float(images.max()) <= 1.0
+    total = sum(sum(per.values()) for per in loaders.counts.values())
+    assert total == 41 and loaders.skipped == []
+    assert set(loaders.counts) == {"train", "val", "test"}
+    assert all(set(per) == {"normal", "fracture"} for per in loaders.counts.values())
+    patients = {}
+    for split in ("train", "val", "test"):
+        dataset = loaders.dataset(split)
+        assert dataset is not None and len(dataset) == sum(loaders.counts[split].values())
+        assert len(dataset.patient_ids()) == len(dataset)
+        keys = dataset.patient_keys()
+        assert len(set(keys)) == len(set(dataset.patient_ids())) and "PID" not in "".join(keys)
+        for pid in dataset.patient_ids():
+            assert patients.setdefault(pid, split) == split
+    assert len(decodes.paths) == 41  # every image decoded once, at construction
+
+
+def test_second_build_and_epochs_hit_the_cache(tmp_path: Path, decodes: CountingDecoder) -> None:
+    site = _site(tmp_path, patients=6)
+    data, train = _data(), TrainConfig(batch_size=8)
+    loaders = build_site_loaders(site, TASK, data, train, seed=0)
+    assert len(decodes.paths) == 13
+    for _ in range(2):
+        for _batch in loaders.train:
+            pass
+    again = build_site_loaders(site, TASK, data, train, seed=0)
+    for _batch in again.test:
+        pass
+    assert len(decodes.paths) == 13
+    assert (site / ".fedmsk-cache").is_dir()
+
+
+def test_changed_file_and_changed_parameters_invalidate(
+    tmp_path: Path, decodes: CountingDecoder
+) -> None:
+    site = _site(tmp_path, patients=4)
+    build_site_loaders(site, TASK, _data(), TrainConfig(), seed=0)
+    assert len(decodes.paths) == 9
+    _png(site / "images/p2_0.png", seed=12345)
+    build_site_loaders(site, TASK, _data(), TrainConfig(), seed=0)
+    assert decodes.paths[9:] == ["p2_0.png"]
+    build_site_loaders(site, TASK, _data(image_size=48), TrainConfig(), seed=0)
+    assert len(decodes.paths) == 19
+    build_site_loaders(site, TASK, _data(in_chans=1), TrainConfig(), seed=0)
+    assert len(decodes.paths) == 28
+    other = tmp_path / "shared-cache"
+    build_site_loaders(site, TASK, _data(cache_dir=str(other)), TrainConfig(), seed=0)
+    assert len(decodes.paths) == 37 and any(other.rglob("*.npy"))
+
+
+def test_cached_array_matches_a_fresh_decode(tmp_path: Path) -> None:
+    site = _site(tmp_path, patients=2)
+    params = PreprocessParams(image_size=32, in_chans=1)
+    cache = PreprocessCache(tmp_path / "c", params)
+    path = site / "images/p1_1.png"
+    first = cache.get(path)
+    assert first.dtype == np.float16 and first.shape == (1, 32, 32)
+    assert np.array_equal(cache.get(path), first) and cache.stats.decodes == 1
+    fresh = preprocess(load_image(path).pixels, params)
+    assert np.array_equal(fresh, first)
+    as_uint8 = PreprocessCache(tmp_path / "c", PreprocessParams(32, 1, dtype="uint8")).get(path)
+    assert as_uint8.dtype == np.uint8
+    assert np.abs(as_uint8 / 255.0 - first.astype(np.float32)).max() < 3e-3
+
+
+def test_aspect_ratio_is_kept_by_black_padding() -> None:
+    wide = np.ones((10, 40, 1), dtype=np.float32)
+    out = preprocess(wide, PreprocessParams(image_size=40, in_chans=1)).astype(np.float32)
+    assert out.shape == (1, 40, 40)
+    assert out[0, :14].max() == 0 and out[0, 26:].max() == 0  # bands above and below
+    assert out[0, 16:24].min() == 1.0
+
+
+def test_corrupt_and_missing_files_are_skipped_and_reported(tmp_path: Path) -> None:
+    site = _site(tmp_path, patients=6)
+    (site / "images/p1_0.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    (site / "images/p2_1.png").unlink()
+    loaders = build_site_loaders(site, TASK, _data(), TrainConfig(batch_size=4), seed=0)
+    names = sorted(Path(err.path).name for err in loaders.skipped)
+    assert names == ["p1_0.png", "p2_1.png"]
+    assert all(isinstance(err, ImageReadError) for err in loaders.skipped)
+    assert sum(sum(per.values()) for per in loaders.counts.values()) == 11
+    assert loaders.dropped["unreadable_image"] == 2
+    seen = sum(
+        len(labels)
+        for loader in (loaders.train, loaders.val, loaders.test)
+        if loader
+        for _, labels in loader
+    )
+    assert seen == 11
+
+
+def test_manifest_split_column_is_used_and_empty_split_is_none(tmp_path: Path) -> None:
+    site = _site(tmp_path, patients=4)
+    rows = [
+        ManifestRow(
+            r.image, r.label, r.patient_id, split="test" if r.patient_id == "PID001" else "train"
+        )
+        for r in read_manifest(site)
+    ]
+    write_manifest(site, rows)
+    loaders = build_site_loaders(site, TASK, _data(), TrainConfig(), seed=0)
+    assert loaders.val is None
+    assert set(loaders.test.dataset.patient_ids()) == {"PID001"}
+    assert sum(loaders.counts["val"].values()) == 0
+
+
+def test_duplicates_unknown_labels_and_split_conflicts_are_left_out(tmp_path: Path) -> None:
+    site = _site(tmp_path, patients=4)
+    rows = read_manifest(site)
+    (site / "images/dup.png").write_bytes((site / "images/p0_0.png").read_bytes())
+    rows += [
+        ManifestRow("images/dup.png", "normal", "OTHER"),
+        ManifestRow("images/p3_0.png", "dislocation", "PIDX"),
+        ManifestRow("images/p1_0.png", "normal", "PIDC", split="train"),
+        ManifestRow("images/p1_1.png", "normal", "PIDC", split="test"),
+    ]
+    write_manifest(site, rows)
+    loaders = build_site_loaders(site, TASK, _data(), TrainConfig(), seed=0)
+    assert loaders.dropped == {
+        "patient_in_two_splits": 2,
+        "unknown_label": 1,
+        "duplicate_content": 1,
+    }
+    assert sum(sum(per.values()) for per in loaders.counts.values()) == 9
+
+
+def test_seeded_shuffle_and_augmentation_are_reproducible(tmp_path: Path) -> None:
+    site = _site(tmp_path, patients=8)
+    train = TrainConfig(batch_size=6)
+    first = next(iter(build_site_loaders(site, TASK, _data(), train, seed=3).train))
+    again = next(iter(build_site_loaders(site, TASK, _data(), train, seed=3).train))
+    other = next(iter(build_site_loaders(site, TASK, _data(), train, seed=4).train))
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert not torch.equal(first[0], other[0])
+    plain = build_site_loaders(site, TASK, _data(augment=False), train, seed=3)
+    x, _ = plain.test.dataset[0]
+    y, _ = plain.test.dataset[0]
+    assert torch.equal(x, y)
+
+
+def test_augmentation_changes_images_but_keeps_shape_and_range() -> None:
+    image = torch.rand(1, 32, 32)
+    augment = SeededAugment(AugmentConfig(hflip=True), seed=0)
+    outs = [augment(image) for _ in range(5)]
+    assert all(o.shape == image.shape and o.min() >= 0 and o.max() <= 1 for o in outs)
+    assert not torch.equal(outs[0], outs[1])
+    flip_only = SeededAugment(
+        AugmentConfig(
+            crop_scale=(1, 1),
+            crop_ratio=(1, 1),
+            rotation_degrees=0,
+            brightness=0,
+            contrast=0,
+            hflip=True,
+        ),
+        seed=1,
+    )
+    flips = [torch.equal(flip_only(image), image.flip(-1)) for _ in range(40)]
+    assert 5 < sum(flips) < 35
+
+
+def test_sampler_balances_classes(tmp_path: Path) -> None:
+    site = _site(tmp_path, patients=20, fracture_every=5)  # 20 % fracture
+    loaders = build_site_loaders(
+        site,
+        TASK,
+        _data(augment=False, image_size=16),
+        TrainConfig(batch_size=64, class_weighting="sampler"),
+        seed=0,
+    )
+    assert isinstance(loaders.train.sampler, WeightedRandomSampler)
+    drawn = Counter()
+    for _ in range(10):
+        for _, labels in loaders.train:
+            drawn.update(labels.tolist())
+    assert drawn[1] / (drawn[0] + drawn[1]) == pytest.approx(0.5, abs=0.08)
+
+
+def test_two_fillers_share_one_cache_safely(tmp_path: Path) -> None:
+    site = _site(tmp_path, patients=6)
+    paths = sorted((site / "images").glob("*.png"))
+    params = PreprocessParams(image_size=32, in_chans=1)
+    results: list[list[np.ndarray]] = [[], []]
+    errors: list[BaseException] = []
+
+    def fill(slot: int) -> None:
+        try:
+            cache = PreprocessCache(tmp_path / "shared", params)
+            results[slot] = [cache.get(p) for p in paths]
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=fill, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert all(np.array_equal(a, b) for a, b in zip(*results, strict=True))
+    assert not [p for p in (tmp_path / "shared").rglob(".tmp-*")]
+    assert len(list((tmp_path / "shared").rglob("*.npy"))) == len(paths)
+
+
+def test_static_augment_adds_training_copies_only(tmp_path: Path) -> None:
+    site = _site(tmp_path, patients=10)
+    written = static_augment(site, copies=2, seed=0, ratios=[0.6, 0.2, 0.2])
+    rows = read_manifest(site)
+    originals = [r for r in rows if not r.image.startswith("augmented/")]
+    copies = [r for r in rows if r.image.startswith("augmented/")]
+    train_originals = [r for r in originals if r.split == "train"]
+    assert written == len(copies) == 2 * len(train_originals) > 0
+    assert all(r.split for r in originals) and {r.split for r in copies} == {"train"}
+    assert all((site / r.image).is_file() for r in copies)
+    split_of = {}
+    for row in rows:
+        assert split_of.setdefault(row.patient_id, row.split) == row.split
+    # running again replaces the copies instead of copying copies
+    assert static_augment(site, copies=1, seed=0) == len(train_originals)
+    assert len(read_manifest(site)) == len(originals) + len(train_originals)
+
+
+def test_content_hash_memo_is_used_only_for_settled_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+    from types import SimpleNamespace
+
+    path = tmp_path / "a.png"
+    _png(path, 1)
+    hashed: list[Path] = []
+    real = cache_module.file_sha256
+    monkeypatch.setattr(cache_module, "file_sha256", lambda p: hashed.append(p) or real(p))
+    cache = PreprocessCache(tmp_path / "c", PreprocessParams(16, 1))
+    first = cache.content_hash(path)
+    assert cache.content_hash(path) == first and len(hashed) == 2  # too fresh to memoise
+    # an hour later the file has settled: its hash is remembered and reused
+    monkeypatch.setattr(cache_module, "time", SimpleNamespace(time=lambda: time.time() + 3600))
+    assert cache.content_hash(path) == first and len(hashed) == 3
+    assert cache.content_hash(path) == first and len(hashed) == 3
+    _png(path, 2)  # rewritten: new stat signature, so hashed again
+    second = cache.content_hash(path)
+    assert second != first and len(hashed) == 4
