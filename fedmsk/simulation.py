@@ -148,6 +148,7 @@ def run_simulation(plan: SimulationPlan) -> Path:
             start_new_session=True,
             cwd=run_dir,
         )
+        (home / "superlink.pid").write_text(f"{superlink.pid}\n", encoding="utf-8")
         try:
             _wait_for_health(port, superlink)
             completed = subprocess.run(

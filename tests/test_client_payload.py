@@ -1,0 +1,173 @@
+"""What leaves a hospital node, checked on the real ClientApp handlers.
+
+A site of real DICOM files whose headers and manifest carry distinctive fake PHI is trained
+and evaluated through ``client.app``'s handlers; every value in every reply is searched for
+those strings, for file paths and for per-image data.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+import client.app as client_app
+from fedmsk.config import overrides_to_run_config
+from fedmsk.data.dicom_write import DicomPHI, write_dicom
+from fedmsk.data.manifest import ManifestRow, write_manifest
+from fedmsk.models import create_model, get_arrays
+
+PATIENT = "ZZPHIPATIENTQX"
+NAME = "Quixotic^Phiname"
+INSTITUTION = "Phiville Secret Hospital"
+DATE = "19370203"
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("phi-site-secretfolder") / "hospital-a"
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(24):
+        label = i % 2
+        pixels = rng.normal(1500, 200, (40, 40))
+        if label:
+            pixels[12:28, 18:22] += 900
+        name = f"images/{PATIENT}{i // 2}_{i}.dcm"
+        phi = DicomPHI(
+            patient_name=f"{NAME}{i // 2}",
+            patient_id=f"{PATIENT}{i // 2}",
+            birth_date=DATE,
+            study_date=DATE,
+            institution_name=INSTITUTION,
+        )
+        write_dicom(root / name, np.clip(pixels, 0, 4095).astype(np.uint16), phi=phi)
+        rows.append(ManifestRow(name, ["normal", "fracture"][label], f"{PATIENT}{i // 2}"))
+    rows.append(ManifestRow("images/broken.dcm", "normal", f"{PATIENT}99"))
+    (root / "images" / "broken.dcm").write_bytes(b"DICM but not really")
+    write_manifest(root, rows)
+    return root
+
+
+def _context(site: Path, tmp: Path, heldout: bool = False) -> Context:
+    overrides = [
+        f"federation.heldout_sites=[{'hospital-a' if heldout else ''}]",
+        f"data.root={site.parent}",
+        "data.image_size=32",
+        "model=resnet18",
+        "train.batch_size=8",
+        f"run_dir={tmp / 'run'}",
+        "federation.sites=[hospital-a]",
+    ]
+    return Context(
+        run_id=1,
+        node_id=7,
+        node_config={"data-dir": str(site), "site-alias": "hospital-a"},
+        state=RecordDict(),
+        run_config=overrides_to_run_config(overrides),
+    )
+
+
+def _global_arrays() -> ArrayRecord:
+    model = create_model("resnet18", num_classes=2, in_chans=1)
+    return ArrayRecord(OrderedDict((k, Array(v)) for k, v in get_arrays(model).items()))
+
+
+@pytest.fixture(autouse=True)
+def _identity(flower_task_identity: None) -> None:
+    return None
+
+
+def _message(kind: str, config: dict) -> Message:
+    content = RecordDict({"arrays": _global_arrays(), "config": ConfigRecord(config)})
+    return Message(content, dst_node_id=7, message_type=kind)
+
+
+def _everything_sent(reply: Message) -> str:
+    """Every key and value of a reply as text (arrays as their names, shapes and dtypes)."""
+    if reply.has_error():
+        return json.dumps({"code": reply.error.code, "reason": reply.error.reason})
+    parts = []
+    for name, record in reply.content.items():
+        parts.append(name)
+        if isinstance(record, ArrayRecord):
+            parts += [f"{k}{tuple(v.shape)}{v.dtype}" for k, v in record.items()]
+        else:
+            parts += [f"{k}={v}" for k, v in dict(record).items()]
+    return "\n".join(parts)
+
+
+def _assert_no_phi(text: str, site: Path) -> None:
+    for secret in (
+        PATIENT,
+        "Quixotic",
+        "Phiname",
+        INSTITUTION,
+        "Phiville",
+        DATE,
+        "secretfolder",
+        str(site),
+        "broken.dcm",
+        ".dcm",
+    ):
+        assert secret not in text, f"{secret!r} left the node"
+
+
+def test_train_reply_carries_arrays_count_and_metrics_only(site: Path, tmp_path: Path) -> None:
+    reply = client_app._handle(
+        _message("train", {"fedmsk-round": 1}), _context(site, tmp_path), "train"
+    )
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    assert set(reply.content.keys()) == {"arrays", "metrics"}
+    metrics = dict(reply.content["metrics"])
+    assert metrics["num-examples"] > 0
+    assert all(isinstance(v, int | float) for v in metrics.values())
+    _assert_no_phi(_everything_sent(reply), site)
+
+
+def test_evaluate_reply_is_aggregate_only(site: Path, tmp_path: Path) -> None:
+    reply = client_app._handle(
+        _message("evaluate", {"fedmsk-round": 1, "threshold": 0.5}),
+        _context(site, tmp_path, heldout=True),
+        "evaluate",
+    )
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    text = _everything_sent(reply)
+    _assert_no_phi(text, site)
+    summary = json.loads(str(reply.content["detail"]["summary"]))
+    n = summary["n"]
+
+    # Aggregate only: no list in the summary is as long as the number of images evaluated
+    # (the ROC is on a fixed 101-point grid), so no per-image score can be carried.
+    def lengths(value):  # noqa: ANN001, ANN202
+        if isinstance(value, list):
+            yield len(value)
+            for item in value:
+                yield from lengths(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                yield from lengths(item)
+
+    assert n > 3 and n not in set(lengths(summary))
+    assert len(summary["roc"]["fpr"]) == 101
+
+
+def test_unreadable_file_is_named_only_in_the_site_log(site: Path, tmp_path: Path) -> None:
+    client_app._handle(_message("train", {"fedmsk-round": 1}), _context(site, tmp_path), "train")
+    node_log = (site / ".fedmsk" / "logs" / "node.log").read_text()
+    assert "broken.dcm" in node_log
+
+
+def test_failure_reply_names_site_and_error_class_only(site: Path, tmp_path: Path) -> None:
+    context = _context(site, tmp_path)
+    context.node_config["data-dir"] = str(site / "no-such-dir" / PATIENT)
+    reply = client_app._handle(_message("train", {"fedmsk-round": 1}), context, "train")
+    assert reply.has_error()
+    assert reply.error.reason.startswith("site=hospital-a error=")
+    _assert_no_phi(reply.error.reason, site)

@@ -1,0 +1,78 @@
+"""Hydra composition into the typed schema, and the run-config round trip to Flower."""
+
+from __future__ import annotations
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ValidationError
+
+from fedmsk.config import (
+    ExperimentConfig,
+    compose,
+    config_hash,
+    overrides_from_run_config,
+    overrides_to_run_config,
+)
+
+
+def test_default_composes_into_the_schema() -> None:
+    cfg = compose([])
+    assert isinstance(cfg, ExperimentConfig)
+    assert cfg.task.classes == ["normal", "fracture"]
+    assert cfg.strategy.name == "fedavg"
+    assert cfg.privacy.enabled is False
+    assert cfg.model.dp_compatible is False
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "fedavg",
+        "fedprox",
+        "fedadam",
+        "fedyogi",
+        "fedadagrad",
+        "fedavgm",
+        "fedmedian",
+        "fedtrimmedavg",
+        "krum",
+        "fedbn",
+    ],
+)
+def test_every_strategy_group_composes(name: str) -> None:
+    assert compose([f"strategy={name}"]).strategy.name == name
+
+
+def test_groups_interpolate_into_each_other() -> None:
+    cfg = compose(["strategy=fedprox", "privacy=eps8", "model=efficientnet_b0"])
+    assert cfg.train.proximal_mu == cfg.strategy.proximal_mu > 0
+    assert cfg.privacy.enabled and cfg.privacy.target_epsilon == 8.0
+    assert cfg.model.dp_compatible is True
+    assert cfg.model.name == "efficientnet_b0"
+
+
+def test_a_typo_fails_with_the_setting_named() -> None:
+    with pytest.raises((ConfigCompositionException, ValidationError)) as info:
+        compose(["train.batchsize=8"])
+    assert "batchsize" in str(info.value)
+
+
+def test_a_wrong_type_is_refused() -> None:
+    with pytest.raises((ConfigCompositionException, ValidationError)):
+        compose(["train.batch_size=many"])
+
+
+def test_run_config_carries_only_overrides_and_rebuilds_the_same_config() -> None:
+    overrides = ["strategy=fedprox", "federation.num_rounds=4", "run_dir=/tmp/x"]
+    run_config = overrides_to_run_config(overrides)
+    assert list(run_config) == ["fedmsk-overrides"]
+    assert overrides_from_run_config(run_config) == overrides
+    assert config_hash(compose(overrides_from_run_config(run_config))) == config_hash(
+        compose(overrides)
+    )
+
+
+def test_config_hash_ignores_where_results_go_but_not_what_is_run() -> None:
+    base = config_hash(compose(["run_dir=/tmp/a"]))
+    assert base == config_hash(compose(["run_dir=/tmp/b"]))
+    assert base != config_hash(compose(["run_dir=/tmp/a", "seed=7"]))

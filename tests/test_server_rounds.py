@@ -1,0 +1,95 @@
+"""The server's screening of replies: failures, timeouts and bad updates are recorded."""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+
+from fedmsk.config import compose
+from fedmsk.run_dir import RunDirectory
+from server.rounds import RoundRecorder, describe_error
+
+SHAPES = {"w": (2, 3), "b": (3,)}
+
+
+@pytest.fixture(autouse=True)
+def _identity(flower_task_identity: None) -> None:
+    return None
+
+
+def _recorder(tmp_path: Path) -> RoundRecorder:
+    cfg = compose(
+        [f"run_dir={tmp_path}", "federation.sites=[a,b,c,h]", "federation.heldout_sites=[h]"]
+    )
+    return RoundRecorder(
+        cfg=cfg,
+        run_dir=RunDirectory(tmp_path),
+        node_alias={1: "a", 2: "b", 3: "c", 4: "h"},
+        reference_shapes=SHAPES,
+    )
+
+
+def _reply(
+    node: int, arrays: dict[str, np.ndarray] | None = None, error: str | None = None
+) -> Message:
+    request = Message(
+        RecordDict({"config": ConfigRecord()}), dst_node_id=node, message_type="train"
+    )
+    if error is not None:
+        return Message(Error(code=9001, reason=error), reply_to=request)
+    record = ArrayRecord(OrderedDict((k, Array(v)) for k, v in (arrays or {}).items()))
+    return Message(
+        RecordDict({"arrays": record, "metrics": MetricRecord({"num-examples": 10})}),
+        reply_to=request,
+    )
+
+
+def _good() -> dict[str, np.ndarray]:
+    return {"w": np.ones((2, 3), np.float32), "b": np.zeros(3, np.float32)}
+
+
+def test_heldout_site_is_never_a_training_node(tmp_path: Path) -> None:
+    assert _recorder(tmp_path).training_node_ids() == [1, 2, 3]
+
+
+def test_bad_updates_errors_and_timeouts_are_recorded_not_aggregated(tmp_path: Path) -> None:
+    recorder = _recorder(tmp_path)
+    recorder.expect("train", 1, [1, 2, 3])
+    nan = _good()
+    nan["w"][0, 0] = np.nan
+    replies = [_reply(2, nan), _reply(1, _good())]
+    wrong = {"w": np.ones((3, 2), np.float32), "b": np.zeros(3, np.float32)}
+    accepted = recorder.screen_train_replies(1, [*replies, _reply(3, wrong)])
+    assert [m.metadata.src_node_id for m in accepted] == [1]
+    errors = {f["site"]: f["error"] for f in recorder.failures}
+    assert errors["b"].startswith("RejectedUpdate: non-finite")
+    assert errors["c"].startswith("RejectedUpdate: shape of w")
+    recorder2 = _recorder(tmp_path)
+    recorder2.expect("train", 1, [1, 2, 3])
+    recorder2.screen_train_replies(
+        1, [_reply(1, _good()), _reply(2, error="site=b error=ValueError")]
+    )
+    assert {(f["site"], f["error"]) for f in recorder2.failures} == {
+        ("b", "ValueError"),
+        ("c", "Timeout"),
+    }
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any(x["phase"] == "train-failure" and x["site"] == "c" for x in lines)
+
+
+def test_enough_replies_follows_the_configured_fraction(tmp_path: Path) -> None:
+    recorder = _recorder(tmp_path)
+    assert recorder.enough_replies([_reply(1, _good()), _reply(2, _good())])
+    assert not recorder.enough_replies([_reply(1, _good())])
+
+
+def test_error_text_is_reduced_to_its_class() -> None:
+    assert describe_error("site=x error=KeyError") == "KeyError"
+    flower = "<class 'FileNotFoundError'>:<'/data/PATIENT123/img.dcm'>"
+    assert describe_error(flower) == "FileNotFoundError"
+    assert describe_error("something /secret/path") == "ClientAppError"
