@@ -377,13 +377,15 @@ def _train(
                 scaler.unscale_(optimizer)
             else:
                 loss.backward()
-            if proximal is not None:
-                proximal.add_to_grads()
             if scaler is not None:
+                if proximal is not None:
+                    proximal.add_to_grads()
                 scaler.step(optimizer)
                 scaler.update()
-            else:
+            elif proximal is None:
                 optimizer.step()
+            else:
+                _proximal_step(optimizer, proximal)
             if scheduler is not None:
                 scheduler.step()
             batch = inputs.shape[0]
@@ -405,6 +407,26 @@ def _train(
         seconds=seconds,
         images_per_second=images / seconds if seconds > 0 else 0.0,
     )
+
+
+def _proximal_step(optimizer: Optimizer, proximal: _Proximal) -> None:
+    """Optimizer step with the FedProx gradient added where it survives.
+
+    An Opacus ``DPOptimizer`` rebuilds ``p.grad`` from clipped per-sample gradients plus noise
+    in ``pre_step()``, which would erase a proximal gradient added before ``step()``. The
+    proximal gradient depends on no example, so adding it after privatisation costs no privacy:
+    for an optimizer with ``pre_step``/``original_optimizer`` (Opacus' protocol) it is added
+    between the two.
+    """
+    pre_step = getattr(optimizer, "pre_step", None)
+    inner = getattr(optimizer, "original_optimizer", None)
+    if callable(pre_step) and isinstance(inner, Optimizer):
+        if pre_step():
+            proximal.add_to_grads()
+            inner.step()
+        return
+    proximal.add_to_grads()
+    optimizer.step()
 
 
 def _is_private(optimizer: Optimizer) -> bool:

@@ -302,3 +302,52 @@ def test_privacy_spend_is_recorded_when_training_fails() -> None:
     with pytest.raises(RuntimeError, match="boom"):
         fit(tiny(), loader_of(separable_data()), CFG, 2, privacy=hook)
     assert hook.calls[-1] == ("after_fit", 2)
+
+
+class RewritingOptimizer(torch.optim.Optimizer):
+    """Mimics Opacus' DPOptimizer: ``pre_step`` replaces every gradient (here by zeros, the way
+    clipping-plus-noise replaces it), then ``original_optimizer.step()`` applies it."""
+
+    def __init__(self, original: torch.optim.Optimizer) -> None:
+        self.original_optimizer = original
+        self.param_groups = original.param_groups
+        self.defaults = original.defaults
+        self.state = original.state
+        self.pre_steps = 0
+
+    def pre_step(self) -> bool:
+        self.pre_steps += 1
+        for group in self.param_groups:
+            for param in group["params"]:
+                param.grad = torch.zeros_like(param)
+        return True
+
+    def step(self, closure=None):
+        if self.pre_step():
+            return self.original_optimizer.step()
+        return None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.original_optimizer.zero_grad(set_to_none)
+
+
+class RewritingPrivacy(FakePrivacy):
+    def attach(self, model, optimizer, loader):
+        self.optimizer = RewritingOptimizer(optimizer)
+        return model, self.optimizer, loader
+
+
+def test_fedprox_survives_an_optimizer_that_rewrites_gradients() -> None:
+    data = separable_data(n=16)
+    global_arrays = get_arrays(tiny(seed=5))
+    distances = {}
+    for mu in (0.0, 1.0):
+        model = tiny(seed=6)
+        start = _distance(model, global_arrays)
+        hook = RewritingPrivacy()
+        cfg = replace(CFG, max_steps=2, proximal_mu=mu, weight_decay=0.0, momentum=0.0)
+        fit(model, loader_of(data), cfg, 2, global_arrays=global_arrays, privacy=hook)
+        assert hook.optimizer.pre_steps == 2
+        distances[mu] = _distance(model, global_arrays) / start
+    assert distances[0.0] == pytest.approx(1.0)  # data gradients erased: nothing moves
+    assert distances[1.0] < 0.99  # the proximal gradient, added after pre_step, still acts

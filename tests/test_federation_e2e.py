@@ -1,0 +1,149 @@
+"""A real federation in Flower's simulation engine: 3 training sites + 1 held-out center.
+
+One reference run (2 rounds, tiny model, synthetic DICOM with fake PHI in every header) is
+shared by the checks of its run directory, its report and its privacy. A second run is killed
+with SIGKILL after its first checkpoint and resumed; it must end with the reference weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedmsk.cli import main
+from fedmsk.data.synthetic import generate_federation, phi_strings
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+ROUNDS = 2
+
+
+def _overrides(data_root: Path, run_dir: Path) -> list[str]:
+    return [
+        f"data.root={data_root}",
+        "data.synthetic=false",
+        "federation=small",
+        f"federation.num_rounds={ROUNDS}",
+        "model=resnet18",
+        "data.image_size=32",
+        "train.batch_size=16",
+        f"run_dir={run_dir}",
+    ]
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("e2e") / "fed"
+    generate_federation(root, task="xray_fracture", centers=4, seed=3, scale=0.5)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference_run(federation: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("e2e-run") / "reference"
+    assert main(["simulate", *_overrides(federation, run_dir)]) == 0
+    return run_dir
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_directory_has_rounds_checkpoints_heldout_and_report(reference_run: Path) -> None:
+    metrics = _metrics(reference_run)
+    for round_no in range(1, ROUNDS + 1):
+        trained = {m["site"] for m in metrics if m["round"] == round_no and m["phase"] == "train"}
+        assert {"site00", "site01", "site02"} <= trained
+        assert "site03" not in trained
+        heldout = [m for m in metrics if m["round"] == round_no and m["phase"] == "heldout"]
+        assert [m["site"] for m in heldout] == ["site03"] and heldout[0]["n"] > 0
+    checkpoints = sorted(p.name for p in (reference_run / "checkpoints").iterdir())
+    assert checkpoints == [f"round_{r:04d}.ckpt" for r in range(1, ROUNDS + 1)]
+    results = json.loads((reference_run / "results.json").read_text())
+    assert results["sites"]["site03"]["role"] == "heldout"
+    assert results["sites"]["site03"]["summary"]["n"] == results["sites"]["site03"]["n"]
+    assert 0.0 <= results["sites"]["site03"]["summary"]["auc"] <= 1.0
+    assert results["run"]["training_sites"] == ["site00", "site01", "site02"]
+    assert 0.0 < results["threshold"]["value"] < 1.0
+    for name in ("report.html", "report.md", "metrics.json", "config.yaml"):
+        assert (reference_run / name).is_file(), name
+    assert "site03" in (reference_run / "report.md").read_text()
+
+
+def test_no_phi_in_run_directory_logs_or_report(reference_run: Path, federation: Path) -> None:
+    secrets = {s for s in phi_strings(federation) if len(s) >= 5}
+    assert secrets, "the synthetic federation should carry fake PHI"
+    secrets.add(str(federation))
+    leaks = []
+    for path in reference_run.rglob("*"):
+        if not path.is_file() or ".flwr" in path.parts:
+            continue
+        text = path.read_bytes().decode("utf-8", errors="ignore")
+        leaks += [(path.name, s) for s in secrets if s in text and path.name != "config.yaml"]
+    assert not leaks, leaks[:5]
+    log_text = (reference_run / "flower.log").read_text(errors="ignore")
+    assert not [s for s in secrets if s != str(federation) and s in log_text]
+
+
+def _kill_tree(process: subprocess.Popen, run_dir: Path) -> None:
+    pid_file = run_dir / ".flwr" / "superlink.pid"
+    for pid in [process.pid, int(pid_file.read_text()) if pid_file.is_file() else None]:
+        if pid is None:
+            continue
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait(timeout=30)
+
+
+def test_killed_run_resumes_to_the_same_final_weights(
+    reference_run: Path, federation: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "killed"
+    command = [
+        sys.executable,
+        "-m",
+        "fedmsk.cli",
+        "simulate",
+        "--no-report",
+        *_overrides(federation, run_dir),
+    ]
+    process = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    first = run_dir / "checkpoints" / "round_0001.ckpt"
+    try:
+        deadline = time.monotonic() + 400
+        while not first.is_file() and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.5)
+        assert first.is_file(), "the run never wrote its first checkpoint"
+    finally:
+        _kill_tree(process, run_dir)
+    assert not (run_dir / "checkpoints" / f"round_{ROUNDS:04d}.ckpt").exists()
+    assert (
+        main(["simulate", "--no-report", *_overrides(federation, run_dir), f"resume={run_dir}"])
+        == 0
+    )
+    with (
+        np.load(reference_run / "final_model.npz") as ref,
+        np.load(run_dir / "final_model.npz") as got,
+    ):
+        assert sorted(ref.files) == sorted(got.files)
+        for key in ref.files:
+            np.testing.assert_allclose(got[key], ref[key], rtol=0, atol=1e-6, err_msg=key)
+    rounds = [m["round"] for m in _metrics(run_dir) if m["phase"] == "train" and m["site"] is None]
+    assert rounds == list(range(1, ROUNDS + 1))
