@@ -77,7 +77,9 @@ def train_reply_content(
     arrays: dict[str, np.ndarray], num_examples: int, metrics: dict[str, float]
 ) -> RecordDict:
     record = MetricRecord({"num-examples": int(num_examples), **_finite_numbers(metrics)})
-    array_record = ArrayRecord(OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in arrays.items()))
+    array_record = ArrayRecord(
+        OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in arrays.items())
+    )
     return RecordDict({"arrays": array_record, "metrics": record})
 
 
@@ -124,7 +126,9 @@ def _handle(msg: Message, context: Context, action: str) -> Message:
         cfg = _config(context)
         site_dir, alias = resolve_site(cfg, dict(context.node_config))
         if action == "query":
-            return Message(RecordDict({"detail": ConfigRecord({"site-alias": alias})}), reply_to=msg)
+            return Message(
+                RecordDict({"detail": ConfigRecord({"site-alias": alias})}), reply_to=msg
+            )
         config = msg.content["config"] if "config" in msg.content else ConfigRecord()
         heldout = alias in cfg.federation.heldout_sites
         server_round = int(config.get("fedmsk-round", config.get("server-round", 0)))

@@ -68,7 +68,9 @@ def run_centralized(cfg: ExperimentConfig, mode: str, site: str | None = None) -
     import torch
 
     generator = torch.Generator().manual_seed(cfg.seed)
-    train_loader = DataLoader(pooled, batch_size=cfg.train.batch_size, shuffle=True, generator=generator)
+    train_loader = DataLoader(
+        pooled, batch_size=cfg.train.batch_size, shuffle=True, generator=generator
+    )
     model = create_model(
         cfg.model.name,
         num_classes=cfg.task.num_classes,

@@ -32,8 +32,12 @@ def _format(auc: float | None, ci: list[float] | None) -> str:
 
 def comparison_rows(runs: dict[str, Path]) -> tuple[list[str], list[dict[str, Any]]]:
     results = {name: json.loads((Path(p) / "results.json").read_text()) for name, p in runs.items()}
-    centers = sorted({a for r in results.values() for a, s in r["sites"].items() if s["role"] == "train"})
-    heldout = sorted({a for r in results.values() for a, s in r["sites"].items() if s["role"] == "heldout"})
+    centers = sorted(
+        {a for r in results.values() for a, s in r["sites"].items() if s["role"] == "train"}
+    )
+    heldout = sorted(
+        {a for r in results.values() for a, s in r["sites"].items() if s["role"] == "heldout"}
+    )
     rows = []
     for name, result in results.items():
         sites = result["sites"]

@@ -152,7 +152,15 @@ def run_simulation(plan: SimulationPlan) -> Path:
         try:
             _wait_for_health(port, superlink)
             completed = subprocess.run(
-                [_bin("flwr"), "run", str(APP_DIR), CONNECTION, "--run-config", str(run_config), "--stream"],
+                [
+                    _bin("flwr"),
+                    "run",
+                    str(APP_DIR),
+                    CONNECTION,
+                    "--run-config",
+                    str(run_config),
+                    "--stream",
+                ],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -62,12 +62,18 @@ def discover_sites(grid: Grid, cfg: ExperimentConfig) -> dict[int, str]:
         unknown = [n for n in grid.get_node_ids() if n not in node_alias]
         if unknown:
             messages = [
-                Message(RecordDict({"config": ConfigRecord()}), dst_node_id=n, message_type=MessageType.QUERY)
+                Message(
+                    RecordDict({"config": ConfigRecord()}),
+                    dst_node_id=n,
+                    message_type=MessageType.QUERY,
+                )
                 for n in unknown
             ]
             for reply in grid.send_and_receive(messages, timeout=60):
                 if not reply.has_error() and "detail" in reply.content:
-                    node_alias[reply.metadata.src_node_id] = str(reply.content["detail"]["site-alias"])
+                    node_alias[reply.metadata.src_node_id] = str(
+                        reply.content["detail"]["site-alias"]
+                    )
         seen = set(node_alias.values())
         if expected and expected <= seen:
             return {n: a for n, a in node_alias.items() if a in expected}
@@ -107,7 +113,9 @@ def evaluate_sites(
     return recorder.collect_evaluations("final-evaluate", tag, replies)
 
 
-def final_evaluation(grid: Grid, recorder: RoundRecorder, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+def final_evaluation(
+    grid: Grid, recorder: RoundRecorder, arrays: dict[str, np.ndarray]
+) -> dict[str, Any]:
     """Lock the threshold on federated validation, then evaluate every site at it."""
     tag = recorder.cfg.federation.num_rounds - recorder.round_offset + 1
     training_nodes = recorder.training_node_ids()
@@ -157,8 +165,12 @@ def write_results(recorder: RoundRecorder, sites: dict[str, Any], seconds: float
                 "config_hash": config_hash(cfg),
                 "privacy": "dp" if cfg.privacy.enabled else "none",
                 "secure_aggregation": cfg.privacy.secure_aggregation,
-                "training_sites": sorted(a for a in recorder.node_alias.values() if not recorder.is_heldout(a)),
-                "heldout_sites": sorted(a for a in recorder.node_alias.values() if recorder.is_heldout(a)),
+                "training_sites": sorted(
+                    a for a in recorder.node_alias.values() if not recorder.is_heldout(a)
+                ),
+                "heldout_sites": sorted(
+                    a for a in recorder.node_alias.values() if recorder.is_heldout(a)
+                ),
                 "seconds": round(seconds, 1),
             },
             "threshold": {"value": recorder.threshold, "source": threshold_source},

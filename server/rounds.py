@@ -109,7 +109,9 @@ class RoundRecorder:
         for msg in replies:
             if msg.has_error():
                 error = describe_error(msg.error.reason)
-                self.record_failure(server_round, self.alias_of(msg.metadata.src_node_id), phase, error)
+                self.record_failure(
+                    server_round, self.alias_of(msg.metadata.src_node_id), phase, error
+                )
             else:
                 good.append(msg)
         return sorted(good, key=lambda m: self.alias_of(m.metadata.src_node_id))
@@ -142,13 +144,17 @@ class RoundRecorder:
         for key, array in arrays.items():
             value = array.numpy()
             if tuple(value.shape) != self.reference_shapes[key]:
-                return f"shape of {key} is {tuple(value.shape)}, expected {self.reference_shapes[key]}"
+                return (
+                    f"shape of {key} is {tuple(value.shape)}, expected {self.reference_shapes[key]}"
+                )
             if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
                 return f"non-finite values in {key}"
         return None
 
     def enough_replies(self, accepted: list[Message]) -> bool:
-        needed = max(1, math.ceil(self.cfg.federation.min_reply_fraction * len(self.training_node_ids())))
+        needed = max(
+            1, math.ceil(self.cfg.federation.min_reply_fraction * len(self.training_node_ids()))
+        )
         return len(accepted) >= needed
 
     def record_skipped_round(self, server_round: int, received: int) -> None:
@@ -209,7 +215,9 @@ class RoundRecorder:
             for key in ("auc", "top1_accuracy", "eval-loss")
             if all(key in e.metrics for e in validation)
         }
-        self.run_dir.append_metrics({"round": absolute, "phase": "val", "site": None, "n": total} | mean)
+        self.run_dir.append_metrics(
+            {"round": absolute, "phase": "val", "site": None, "n": total} | mean
+        )
         return MetricRecord({"num-examples": total, **mean})
 
     def collect_evaluations(
@@ -234,7 +242,11 @@ class RoundRecorder:
             )
             if "epsilon" in metrics:
                 self.privacy.setdefault(alias, {}).update(
-                    {k: v for k, v in metrics.items() if k.startswith(("epsilon", "delta", "budget"))}
+                    {
+                        k: v
+                        for k, v in metrics.items()
+                        if k.startswith(("epsilon", "delta", "budget"))
+                    }
                 )
             self.latest_evaluations[alias] = ev
             evaluations.append(ev)

@@ -4,7 +4,9 @@ Each configuration (model x mode) runs in its own subprocess so that its peak re
 (``ru_maxrss``) is its own; torch's allocations are invisible to tracemalloc. Both sides train the
 same DP-compatible (GroupNorm) model on synthetic images, so the ratio isolates the cost of
 per-sample gradients, clipping and noise. Batches are fixed-size here (no Poisson sampling) so
-every step processes the same number of images.
+every step processes the same number of images. Throughput is the batch size over the median
+step time; in a DP row, plain steps of an identical model alternate with the DP steps in the
+same process, so the DP / plain ratio holds up on a machine shared with other work.
 
     .venv/bin/python simulations/bench_dp.py            # 128 px, batch 32, 2 threads (~5 min)
     .venv/bin/python simulations/bench_dp.py --quick    # smoke test, < 30 s
@@ -40,13 +42,20 @@ DEFAULT_MODES = {
 
 @dataclass
 class Measurement:
+    """One subprocess. For a DP mode, plain steps of an identical model are interleaved with
+    the DP steps in the same process, so both see the same machine load: ``ratio`` is robust on
+    a shared machine even when absolute images/s are not. ``peak_rss_mib`` of a DP row includes
+    the plain twin (a copy of the weights); the ``none`` row is plain training alone."""
+
     model: str
-    mode: str  # "none" = plain training of the same model
+    mode: str  # "none" = plain training of the same DP-compatible model
     image_size: int
     batch_size: int
     threads: int
     steps: int
     images_per_second: float | None
+    plain_images_per_second: float | None
+    ratio: float | None  # DP images/s divided by plain images/s (median step times)
     peak_rss_mib: float | None
     rss_before_training_mib: float | None
     error: str | None = None
@@ -60,11 +69,49 @@ def _rss_mib() -> float:
     return float("nan")
 
 
-def run_worker(args: argparse.Namespace) -> Measurement:
-    """Train ``args.steps`` timed steps (after one warm-up) in this process and measure."""
+def _trainer(model, mode: str, batch: int, n: int):
+    """A closure that runs one training step on (x, y); DP-wrapped unless mode is none."""
     import torch
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    criterion = nn.CrossEntropyLoss()
+    if mode != "none":
+        from opacus import PrivacyEngine
+
+        data = TensorDataset(torch.zeros(n, 1), torch.zeros(n).long())  # sizes the DP optimizer
+        wrapped = PrivacyEngine().make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=DataLoader(data, batch_size=batch),
+            criterion=criterion,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            poisson_sampling=False,
+            grad_sample_mode=mode,
+        )
+        if mode == "ghost":
+            model, optimizer, criterion, _ = wrapped
+        else:
+            model, optimizer, _ = wrapped
+
+    def step(x, y) -> float:
+        begin = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        criterion(model(x), y).backward()
+        optimizer.step()
+        return time.perf_counter() - begin
+
+    return step
+
+
+def run_worker(args: argparse.Namespace) -> Measurement:
+    """One warm-up step, then ``args.steps`` timed steps (plain and DP alternating)."""
+    import copy
+    import statistics
+
+    import torch
 
     sys.path.insert(0, str(REPO))
     import timm
@@ -80,43 +127,28 @@ def run_worker(args: argparse.Namespace) -> Measurement:
     n = args.batch * (args.steps + 1)
     images = torch.randn(n, 1, args.size, args.size)
     labels = torch.randint(0, 2, (n,))
-    loader = DataLoader(TensorDataset(images, labels), batch_size=args.batch, drop_last=True)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    criterion: nn.Module = nn.CrossEntropyLoss()
-    if args.mode != "none":
-        from opacus import PrivacyEngine
-
-        wrapped = PrivacyEngine().make_private(
-            module=model,
-            optimizer=optimizer,
-            data_loader=loader,
-            criterion=criterion,
-            noise_multiplier=1.0,
-            max_grad_norm=1.0,
-            poisson_sampling=False,
-            grad_sample_mode=args.mode,
-        )
-        if args.mode == "ghost":
-            model, optimizer, criterion, loader = wrapped
-        else:
-            model, optimizer, loader = wrapped
+    plain = _trainer(model if args.mode == "none" else copy.deepcopy(model), "none", args.batch, n)
+    private = None if args.mode == "none" else _trainer(model, args.mode, args.batch, n)
     rss_before = _rss_mib()
-    seen = 0
-    start = 0.0
-    for step, (x, y) in enumerate(loader):
-        if step == 1:
-            start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss = criterion(model(x), y)
-        loss.backward()
-        optimizer.step()
-        if step >= 1:
-            seen += x.shape[0]
-    seconds = time.perf_counter() - start
+    plain_times: list[float] = []
+    dp_times: list[float] = []
+    for step in range(args.steps + 1):
+        x = images[step * args.batch : (step + 1) * args.batch]
+        y = labels[step * args.batch : (step + 1) * args.batch]
+        seconds = plain(x, y)
+        if step:
+            plain_times.append(seconds)
+        if private is not None:
+            seconds = private(x, y)
+            if step:
+                dp_times.append(seconds)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    plain_ips = args.batch / statistics.median(plain_times)
+    dp_ips = args.batch / statistics.median(dp_times) if dp_times else None
     return Measurement(
         args.model, args.mode, args.size, args.batch, args.threads, args.steps,
-        seen / seconds if seconds > 0 else None, peak, rss_before,
+        dp_ips if dp_ips is not None else plain_ips, plain_ips,
+        dp_ips / plain_ips if dp_ips is not None else None, peak, rss_before,
     )  # fmt: skip
 
 
@@ -129,7 +161,7 @@ def measure(model: str, mode: str, args: argparse.Namespace) -> Measurement:
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     failed = Measurement(
-        model, mode, args.size, args.batch, args.threads, args.steps, None, None, None
+        model, mode, args.size, args.batch, args.threads, args.steps, None, None, None, None, None
     )
     try:
         done = subprocess.run(
@@ -147,22 +179,20 @@ def measure(model: str, mode: str, args: argparse.Namespace) -> Measurement:
 
 
 def markdown(rows: list[Measurement]) -> str:
-    baseline = {r.model: r.images_per_second for r in rows if r.mode == "none"}
     out = [
-        "| model | mode | images/s | DP / non-DP | slowdown | peak RSS MiB "
-        "| RSS before training MiB |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| model | mode | images/s | plain images/s (same process) | DP / plain | slowdown "
+        "| peak RSS MiB | RSS before training MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        base = baseline.get(r.model)
         if r.error:
-            out.append(f"| {r.model} | {r.mode} | failed: {r.error} | | | | |")
+            out.append(f"| {r.model} | {r.mode} | failed: {r.error} | | | | | |")
             continue
-        ratio = r.images_per_second / base if base and r.images_per_second else None
+        ratio = "" if r.ratio is None else f"{r.ratio:.2f}"
+        slowdown = "" if not r.ratio else f"{1 / r.ratio:.1f}x"
         out.append(
             f"| {r.model} | {r.mode} | {r.images_per_second:.1f} | "
-            f"{'' if ratio is None or r.mode == 'none' else f'{ratio:.2f}'} | "
-            f"{'' if ratio is None or r.mode == 'none' else f'{1 / ratio:.1f}x'} | "
+            f"{r.plain_images_per_second:.1f} | {ratio} | {slowdown} | "
             f"{r.peak_rss_mib:.0f} | {r.rss_before_training_mib:.0f} |"
         )
     return "\n".join(out)

@@ -160,8 +160,51 @@ def simulate_once(overrides: list[str], report: bool = True) -> Path:
     plan = SimulationPlan(cfg, prepared.overrides, prepared.num_sites, run_dir / "flower.log")
     run_simulation(plan)
     if report:
+        if cfg.evaluation.gradcam:
+            _heldout_cam(cfg, run_dir)
         _report(run_dir)
     return run_dir
+
+
+def _heldout_cam(cfg: Any, run_dir: Path) -> None:
+    """Grad-CAM of the final model on the held-out center, drawn where its images are.
+
+    In a simulation every site's images are on this machine; in deployment CAMs are made at
+    each hospital by the same function and never sent anywhere.
+    """
+    import numpy as np
+
+    from fedmsk.data.dataset import build_site_loaders
+    from fedmsk.data.federation import load_federation
+    from fedmsk.explain import cam_grid_by_outcome
+    from fedmsk.models import create_model, set_arrays
+    from fedmsk.site_runtime import all_images_loader
+
+    federation = load_federation(Path(cfg.data.root))
+    results = json.loads((run_dir / "results.json").read_text())
+    model = create_model(
+        cfg.model.name,
+        num_classes=cfg.task.num_classes,
+        in_chans=cfg.data.in_chans,
+        dp_compatible=cfg.model.dp_compatible or cfg.privacy.enabled,
+    )
+    with np.load(run_dir / "final_model.npz") as arrays:
+        set_arrays(model, {k: arrays[k] for k in arrays.files})
+    for alias in cfg.federation.heldout_sites:
+        loaders = build_site_loaders(
+            federation.site_dir(alias), cfg.task, cfg.data, cfg.train, seed=cfg.seed
+        )
+        loader = all_images_loader(loaders, cfg)
+        if loader is None:
+            continue
+        cam_grid_by_outcome(
+            model,
+            loader,
+            float(results["threshold"]["value"]),
+            list(cfg.task.classes),
+            per_group=cfg.evaluation.gradcam_images,
+            out_path=run_dir / "figures" / f"cam_{alias}.png",
+        )
 
 
 def _report(run_dir: Path) -> None:

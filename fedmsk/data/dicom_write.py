@@ -417,6 +417,9 @@ def _write_with_pydicom_encoder(
             f"{ts.name} needs at least 32 rows and columns here (the encoder's 6 wavelet "
             f"resolutions); got {ds.Rows}x{ds.Columns}"
         )
+    if ts == dicom_uid.RLELossless:
+        # GDCM's RLE encoder aborts the whole process on some odd 8-bit sizes (e.g. 99x151).
+        options.setdefault("encoding_plugin", "pylibjpeg")
     if ts == dicom_uid.JPEGLSNearLossless:
         options.setdefault("jls_error", 2)
     if ts == dicom_uid.JPEG2000 and "j2k_psnr" not in options:
