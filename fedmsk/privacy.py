@@ -541,8 +541,10 @@ class DPSession:
             self.state.epsilon_spent = epsilon_for(
                 self.state.history, self.state.target_delta, self.state.accountant
             )
-            self._detach()
-            self.save()
+            try:
+                self.save()  # first: the spend must be on disk even if unhooking fails
+            finally:
+                self._detach()
         return self.state.epsilon_spent
 
     # internals

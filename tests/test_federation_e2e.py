@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from fedmsk.cli import main
+from fedmsk.data.manifest import ManifestRow, read_manifest, write_manifest
 from fedmsk.data.synthetic import generate_federation, phi_strings
 
 pytestmark = pytest.mark.slow
@@ -40,10 +41,33 @@ def _overrides(data_root: Path, run_dir: Path) -> list[str]:
     ]
 
 
+BROKEN_SITE = "site09"
+
+
+def _add_failures(root: Path) -> None:
+    """A training site whose every image is corrupt (its client raises every round), and one
+    corrupt DICOM among a good site's images (reported and skipped, not a crash)."""
+    broken = root / BROKEN_SITE
+    (broken / "images").mkdir(parents=True)
+    rows = []
+    for i in range(4):
+        (broken / "images" / f"img{i}.dcm").write_bytes(b"\x00" * 128 + b"DICM" + b"\x01" * 64)
+        rows.append(ManifestRow(f"images/img{i}.dcm", ["normal", "fracture"][i % 2], f"B{i}"))
+    write_manifest(broken, rows)
+    doc = json.loads((root / "federation.json").read_text())
+    doc["sites"].append({"alias": BROKEN_SITE, "dir": BROKEN_SITE, "role": "train"})
+    (root / "federation.json").write_text(json.dumps(doc))
+    good = root / "site00"
+    (good / "images" / "corrupt.dcm").write_bytes(b"not a dicom file at all")
+    rows = read_manifest(good)
+    write_manifest(good, [*rows, ManifestRow("images/corrupt.dcm", "normal", rows[0].patient_id)])
+
+
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("e2e") / "fed"
     generate_federation(root, task="xray_fracture", centers=4, seed=3, scale=0.5)
+    _add_failures(root)
     return root
 
 
@@ -58,7 +82,9 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_run_directory_has_rounds_checkpoints_heldout_and_report(reference_run: Path) -> None:
+def test_run_directory_has_rounds_checkpoints_heldout_and_report(
+    reference_run: Path, federation: Path
+) -> None:
     metrics = _metrics(reference_run)
     for round_no in range(1, ROUNDS + 1):
         trained = {m["site"] for m in metrics if m["round"] == round_no and m["phase"] == "train"}
@@ -77,6 +103,12 @@ def test_run_directory_has_rounds_checkpoints_heldout_and_report(reference_run: 
     for name in ("report.html", "report.md", "metrics.json", "config.yaml"):
         assert (reference_run / name).is_file(), name
     assert "site03" in (reference_run / "report.md").read_text()
+    failures = {(f["round"], f["site"], f["error"]) for f in results["failures"]}
+    for round_no in range(1, ROUNDS + 1):
+        assert (round_no, BROKEN_SITE, "SiteUnavailableError") in failures
+    assert all("/" not in f["error"] for f in results["failures"])
+    assert "corrupt.dcm" in (federation / "site00" / ".fedmsk" / "logs" / "node.log").read_text()
+    assert (reference_run / "figures" / "cam_site03.png").is_file()
 
 
 def test_no_phi_in_run_directory_logs_or_report(reference_run: Path, federation: Path) -> None:
