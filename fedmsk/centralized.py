@@ -36,7 +36,7 @@ def _loaders(cfg: ExperimentConfig, federation: Federation, seed: int) -> dict[s
 
 def run_centralized(cfg: ExperimentConfig, mode: str, site: str | None = None) -> Path:
     """Train pooled or local-only and write results.json in the run directory."""
-    from fedmsk.evaluation import score_histogram, summarize, threshold_from_histograms
+    from fedmsk.evaluation import locked_threshold, score_histogram, summarize
     from fedmsk.models import create_model
     from fedmsk.training import evaluate, fit, seed_everything
 
@@ -91,8 +91,10 @@ def run_centralized(cfg: ExperimentConfig, mode: str, site: str | None = None) -
     histograms = [
         score_histogram(e.labels, e.probs) for a, e in evaluations.items() if a not in heldout
     ]
-    binary = cfg.task.is_binary and cfg.evaluation.threshold == "youden" and histograms
-    threshold = threshold_from_histograms(histograms) if binary else cfg.evaluation.fixed_threshold
+    threshold, source = float(cfg.evaluation.fixed_threshold), "fixed"
+    if cfg.task.is_binary and cfg.evaluation.threshold == "youden":
+        threshold, source = locked_threshold(histograms, cfg.evaluation.fixed_threshold)
+        source = source.replace("federated", "pooled")
     sites = {}
     for alias, result in evaluations.items():
         summary = summarize(
@@ -137,7 +139,7 @@ def run_centralized(cfg: ExperimentConfig, mode: str, site: str | None = None) -
                 "heldout_sites": sorted(heldout),
                 "seconds": round(time.monotonic() - started, 1),
             },
-            "threshold": {"value": float(threshold), "source": "youden on pooled validation"},
+            "threshold": {"value": float(threshold), "source": source},
             "sites": sites,
             "failures": [],
         },

@@ -259,3 +259,16 @@ def threshold_from_histograms(histograms: Sequence[dict]) -> float:
         last += 1
     edges = np.linspace(*HISTOGRAM_RANGE, nb + 1)
     return float(edges[(first + last) // 2])
+
+
+def locked_threshold(histograms: Sequence[dict | None], fallback: float) -> tuple[float, str]:
+    """The threshold to lock on validation, and where it came from.
+
+    Youden on the summed histograms when the validation sets hold both classes; otherwise the
+    configured fixed threshold, said so in the source, so one small site never stops a run.
+    """
+    usable = [h for h in histograms if h]
+    try:
+        return threshold_from_histograms(usable), "youden on federated validation histograms"
+    except ValueError as exc:
+        return float(fallback), f"fixed ({exc})"

@@ -147,11 +147,6 @@ def final_evaluation(
 
 def write_results(recorder: RoundRecorder, sites: dict[str, Any], seconds: float) -> None:
     cfg = recorder.cfg
-    threshold_source = (
-        "youden on federated validation histograms"
-        if cfg.evaluation.threshold == "youden" and cfg.task.is_binary
-        else "fixed"
-    )
     recorder.run_dir.write_json(
         "results.json",
         {
@@ -173,7 +168,7 @@ def write_results(recorder: RoundRecorder, sites: dict[str, Any], seconds: float
                 ),
                 "seconds": round(seconds, 1),
             },
-            "threshold": {"value": recorder.threshold, "source": threshold_source},
+            "threshold": {"value": recorder.threshold, "source": recorder.threshold_source},
             "sites": sites,
             "failures": recorder.failures,
             "privacy": recorder.privacy,

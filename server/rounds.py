@@ -58,6 +58,7 @@ class RoundRecorder:
     reference_shapes: dict[str, tuple[int, ...]]
     round_offset: int = 0
     threshold: float = 0.5
+    threshold_source: str = "fixed"
     failures: list[dict[str, Any]] = field(default_factory=list)
     expected: dict[tuple[str, int], list[int]] = field(default_factory=dict)
     latest_evaluations: dict[str, SiteEvaluation] = field(default_factory=dict)
@@ -256,9 +257,12 @@ class RoundRecorder:
         """Youden threshold on the summed validation histograms of the training sites."""
         if self.cfg.evaluation.threshold != "youden" or not self.cfg.task.is_binary:
             self.threshold = float(self.cfg.evaluation.fixed_threshold)
+            self.threshold_source = "fixed"
             return
         histograms = [e.histogram for e in evaluations if e.role == "train" and e.histogram]
         if histograms:
-            from fedmsk.evaluation import threshold_from_histograms
+            from fedmsk.evaluation import locked_threshold
 
-            self.threshold = float(threshold_from_histograms(histograms))
+            self.threshold, self.threshold_source = locked_threshold(
+                histograms, self.cfg.evaluation.fixed_threshold
+            )

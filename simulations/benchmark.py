@@ -247,6 +247,16 @@ def cached_tensors(dataset) -> tuple[Any, Any]:
 
 
 def section_client_throughput(s: Settings) -> list[Row]:
+    root = synthetic_federation(s.out / "data" / "site-bench", centers=2, scale=s.site_scale)
+    rows: list[Row] = []
+    for device_name in s.devices:
+        rows += client_rows(s, root, device_name)
+        rows += bench_fit_rows(s, device_name)
+    return rows
+
+
+def client_rows(s: Settings, root: Path, device_name: str) -> list[Row]:
+    """Alternating repetitions (A-B-B-A) of a bare epoch and a federated round at one site."""
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -254,68 +264,60 @@ def section_client_throughput(s: Settings) -> list[Row]:
     from fedmsk.site_runtime import SiteRuntime
     from fedmsk.training import resolve_device
 
-    root = synthetic_federation(s.out / "data" / "site-bench", centers=2, scale=s.site_scale)
     site_dir, alias = first_training_site(root)
-    rows: list[Row] = []
-    for device_name in s.devices:
-        cfg = site_config(s, root, device_name, ["data.augment=false"])
-        device = resolve_device(device_name)
-        torch.set_num_threads(s.threads)
-        torch.manual_seed(0)
-        reference = create_model(s.model, num_classes=2, in_chans=cfg.data.in_chans)
-        global_arrays = get_arrays(reference)
-        warm = SiteRuntime(cfg, site_dir, alias, heldout=False, seed=0)  # fills the cache
-        images, labels = cached_tensors(warm.loaders.dataset("train"))
-        n = len(labels)
-        generator = torch.Generator().manual_seed(0)
-        bare_loader = DataLoader(
-            TensorDataset(images, labels),
-            batch_size=s.batch_size,
-            shuffle=True,
-            generator=generator,
-        )
+    cfg = site_config(s, root, device_name, ["data.augment=false"])
+    device = resolve_device(device_name)
+    torch.set_num_threads(s.threads)
+    torch.manual_seed(0)
+    reference = create_model(s.model, num_classes=2, in_chans=cfg.data.in_chans)
+    global_arrays = get_arrays(reference)
+    warm = SiteRuntime(cfg, site_dir, alias, heldout=False, seed=0)  # fills the cache
+    images, labels = cached_tensors(warm.loaders.dataset("train"))
+    n = len(labels)
+    generator = torch.Generator().manual_seed(0)
+    bare_loader = DataLoader(
+        TensorDataset(images, labels), batch_size=s.batch_size, shuffle=True, generator=generator
+    )
 
-        def run_bare() -> None:
-            set_arrays(reference, global_arrays)
-            bare_epoch(reference, bare_loader, cfg.train, device)
+    def run_bare() -> None:
+        set_arrays(reference, global_arrays)
+        bare_epoch(reference, bare_loader, cfg.train, device)
 
-        fit_seconds: list[float] = []
+    fit_seconds: list[float] = []
 
-        def run_round() -> None:
-            runtime = SiteRuntime(cfg, site_dir, alias, heldout=False, seed=0)
-            outcome = runtime.train(global_arrays, server_round=1)
-            fit_seconds.append(outcome.metrics["train-seconds"])
+    def run_round() -> None:
+        runtime = SiteRuntime(cfg, site_dir, alias, heldout=False, seed=0)
+        outcome = runtime.train(global_arrays, server_round=1)
+        fit_seconds.append(outcome.metrics["train-seconds"])
 
-        run_bare()
-        run_round()
-        fit_seconds.clear()
-        times: dict[str, list[float]] = {"bare": [], "round": []}
-        for rep in range(s.repeats):
-            order = [("bare", run_bare), ("round", run_round)]
-            for name, fn in order if rep % 2 == 0 else order[::-1]:
-                begin = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - begin)
-        bare_ips = n / median(times["bare"])
-        round_ips = n / median(times["round"])
-        pair = median([b / r for b, r in zip(times["bare"], times["round"], strict=True)])
-        fit_only = n / median(fit_seconds)
-        setup = median([r - f for r, f in zip(times["round"], fit_seconds, strict=True)])
-        where = f"{device_name}, {s.model}, {s.image_size} px, batch {s.batch_size}, {n} images"
-        reps = f"median of {s.repeats} alternating reps, {s.threads} threads"
-        rows += [
-            Row(1, f"bare PyTorch loop on cached tensors ({where})", bare_ips, "images/s",
-                notes=reps),
-            Row(1, f"federated round: SiteRuntime build + train ({device_name})", round_ips,
-                "images/s", notes=f"set-up (cache read, model build, load) {setup:.2f} s/round"),
-            Row(1, f"round / bare throughput ({device_name})", round_ips / bare_ips, "ratio",
-                ">= 0.95", status_for(round_ips / bare_ips, at_least=0.95),
-                f"median of paired ratios {pair:.3f}"),
-            Row(1, f"fit() inside the round / bare ({device_name})", fit_only / bare_ips, "ratio",
-                notes="fit's own timer (train-seconds); augmentation off on both sides"),
-        ]  # fmt: skip
-        rows += bench_fit_rows(s, device_name)
-    return rows
+    run_bare()
+    run_round()
+    fit_seconds.clear()
+    times: dict[str, list[float]] = {"bare": [], "round": []}
+    for rep in range(s.repeats):
+        order = [("bare", run_bare), ("round", run_round)]
+        for name, fn in order if rep % 2 == 0 else order[::-1]:
+            begin = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - begin)
+    bare_ips = n / median(times["bare"])
+    round_ips = n / median(times["round"])
+    pair = median([b / r for b, r in zip(times["bare"], times["round"], strict=True)])
+    fit_only = n / median(fit_seconds)
+    setup = median([r - f for r, f in zip(times["round"], fit_seconds, strict=True)])
+    where = f"{device_name}, {s.model}, {s.image_size} px, batch {s.batch_size}, {n} images"
+    reps = f"median of {s.repeats} alternating reps, {s.threads} threads"
+    return [
+        Row(1, f"bare PyTorch loop on cached tensors ({where})", bare_ips, "images/s",
+            notes=reps),
+        Row(1, f"federated round: SiteRuntime build + train ({device_name})", round_ips,
+            "images/s", notes=f"set-up (cache read, model build, load) {setup:.2f} s/round"),
+        Row(1, f"round / bare throughput ({device_name})", round_ips / bare_ips, "ratio",
+            ">= 0.95", status_for(round_ips / bare_ips, at_least=0.95),
+            f"median of paired ratios {pair:.3f}"),
+        Row(1, f"fit() inside the round / bare ({device_name})", fit_only / bare_ips, "ratio",
+            notes="fit's own timer (train-seconds); augmentation off on both sides"),
+    ]  # fmt: skip
 
 
 def bench_fit_rows(s: Settings, device: str) -> list[Row]:
@@ -645,7 +647,8 @@ def round_timings(lines: list[tuple[float, dict[str, Any]]], started: float) -> 
             continue
         start = max(before) if before else started
         seconds = [float(r["train-seconds"]) for _, r in lines if r.get("phase") == "train"
-                   and r.get("site") and r.get("round") == rnd and "train-seconds" in r]  # fmt: skip
+                   and r.get("site") and r.get("round") == rnd
+                   and "train-seconds" in r]  # fmt: skip
         timings.append(RoundTiming(rnd, end[0] - start, seconds, not before))
     return timings
 
@@ -841,8 +844,9 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
             f"{row.target} | {status} | {row.notes.replace('|', '/')} |"
         )
     lines.append("")
-    for number, seconds in meta["section_seconds"].items():
-        lines.append(f"- section {number} ({SECTIONS[int(number)]}): {seconds:.0f} s")
+    for number, seconds in sorted(meta["section_seconds"].items()):
+        date = meta["section_dates"].get(number, "")
+        lines.append(f"- section {number} ({SECTIONS[int(number)]}): {seconds:.0f} s, run {date}")
     return "\n".join(lines) + "\n"
 
 
@@ -876,6 +880,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--quality-override", action="append", help="extra Hydra override for section 5"
     )
+    parser.add_argument(
+        "--fresh", action="store_true", help="drop rows of other sections left in --out"
+    )
     args = parser.parse_args(argv)
     try:
         args.section_list = sorted({int(x) for x in args.sections.split(",") if x.strip()})
@@ -899,7 +906,11 @@ def main(argv: list[str] | None = None) -> int:
         "quick": s.quick,
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()},
         "section_seconds": {},
+        "section_dates": {},
     }
+    if args.fresh:
+        for stale in (s.out / "benchmark.json", s.out / "benchmark.md"):
+            stale.unlink(missing_ok=True)
     rows: list[Row] = []
     failed = False
     for number in args.section_list:
@@ -913,19 +924,51 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(Row(number, f"section {number} failed", None, "", status=FAILED,
                             notes=f"{type(exc).__name__}: {exc}"[:300]))  # fmt: skip
         meta["section_seconds"][str(number)] = round(time.monotonic() - begin, 1)
-        write_outputs(s.out, rows, meta)
+        meta["section_dates"][str(number)] = meta["date"]
+        write_outputs(s.out, rows, meta, args.section_list)
     meta["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
-    paths = write_outputs(s.out, rows, meta)
+    paths = write_outputs(s.out, rows, meta, args.section_list)
     print(paths["markdown"].read_text())
     return 1 if failed else 0
 
 
-def write_outputs(out: Path, rows: list[Row], meta: dict[str, Any]) -> dict[str, Path]:
+def earlier_rows(out: Path, running: list[int], meta: dict[str, Any]) -> list[Row]:
+    """Rows of the sections not run now, kept from the table already in ``--out``.
+
+    Read at every write, so a long section (quality) can run on its own, even at the same time
+    as another invocation with other sections into the same directory, and the table holds
+    both; each section keeps its own date and duration.
+    """
+    path = out / "benchmark.json"
+    if not path.is_file():
+        return []
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8"))
+        rows = [Row(**r) for r in previous.get("rows", []) if r["section"] not in running]
+    except (ValueError, TypeError, KeyError):
+        return []
+    kept = {str(r.section) for r in rows}
+    for key in ("section_seconds", "section_dates"):
+        old = previous.get(key, {})
+        meta[key].update({k: v for k, v in old.items() if k in kept})
+    return rows
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_outputs(
+    out: Path, rows: list[Row], meta: dict[str, Any], running: list[int]
+) -> dict[str, Path]:
     """Both files are rewritten after every section, so a long run leaves partial results."""
+    merged = sorted([*earlier_rows(out, running, meta), *rows], key=lambda r: r.section)
     paths = {"markdown": out / "benchmark.md", "json": out / "benchmark.json"}
-    paths["markdown"].write_text(markdown(rows, meta), encoding="utf-8")
-    payload = {**meta, "rows": [asdict(r) for r in rows]}
-    paths["json"].write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+    _atomic_write(paths["markdown"], markdown(merged, meta))
+    payload = {**meta, "rows": [asdict(r) for r in merged]}
+    _atomic_write(paths["json"], json.dumps(payload, indent=2, default=str) + "\n")
     return paths
 
 

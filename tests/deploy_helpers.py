@@ -85,8 +85,8 @@ def deployment_env(flwr_home: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(VENV_BIN), env.get("PATH", "")])
     env["FLWR_HOME"] = str(flwr_home)
-    env["FEDMSK_CONFIG_DIR"] = str(REPO / "configs")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    #EXP env["FEDMSK_CONFIG_DIR"] = str(REPO / "configs")
+    #EXP env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
     env["OMP_NUM_THREADS"] = "1"
     env["MKL_NUM_THREADS"] = "1"

@@ -39,7 +39,7 @@ ROUNDS = 2
 SUPERLINK_START_S = 90
 REGISTER_S = 90
 NODE_CONNECT_S = 120
-RUN_S = 300
+RUN_S = 540
 REFUSAL_S = 90
 # flower-supernode logs this once the SuperLink has accepted the node.
 CONNECTED = r"SuperNode ID"
@@ -152,42 +152,6 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
-def test_two_rounds_over_tls_with_node_auth_finish(deployment: Deployment) -> None:
-    d = deployment
-    wait_until(
-        lambda: all(log_matches(n, CONNECTED) or n.exited() for n in d.nodes.values()),
-        NODE_CONNECT_S,
-        "all three SuperNodes connecting",
-        d.procs.report,
-    )
-    exited = [site for site, node in d.nodes.items() if node.exited()]
-    assert not exited, f"SuperNodes {exited} exited\n{d.procs.report()}"
-
-    run_dir = (d.tmp / "run").resolve()
-    run_config = d.tmp / "run_config.toml"
-    run_config.write_text(
-        f"fedmsk-overrides = {toml_string(json.dumps(_overrides(d.fed_root.resolve(), run_dir)))}\n"
-    )
-    argv = ["flwr", "run", str(REPO), "fedmsk", "--run-config", str(run_config), "--stream"]
-    code, output = d.procs.run("flwr-run", argv, d.coordinator_env, d.tmp, RUN_S)
-    assert code == 0, f"flwr run exit {code}\n{d.procs.report()}"
-    # `flwr run` exits 0 even when the run failed: judge by what the ServerApp wrote.
-    results_path = run_dir / "results.json"
-    assert results_path.is_file(), f"no results.json in {run_dir}\n{d.procs.report()}"
-    results = json.loads(results_path.read_text())
-    assert sorted(results["sites"]) == SITES
-    assert results["sites"][HELDOUT]["role"] == "heldout"
-    assert {results["sites"][s]["role"] for s in SITES if s != HELDOUT} == {"train"}
-    assert results["run"]["training_sites"] == ["site00", "site01"]
-    assert results["run"]["heldout_sites"] == [HELDOUT]
-    assert results["failures"] == [], results["failures"]
-    trained = {m["round"] for m in _metrics(run_dir) if m["phase"] == "train"}
-    assert {1, 2} <= trained
-    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert checkpoints == [f"round_{r:04d}.ckpt" for r in range(1, ROUNDS + 1)]
-    assert (run_dir / "final_model.npz").is_file()
-
-
 def _refused_node(
     d: Deployment, name: str, argv: list[str], pattern: str
 ) -> tuple[Started, bool, str]:
@@ -235,3 +199,39 @@ def test_node_that_does_not_trust_the_ca_refuses_the_superlink(deployment: Deplo
     node, connected, log = _refused_node(d, "untrusting-node", argv, "CERTIFICATE_VERIFY_FAILED")
     assert not connected, log[-3000:]
     assert "CERTIFICATE_VERIFY_FAILED" in log, log[-3000:]
+
+
+def test_two_rounds_over_tls_with_node_auth_finish(deployment: Deployment) -> None:
+    d = deployment
+    wait_until(
+        lambda: all(log_matches(n, CONNECTED) or n.exited() for n in d.nodes.values()),
+        NODE_CONNECT_S,
+        "all three SuperNodes connecting",
+        d.procs.report,
+    )
+    exited = [site for site, node in d.nodes.items() if node.exited()]
+    assert not exited, f"SuperNodes {exited} exited\n{d.procs.report()}"
+
+    run_dir = (d.tmp / "run").resolve()
+    run_config = d.tmp / "run_config.toml"
+    run_config.write_text(
+        f"fedmsk-overrides = {toml_string(json.dumps(_overrides(d.fed_root.resolve(), run_dir)))}\n"
+    )
+    argv = ["flwr", "run", str(REPO), "fedmsk", "--run-config", str(run_config), "--stream"]
+    code, output = d.procs.run("flwr-run", argv, d.coordinator_env, d.tmp, RUN_S)
+    assert code == 0, f"flwr run exit {code}\n{d.procs.report()}"
+    # `flwr run` exits 0 even when the run failed: judge by what the ServerApp wrote.
+    results_path = run_dir / "results.json"
+    assert results_path.is_file(), f"no results.json in {run_dir}\n{d.procs.report()}"
+    results = json.loads(results_path.read_text())
+    assert sorted(results["sites"]) == SITES
+    assert results["sites"][HELDOUT]["role"] == "heldout"
+    assert {results["sites"][s]["role"] for s in SITES if s != HELDOUT} == {"train"}
+    assert results["run"]["training_sites"] == ["site00", "site01"]
+    assert results["run"]["heldout_sites"] == [HELDOUT]
+    assert results["failures"] == [], results["failures"]
+    trained = {m["round"] for m in _metrics(run_dir) if m["phase"] == "train"}
+    assert {1, 2} <= trained
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert checkpoints == [f"round_{r:04d}.ckpt" for r in range(1, ROUNDS + 1)]
+    assert (run_dir / "final_model.npz").is_file()

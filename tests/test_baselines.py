@@ -1,0 +1,75 @@
+"""Pooled and local-only baselines on the federation's splits, the comparison table, sweeps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedmsk.centralized import run_centralized
+from fedmsk.commands.simulate import dedupe_overrides, expand_sweep, prepare
+from fedmsk.comparison import write_comparison
+from fedmsk.data.synthetic import generate_federation
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("baselines") / "fed"
+    generate_federation(root, task="xray_fracture", centers=3, seed=5, scale=0.4)
+    return root
+
+
+def _cfg(fed: Path, run_dir: Path):  # noqa: ANN202
+    return prepare(
+        [
+            f"data.root={fed}",
+            "data.synthetic=false",
+            "federation.num_rounds=1",
+            "model=resnet18",
+            "data.image_size=32",
+            f"run_dir={run_dir}",
+        ]
+    ).cfg
+
+
+def test_prepare_names_sites_and_heldout_from_federation_json(fed: Path, tmp_path: Path) -> None:
+    cfg = _cfg(fed, tmp_path / "r")
+    assert cfg.federation.sites == ["site00", "site01", "site02"]
+    assert cfg.federation.heldout_sites == ["site02"]
+    assert Path(cfg.run_dir).is_absolute() and Path(cfg.data.root).is_absolute()
+
+
+def test_pooled_and_local_runs_feed_one_comparison_table(fed: Path, tmp_path: Path) -> None:
+    pooled = run_centralized(_cfg(fed, tmp_path / "pooled"), "pooled")
+    local = run_centralized(_cfg(fed, tmp_path / "local"), "local", "site01")
+    for run, mode, trained in (
+        (pooled, "pooled", ["site00", "site01"]),
+        (local, "local", ["site01"]),
+    ):
+        results = json.loads((run / "results.json").read_text())
+        assert results["run"]["mode"] == mode
+        assert results["run"]["training_sites"] == trained
+        assert results["sites"]["site02"]["role"] == "heldout"
+        assert results["sites"]["site02"]["n"] > 0
+    paths = write_comparison(tmp_path / "cmp", {"pooled": pooled, "local:site01": local})
+    table = paths["markdown"].read_text()
+    assert "| pooled |" in table and "| local:site01 |" in table and "site02" in table
+    rows = json.loads(paths["json"].read_text())["rows"]
+    assert [r["method"] for r in rows] == ["pooled", "local:site01"]
+
+
+def test_local_mode_refuses_a_heldout_or_unknown_site(fed: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--site"):
+        run_centralized(_cfg(fed, tmp_path / "x"), "local", "site02")
+
+
+def test_multirun_sweeps_the_cartesian_product() -> None:
+    jobs = expand_sweep(["strategy=fedavg,fedprox", "seed=1,2", "model=resnet18"])
+    assert len(jobs) == 4
+    assert ["strategy=fedavg", "seed=1", "model=resnet18"] in jobs
+    assert ["strategy=fedprox", "seed=2", "model=resnet18"] in jobs
+
+
+def test_later_overrides_win() -> None:
+    assert dedupe_overrides(["a=1", "b=2", "a=3"]) == ["b=2", "a=3"]
