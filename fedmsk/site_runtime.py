@@ -186,6 +186,8 @@ class SiteRuntime:
         )
 
     def privacy_status(self) -> dict[str, float]:
+        if self.heldout:
+            return {}
         session = self._privacy_session()
         return {} if session is None else session.status()
 

@@ -91,8 +91,8 @@ class Settings:
     image_size: int = 128
     batch_size: int = 32
     site_scale: float = 4.0
-    # section 2 (bench_dp.py)
-    dp_args: list[str] = field(default_factory=list)
+    # section 2 (bench_dp.py): a generous per-configuration timeout for a loaded machine
+    dp_args: list[str] = field(default_factory=lambda: ["--timeout", "1200"])
     # section 3
     decode_size: int = 2048
     decode_repeats: int = 3
