@@ -59,10 +59,12 @@ def _json_default(value: Any) -> Any:
 
 
 class RunDirectory:
-    """Reads and writes one run's files; holds no state beyond its path."""
+    """Reads and writes one run's files; with ``tensorboard`` it mirrors metrics as scalars."""
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, tensorboard: bool = False) -> None:
         self.path = Path(path).resolve()
+        self.tensorboard = tensorboard
+        self._writer: Any = None
 
     @property
     def metrics_path(self) -> Path:
@@ -82,6 +84,23 @@ class RunDirectory:
         with self.metrics_path.open("a", encoding="utf-8") as handle:
             handle.write(line + "\n")
             handle.flush()
+        if self.tensorboard:
+            self._write_scalars(record)
+
+    def _write_scalars(self, record: dict[str, Any]) -> None:
+        """Metric lines as TensorBoard scalars tagged phase/site/name, stepped by round."""
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(self.path / "tensorboard"))
+        step = int(record.get("round", 0))
+        prefix = f"{record.get('phase', 'metric')}/{record.get('site') or 'all'}"
+        for key, value in record.items():
+            if key in ("round", "phase", "site") or isinstance(value, bool):
+                continue
+            if isinstance(value, int | float):
+                self._writer.add_scalar(f"{prefix}/{key}", float(value), step)
+        self._writer.flush()
 
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.is_file():

@@ -182,7 +182,7 @@ def main(grid: Grid, context: Context) -> None:
     cfg = compose(overrides_from_run_config(dict(context.run_config)))
     if not Path(cfg.run_dir).is_absolute():
         raise ValueError(f"run_dir={cfg.run_dir!r} must be an absolute path for a federated run")
-    run_dir = RunDirectory(cfg.run_dir)
+    run_dir = RunDirectory(cfg.run_dir, tensorboard=cfg.evaluation.tensorboard)
     checkpoint = run_dir.checkpoint_for_resume(cfg) if cfg.resume else None
     run_dir.initialise(cfg)
     node_alias = discover_sites(grid, cfg)

@@ -108,6 +108,8 @@ class Settings:
     )
     quality_overrides: list[str] = field(default_factory=list)
     bench_fit_args: list[str] = field(default_factory=list)
+    # finished federated runs by config hash (run_dir excluded): section 5 reuses section 4's
+    finished_runs: dict[str, Path] = field(default_factory=dict)
 
 
 def settings(args: argparse.Namespace) -> Settings:
@@ -685,6 +687,7 @@ def section_federation(s: Settings) -> list[Row]:
     with RunWatcher(run_dir / "metrics.jsonl") as watcher:
         simulate_once(overrides, report=False)
     total = time.monotonic() - started
+    s.finished_runs[run_hash(overrides)] = run_dir
     results = json.loads((run_dir / "results.json").read_text())
     timings = round_timings(watcher.lines, started)
     steady = [t for t in timings if not t.includes_startup] or timings
@@ -726,6 +729,13 @@ def section_federation(s: Settings) -> list[Row]:
 # -- section 5 ---------------------------------------------------------------------------------
 
 
+def run_hash(overrides: list[str]) -> str:
+    from fedmsk.commands.simulate import prepare
+    from fedmsk.config import config_hash
+
+    return config_hash(prepare(overrides).cfg)
+
+
 def strategy_overrides(name: str) -> list[str]:
     """``fedavg+eps8`` -> strategy=fedavg privacy=eps8."""
     strategy, _, privacy = name.partition("+")
@@ -750,9 +760,10 @@ def quality_runs(s: Settings) -> dict[str, Path]:
         cfg = prepare([*base, f"run_dir={out / ('local-' + alias)}"]).cfg
         runs[f"local:{alias}"] = run_centralized(cfg, "local", alias)
     for name in s.quality_strategies:
-        print(f"# quality: {name}", flush=True)
         job = [*base, *strategy_overrides(name), f"run_dir={out / name.replace('+', '-')}"]
-        runs[name] = simulate_once(job, report=False)
+        same = s.finished_runs.get(run_hash(job))
+        print(f"# quality: {name}{' (section 4 run, same config)' if same else ''}", flush=True)
+        runs[name] = same if same is not None else simulate_once(job, report=False)
     return runs
 
 

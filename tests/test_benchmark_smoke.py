@@ -1,0 +1,174 @@
+"""simulations/benchmark.py: the table logic, and one whole ``--quick`` run of every section.
+
+The quick run is the benchmark's only place in the test suite: it proves that each section
+still runs against the current code and writes its rows, not that any target is met.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "simulations" / "benchmark.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("fedmsk_benchmark", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fedmsk_benchmark"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load()
+
+
+def _meta() -> dict:
+    return {
+        "date": "2026-01-01T00:00:00+00:00",
+        "machine": {"cpu_count": 2, "gpu": None, "torch": "x", "load_average_start": [0.0]},
+        "command": "simulations/benchmark.py --quick",
+        "quick": True,
+        "section_seconds": {},
+        "section_dates": {},
+    }
+
+
+def test_status_for_targets() -> None:
+    assert bench.status_for(0.96, at_least=0.95) == "OK"
+    assert bench.status_for(0.94, at_least=0.95) == "MISSED"
+    assert bench.status_for(None, at_least=0.95) == "MISSED"
+    assert bench.status_for(float("nan"), at_least=0.0) == "MISSED"
+    assert bench.status_for(0.04, below=0.05) == "OK"
+    assert bench.status_for(0.05, below=0.05) == "MISSED"
+
+
+def test_markdown_shows_missed_with_the_measured_figure() -> None:
+    rows = [
+        bench.Row(1, "ratio", 0.5, "ratio", ">= 0.95", "MISSED", "a|b"),
+        bench.Row(2, "speed", 123.4, "images/s"),
+    ]
+    text = bench.markdown(rows, _meta() | {"section_seconds": {"1": 3.0}})
+    assert "| 1 | ratio | 0.500 | ratio | >= 0.95 | **MISSED** (0.500) | a/b |" in text
+    assert "| 2 | speed | 123 | images/s |  |  |  |" in text
+    assert "section 1 (" in text
+
+
+def test_outputs_keep_rows_of_sections_not_run(tmp_path: Path) -> None:
+    first = _meta() | {"section_seconds": {"1": 1.0}, "section_dates": {"1": "d1"}}
+    bench.write_outputs(tmp_path, [bench.Row(1, "one", 1.0, "s")], first, [1])
+    second = _meta() | {"section_seconds": {"2": 2.0}, "section_dates": {"2": "d2"}}
+    bench.write_outputs(tmp_path, [bench.Row(2, "two", 2.0, "s")], second, [2])
+    data = json.loads((tmp_path / "benchmark.json").read_text())
+    assert [(r["section"], r["name"]) for r in data["rows"]] == [(1, "one"), (2, "two")]
+    assert data["section_dates"] == {"1": "d1", "2": "d2"}
+    third = _meta() | {"section_seconds": {"1": 5.0}}
+    bench.write_outputs(tmp_path, [bench.Row(1, "again", 3.0, "s")], third, [1])
+    data = json.loads((tmp_path / "benchmark.json").read_text())
+    assert [r["name"] for r in data["rows"]] == ["again", "two"]
+
+
+def test_round_timings_from_time_stamped_metrics() -> None:
+    lines = [
+        (10.0, {"round": 1, "phase": "train", "site": "a", "train-seconds": 2.0}),
+        (10.0, {"round": 1, "phase": "train", "site": "b", "train-seconds": 4.0}),
+        (11.0, {"round": 1, "phase": "train", "site": None}),
+        (15.0, {"round": 1, "phase": "val", "site": None}),
+        (25.0, {"round": 2, "phase": "train", "site": "a", "train-seconds": 3.0}),
+        (26.0, {"round": 2, "phase": "train", "site": None}),
+    ]
+    first, second = bench.round_timings(lines, started=1.0)
+    assert (first.round, first.wall, first.train_seconds, first.includes_startup) == (
+        1, 10.0, [2.0, 4.0], True,
+    )  # fmt: skip
+    assert (second.round, second.wall, second.train_seconds, second.includes_startup) == (
+        2, 11.0, [3.0], False,
+    )  # fmt: skip
+
+
+def test_timed_loader_counts_time_in_the_iterator() -> None:
+    import time
+
+    class Slow:
+        dataset = [0, 1, 2]
+
+        def __len__(self) -> int:
+            return 3
+
+        def __iter__(self):
+            for item in self.dataset:
+                time.sleep(0.02)
+                yield item
+
+    timed = bench.TimedLoader(Slow())
+    assert list(timed) == [0, 1, 2] and len(timed) == 3
+    assert timed.waited >= 0.05
+
+
+def test_dp_target_prefers_resnet18_and_judges_the_best_mode() -> None:
+    results = [
+        {"model": "mobilenetv3_small_100", "mode": "functorch", "ratio": 0.9, "steps": 2},
+        {"model": "resnet18", "mode": "none", "ratio": None, "steps": 2},
+        {"model": "resnet18", "mode": "hooks", "ratio": 0.25, "steps": 2},
+        {"model": "resnet18", "mode": "ew", "ratio": 0.4, "steps": 2},
+    ]
+    row = bench.dp_target_row(results, {})
+    assert "resnet18" in row.name and "(ew)" in row.name
+    assert row.value == pytest.approx(2.5) and row.status == "MISSED"
+    results[3]["ratio"] = 0.6
+    assert bench.dp_target_row(results, {}).status == "OK"
+
+
+@pytest.mark.slow
+def test_quick_benchmark_writes_every_section(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        cwd=REPO,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    data = json.loads((out / "benchmark.json").read_text())
+    rows = data["rows"]
+    assert {r["section"] for r in rows} == {1, 2, 3, 4, 5}
+    assert not [r for r in rows if r["status"] == "FAILED"]
+    by_name = {r["name"]: r for r in rows}
+
+    def one(prefix: str) -> dict:
+        found = [r for n, r in by_name.items() if n.startswith(prefix)]
+        assert found, f"no row starting {prefix!r} in {sorted(by_name)}"
+        return found[0]
+
+    for prefix in ("bare PyTorch loop", "federated round", "DICOM cold", "peak memory"):
+        value = one(prefix)["value"]
+        assert value is not None and math.isfinite(value) and value > 0, prefix
+    targets = [r for r in rows if r["target"]]
+    assert {r["section"] for r in targets} == {1, 2, 3, 4, 5}
+    ratio = one("round / bare throughput")
+    assert ratio["status"] == ("OK" if ratio["value"] >= 0.95 else "MISSED")
+    overhead = one("federation overhead")
+    assert 0 <= overhead["value"] <= 100
+    assert overhead["status"] == ("OK" if overhead["value"] < 10 else "MISSED")
+    assert one("bytes sent per client")["value"] > 40  # resnet18: 11.2 M float32 values
+    methods = {r["name"].split(":")[0] for r in rows if r["section"] == 5}
+    assert {"pooled", "local", "fedavg"} <= methods
+    for r in (r for r in rows if r["section"] == 5 and "held-out AUC (" in r["name"]):
+        assert r["value"] is None or 0.0 <= r["value"] <= 1.0
+    text = (out / "benchmark.md").read_text()
+    assert "| # | measurement | value | unit | target | status | notes |" in text
+    for r in rows:
+        assert f"| {r['section']} | {r['name']} |" in text
+        if r["status"] == "MISSED":
+            assert f"**MISSED** ({bench.format_value(r['value'])})" in text
+    assert (out / "quality" / "comparison.md").is_file()
