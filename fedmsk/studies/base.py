@@ -160,7 +160,7 @@ class Scores:
             [self.sites[i] for i in pick],
         )
 
-    def keys(self) -> list[tuple[str, str]]:
+    def image_keys(self) -> list[tuple[str, str]]:
         return list(zip(self.sites, self.images, strict=True))
 
 
@@ -234,11 +234,11 @@ def take(scores: Scores, order: Sequence[int]) -> Scores:
 
 def align(reference: Scores, other: Scores) -> Scores:
     """``other`` reordered to ``reference``'s images; every reference image must be in it."""
-    index = {key: i for i, key in enumerate(other.keys())}
-    missing = [key for key in reference.keys() if key not in index]
+    index = {key: i for i, key in enumerate(other.image_keys())}
+    missing = [key for key in reference.image_keys() if key not in index]
     if missing:
         raise StudyError(f"{len(missing)} image(s) were not scored by the second model")
-    return take(other, [index[key] for key in reference.keys()])
+    return take(other, [index[key] for key in reference.image_keys()])
 
 
 def by_patient(scores: Scores, how: str) -> Scores:

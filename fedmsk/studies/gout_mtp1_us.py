@@ -66,8 +66,8 @@ def _combine_views(per_view: list[dict[str, dict[str, Scores]]]) -> dict[str, di
 
 
 def _keep_scored(single: Scores, multiple: Scores) -> Scores:
-    keys = set(multiple.keys())
-    return single.subset([k in keys for k in single.keys()])
+    keys = set(multiple.image_keys())
+    return single.subset([k in keys for k in single.image_keys()])
 
 
 def analyse(ctx: StudyContext) -> StudyOutput:

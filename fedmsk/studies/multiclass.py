@@ -90,5 +90,6 @@ def class_table(figures: dict[str, Any] | None, with_auc: bool = True) -> str:
 def confusion_table(figures: dict[str, Any] | None, classes: Sequence[str]) -> str:
     if not figures:
         return ""
-    rows = [[f"true {c}", *map(str, row)] for c, row in zip(classes, figures["confusion_matrix"])]
+    matrix = figures["confusion_matrix"]
+    rows = [[f"true {c}", *map(str, row)] for c, row in zip(classes, matrix, strict=True)]
     return md_table(["", *[f"pred {c}" for c in classes]], rows)
