@@ -505,6 +505,8 @@ def _privacy(raw: Any) -> list[PrivacyRow]:
     for index, (alias, entry) in enumerate(sorted(raw.items(), key=lambda kv: str(kv[0]))):
         if isinstance(entry, dict):
             stopped = entry.get("stopped")
+            if stopped is None and isinstance(entry.get("budget-exhausted"), int | float):
+                stopped = bool(entry["budget-exhausted"])
             rows.append(
                 PrivacyRow(
                     site=_site_name(alias, index),

@@ -208,8 +208,29 @@ def _planned_steps(loader: DataLoader, cfg: TrainConfig) -> int:
     return total
 
 
+class _PerSampleWeightedLoss(nn.Module):
+    """Class-weighted cross-entropy averaged over the batch size, not the batch's weights.
+
+    PyTorch's weighted mean divides by the sum of the batch's weights, which couples every
+    image's gradient to the other images in the batch: under DP-SGD one image's influence
+    would then not be bounded by the clipping norm alone. Dividing by the batch size keeps
+    the loss a plain sum of per-image terms.
+    """
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.criterion = nn.CrossEntropyLoss(weight=weight, reduction="none")
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.criterion(logits, target).sum() / max(1, target.shape[0])
+
+
 def _loss_fn(
-    cfg: TrainConfig, num_classes: int, class_counts: Sequence[int] | None, device: torch.device
+    cfg: TrainConfig,
+    num_classes: int,
+    class_counts: Sequence[int] | None,
+    device: torch.device,
+    private: bool = False,
 ) -> nn.Module:
     mode = cfg.class_weighting.lower()
     if mode not in CLASS_WEIGHTINGS:
@@ -224,7 +245,8 @@ def _loss_fn(
             "train.class_weighting='loss' needs the site's class counts: pass class_counts "
             "(e.g. SiteLoaders.counts) to fit(), or set train.class_weighting=none"
         )
-    return nn.CrossEntropyLoss(weight=class_weights(class_counts, num_classes).to(device))
+    weights = class_weights(class_counts, num_classes).to(device)
+    return _PerSampleWeightedLoss(weights) if private else nn.CrossEntropyLoss(weight=weights)
 
 
 class _Proximal:
@@ -304,7 +326,7 @@ def fit(
     round and the previous setting is restored afterwards.
     """
     device = resolve_device(cfg.device)
-    criterion = _loss_fn(cfg, num_classes, class_counts, device)
+    criterion = _loss_fn(cfg, num_classes, class_counts, device, private=privacy is not None)
     if privacy is not None and not privacy.can_train():
         return FitResult(0, math.nan, 0, 0.0, 0.0, float(privacy.after_fit(0)))
 

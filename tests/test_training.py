@@ -351,3 +351,18 @@ def test_fedprox_survives_an_optimizer_that_rewrites_gradients() -> None:
         distances[mu] = _distance(model, global_arrays) / start
     assert distances[0.0] == pytest.approx(1.0)  # data gradients erased: nothing moves
     assert distances[1.0] < 0.99  # the proximal gradient, added after pre_step, still acts
+
+
+def test_private_class_weighted_loss_is_a_sum_of_per_image_terms() -> None:
+    from fedmsk.training import _loss_fn
+
+    cfg = TrainConfig(class_weighting="loss")
+    criterion = _loss_fn(cfg, 2, [30, 10], torch.device("cpu"), private=True)
+    logits = torch.randn(6, 2)
+    target = torch.tensor([0, 1, 1, 0, 0, 1])
+    whole = criterion(logits, target)
+    # Each image's term does not depend on which other images share its batch.
+    parts = sum(criterion(logits[i : i + 1], target[i : i + 1]) for i in range(6)) / 6
+    torch.testing.assert_close(whole, parts)
+    plain = _loss_fn(cfg, 2, [30, 10], torch.device("cpu"), private=False)
+    assert not torch.allclose(plain(logits, target), whole)
