@@ -27,6 +27,7 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
+from client.secagg import secagg_train_mod
 from fedmsk.config import ExperimentConfig, compose, overrides_from_run_config
 from fedmsk.site_runtime import SiteRuntime, derive_seed, node_logger
 
@@ -152,7 +153,7 @@ def _handle(msg: Message, context: Context, action: str) -> Message:
         return failure_reply(msg, alias, error)
 
 
-@app.train()
+@app.train(mods=[secagg_train_mod])
 def train(msg: Message, context: Context) -> Message:
     return _handle(msg, context, "train")
 

@@ -130,7 +130,7 @@ class PrivacyConfig:
     secure_aggregation: bool = False
     secagg_num_shares: int = 3
     secagg_reconstruction_threshold: int = 2
-    secagg_clipping_range: float = 8.0
+    secagg_clipping_range: float = 0.0
     secagg_max_weight: float = 10000.0
 
 

@@ -201,12 +201,16 @@ def main(grid: Grid, context: Context) -> None:
     else:
         run_dir.truncate_metrics_after(0)
     training = recorder.training_node_ids()
-    strategy = build_strategy(cfg.strategy, len(training), len(node_alias))
-    strategy.attach(recorder)
-    if checkpoint:
-        strategy.import_state(checkpoint.strategy_state)
     remaining = cfg.federation.num_rounds - recorder.round_offset
-    if remaining > 0:
+    if cfg.privacy.secure_aggregation:
+        from server.secagg import run_secagg_rounds  # here: server.secagg imports this module
+
+        run_secagg_rounds(grid, context, recorder, arrays)
+    elif remaining > 0:
+        strategy = build_strategy(cfg.strategy, len(training), len(node_alias))
+        strategy.attach(recorder)
+        if checkpoint:
+            strategy.import_state(checkpoint.strategy_state)
         strategy.start(
             grid=grid,
             initial_arrays=to_record(arrays),

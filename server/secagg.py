@@ -1,0 +1,489 @@
+"""The training rounds of a federated run under secure aggregation (SecAgg+).
+
+Why a path of its own: in Flower 1.41 SecAgg+ works only through the legacy workflow
+(``SecAggPlusWorkflow`` with a ``LegacyContext`` and a legacy strategy). A Message-API strategy
+with ``secaggplus_mod`` on the nodes fails every reply yet "completes" with the initial model.
+So ``server/app.py`` keeps its own setup (config, run directory, site discovery, resume) and its
+final evaluation; only the rounds come here when ``privacy.secure_aggregation`` is true.
+
+Each round runs the four SecAgg+ stages against the training sites only (the held-out center
+never trains), takes the unmasked weighted mean (FedAvg is the only aggregation a sum of masked
+vectors allows), then records it exactly like the plain path: per-site metric lines, a
+checkpoint through :class:`server.rounds.RoundRecorder`, and a federated evaluation of every
+site. The server never holds a single site's weights.
+
+Quantisation, chosen per round: SecAgg+ scales each update by ``num_examples / max_weight``,
+clips it SILENTLY to ``±clipping_range`` and quantises it to ``Q`` levels. The clipping range is
+``max(privacy.secagg_clipping_range, SAFETY_FACTOR x the global model's largest magnitude)`` and
+``Q`` is the largest power of two whose sum over all sites cannot wrap the 2**32 modulus, which
+keeps the error far below that of the default 2**22. Nodes report how many values they clip;
+any clipping is logged, written to metrics.jsonl and to ``secagg.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import (
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.common import (
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    Parameters,
+    Scalar,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.compat.common import recorddict_compat as compat
+from flwr.server import ServerConfig
+from flwr.server.client_manager import ClientManager, SimpleClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import FedAvg
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
+from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
+from flwr.serverapp import Grid
+
+from client.secagg import (
+    ARRAY_NAMES_KEY,
+    CLIPPED_METRIC,
+    CLIPPING_RANGE_KEY,
+    MAX_WEIGHT_KEY,
+    QUANTIZATION_RANGE_KEY,
+    ROUND_KEY,
+)
+from fedmsk.config import ExperimentConfig
+from server.rounds import RoundRecorder, describe_error
+
+log = logging.getLogger("fedmsk.server")
+
+SAFETY_FACTOR = 4.0
+MODULUS_RANGE = 2**32
+MAX_QUANTIZATION_RANGE = 2**30  # quantised values are rounded through int32 on the nodes
+SECAGG_STRATEGIES = ("fedavg", "fedbn", "fedprox")
+SUMMARY_FILE = "secagg.json"
+
+
+class SecAggConfigError(ValueError):
+    """A setting that secure aggregation cannot honour; the message names it."""
+
+
+# -- settings ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SecAggSettings:
+    """One round's SecAgg+ parameters, as sent to the nodes."""
+
+    num_shares: int | float
+    reconstruction_threshold: int
+    clipping_range: float
+    quantization_range: int
+    max_weight: float
+    modulus_range: int = MODULUS_RANGE
+
+
+def check_secagg_config(cfg: ExperimentConfig, num_training_sites: int) -> None:
+    """Refuse combinations SecAgg+ cannot run, naming the setting to change."""
+    privacy = cfg.privacy
+    if cfg.strategy.name not in SECAGG_STRATEGIES:
+        raise SecAggConfigError(
+            f"strategy.name={cfg.strategy.name!r} cannot run with privacy.secure_aggregation="
+            f"true: the server sees only the sum of the updates, which allows a weighted mean "
+            f"({', '.join(SECAGG_STRATEGIES)}) and nothing else"
+        )
+    if num_training_sites < 2:
+        raise SecAggConfigError(
+            f"privacy.secure_aggregation=true needs at least 2 training sites, the federation "
+            f"has {num_training_sites} (federation.sites minus federation.heldout_sites)"
+        )
+    if privacy.secagg_num_shares < 3:
+        raise SecAggConfigError(
+            f"privacy.secagg_num_shares={privacy.secagg_num_shares} must be at least 3"
+        )
+    if not 2 <= privacy.secagg_reconstruction_threshold < privacy.secagg_num_shares:
+        raise SecAggConfigError(
+            f"privacy.secagg_reconstruction_threshold={privacy.secagg_reconstruction_threshold}"
+            f" must be at least 2 and below privacy.secagg_num_shares="
+            f"{privacy.secagg_num_shares}"
+        )
+    if privacy.secagg_max_weight <= 0:
+        raise SecAggConfigError(
+            f"privacy.secagg_max_weight={privacy.secagg_max_weight} must be positive"
+        )
+
+
+def quantization_range_for(num_sites: int) -> int:
+    """The largest power of two Q with ``num_sites * Q < 2**32``: the unmasked sum of every
+    site's quantised values (each below Q) must not wrap around the modulus."""
+    q = MAX_QUANTIZATION_RANGE
+    while q * num_sites >= MODULUS_RANGE:
+        q //= 2
+    return q
+
+
+def clipping_range_for(arrays: dict[str, np.ndarray], configured: float) -> float:
+    """Room for every scaled value: SAFETY_FACTOR x the largest magnitude of the global model
+    (local training moves weights, BatchNorm statistics most), never below the configured
+    range. Scaling by ``num_examples / max_weight <= 1`` only shrinks values."""
+    largest = max((float(np.max(np.abs(v))) for v in arrays.values() if v.size), default=0.0)
+    return float(max(configured, SAFETY_FACTOR * largest, 1e-6))
+
+
+def settings_for(
+    cfg: ExperimentConfig, arrays: dict[str, np.ndarray], num_sites: int
+) -> SecAggSettings:
+    privacy = cfg.privacy
+    # More shares than sites only repeats neighbours; 1.0 means "every sampled site".
+    num_shares: int | float = (
+        privacy.secagg_num_shares if privacy.secagg_num_shares < num_sites else 1.0
+    )
+    return SecAggSettings(
+        num_shares=num_shares,
+        reconstruction_threshold=min(privacy.secagg_reconstruction_threshold, num_sites),
+        clipping_range=clipping_range_for(arrays, privacy.secagg_clipping_range),
+        quantization_range=quantization_range_for(num_sites),
+        max_weight=float(privacy.secagg_max_weight),
+    )
+
+
+# -- the legacy strategy -----------------------------------------------------------------------
+
+
+@dataclass
+class RoundOutcome:
+    """What one SecAgg+ round produced, filled in by the strategy's hooks."""
+
+    arrays: dict[str, np.ndarray] | None = None
+    sites: list[tuple[str, int, dict[str, Scalar]]] = field(default_factory=list)
+
+
+class SecAggFedAvg(FedAvg):
+    """The legacy strategy SecAggPlusWorkflow drives: fit instructions for the training
+    sites only, and the already unmasked mean taken as the round's model."""
+
+    def __init__(
+        self, recorder: RoundRecorder, names: list[str], dtypes: dict[str, np.dtype]
+    ) -> None:
+        super().__init__(fraction_evaluate=0.0, min_evaluate_clients=0)
+        self.recorder = recorder
+        self.names = names
+        self.dtypes = dtypes
+        self.proxies: list[ClientProxy] = []
+        self.fit_config: dict[str, Scalar] = {}
+        self.outcome = RoundOutcome()
+
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        config: dict[str, Any] = dict(self.fit_config)
+        return [(proxy, FitIns(parameters, dict(config))) for proxy in self.proxies]
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[Any],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        if not results:
+            return None, {}
+        # Every result carries the same unmasked mean (the workflow puts it there).
+        values = parameters_to_ndarrays(results[0][1].parameters)
+        self.outcome.arrays = {
+            name: np.asarray(value, dtype=self.dtypes[name]).reshape(
+                self.recorder.reference_shapes[name]
+            )
+            for name, value in zip(self.names, values, strict=True)
+        }
+        self.outcome.sites = sorted(
+            (
+                (self.recorder.alias_of(proxy.node_id), int(res.num_examples), dict(res.metrics))
+                for proxy, res in results
+            ),
+            key=lambda site: site[0],
+        )
+        return results[0][1].parameters, {}
+
+    def configure_evaluate(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, EvaluateIns]]:
+        return []
+
+    def aggregate_evaluate(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, EvaluateRes]],
+        failures: list[Any],
+    ) -> tuple[float | None, dict[str, Scalar]]:
+        return None, {}
+
+    def evaluate(
+        self, server_round: int, parameters: Parameters
+    ) -> tuple[float, dict[str, Scalar]] | None:
+        return None
+
+
+class WatchedGrid:
+    """A Grid that remembers which node answered each SecAgg+ stage with an error, so a
+    dropped site can be named in metrics.jsonl (the workflow keeps only the errors)."""
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+        self.errors: dict[int, str] = {}
+        self.silent: set[int] = set()
+
+    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> Any:
+        messages = list(messages)
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        answered = {m.metadata.src_node_id for m in replies}
+        self.silent |= {m.metadata.dst_node_id for m in messages} - answered
+        for reply in replies:
+            if reply.has_error():
+                self.errors.setdefault(reply.metadata.src_node_id, reply.error.reason)
+        return replies
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+# -- the rounds --------------------------------------------------------------------------------
+
+
+def run_secagg_rounds(
+    grid: Grid, context: Context, recorder: RoundRecorder, arrays: dict[str, np.ndarray]
+) -> None:
+    """Run the remaining rounds with SecAgg+; ``recorder.last_arrays`` holds the result."""
+    cfg = recorder.cfg
+    training = recorder.training_node_ids()
+    check_secagg_config(cfg, len(training))
+    if cfg.strategy.fraction_train < 1.0:
+        log.warning("secure aggregation samples every training site (strategy.fraction_train)")
+    names = list(arrays)
+    strategy = SecAggFedAvg(recorder, names, {k: np.asarray(v).dtype for k, v in arrays.items()})
+    strategy.proxies = [
+        GridClientProxy(node_id=n, grid=grid, run_id=grid.run.run_id) for n in training
+    ]
+    manager = SimpleClientManager()
+    for proxy in strategy.proxies:
+        manager.register(proxy)
+    remaining = cfg.federation.num_rounds - recorder.round_offset
+    legacy = LegacyContext(context, ServerConfig(num_rounds=remaining), strategy, manager)
+    current = {k: np.asarray(v) for k, v in arrays.items()}
+    summary: list[dict[str, Any]] = _previous_summary(recorder)
+    for server_round in range(1, remaining + 1):
+        settings = settings_for(cfg, current, len(training))
+        entry = secagg_round(grid, legacy, strategy, settings, server_round, current)
+        summary.append(entry)
+        recorder.run_dir.write_json(SUMMARY_FILE, {"rounds": summary})
+        if recorder.last_arrays is not None:
+            current = recorder.last_arrays
+        evaluate_round(grid, recorder, current, server_round)
+
+
+def _previous_summary(recorder: RoundRecorder) -> list[dict[str, Any]]:
+    """Rounds already summarised before a resume (later ones are run again)."""
+    path = recorder.run_dir.path / SUMMARY_FILE
+    if not path.is_file() or not recorder.round_offset:
+        return []
+    rounds = json.loads(path.read_text(encoding="utf-8")).get("rounds", [])
+    return [r for r in rounds if int(r.get("round", 0)) <= recorder.round_offset]
+
+
+def secagg_round(
+    grid: Grid,
+    legacy: LegacyContext,
+    strategy: SecAggFedAvg,
+    settings: SecAggSettings,
+    server_round: int,
+    current: dict[str, np.ndarray],
+) -> dict[str, Any]:
+    """One training round: the four SecAgg+ stages, then the recorder's bookkeeping."""
+    from server.app import to_record  # here: server.app dispatches to this module
+
+    recorder = strategy.recorder
+    absolute = recorder.absolute_round(server_round)
+    strategy.outcome = RoundOutcome()
+    strategy.fit_config = {
+        ARRAY_NAMES_KEY: json.dumps(strategy.names),
+        ROUND_KEY: absolute,
+        "server-round": server_round,
+        "num-rounds": recorder.cfg.federation.num_rounds,
+        CLIPPING_RANGE_KEY: settings.clipping_range,
+        MAX_WEIGHT_KEY: settings.max_weight,
+        QUANTIZATION_RANGE_KEY: settings.quantization_range,
+    }
+    legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
+        {Key.CURRENT_ROUND: absolute, Key.START_TIME: time.time()}
+    )
+    legacy.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
+        ndarrays_to_parameters([current[name] for name in strategy.names]), keep_input=True
+    )
+    workflow = SecAggPlusWorkflow(
+        num_shares=settings.num_shares,
+        reconstruction_threshold=settings.reconstruction_threshold,
+        max_weight=settings.max_weight,
+        clipping_range=settings.clipping_range,
+        quantization_range=settings.quantization_range,
+        modulus_range=settings.modulus_range,
+        timeout=recorder.cfg.federation.round_timeout_s,
+    )
+    watched = WatchedGrid(grid)
+    state = WorkflowState()
+    started = time.monotonic()
+    stages = (
+        workflow.setup_stage,
+        workflow.share_keys_stage,
+        workflow.collect_masked_vectors_stage,
+        workflow.unmask_stage,
+    )
+    completed = all(stage(watched, legacy, state) for stage in stages)  # type: ignore[arg-type]
+    seconds = time.monotonic() - started
+    outcome = strategy.outcome
+    contributors = {alias for alias, _, _ in outcome.sites}
+    _record_dropouts(recorder, server_round, watched, contributors)
+    clipped = int(sum(float(m.get(CLIPPED_METRIC, 0.0)) for _, _, m in outcome.sites))
+    usable = completed and outcome.arrays is not None and _aggregate_problem(outcome) is None
+    if usable and recorder.enough_replies(outcome.sites):  # type: ignore[arg-type]
+        _record_sites(recorder, server_round, outcome)
+        recorder.on_train_aggregated(
+            server_round, to_record(outcome.arrays), _mean_metrics(outcome), {}
+        )
+    else:
+        if completed and outcome.arrays is not None and _aggregate_problem(outcome):
+            log.warning("round %s: %s", absolute, _aggregate_problem(outcome))
+        recorder.record_skipped_round(server_round, len(outcome.sites))
+        recorder.on_train_aggregated(server_round, None, None, {})
+    max_abs = (
+        max(float(np.max(np.abs(v))) for v in outcome.arrays.values() if v.size)
+        if outcome.arrays
+        else None
+    )
+    entry = {
+        "round": absolute,
+        "completed": bool(usable),
+        "sites": sorted(contributors),
+        **asdict(settings),
+        "clipped-values": clipped,
+        "max-abs-aggregate": max_abs,
+        "seconds": round(seconds, 2),
+    }
+    recorder.run_dir.append_metrics(
+        {"round": absolute, "phase": "secagg", "site": None}
+        | {k: v for k, v in entry.items() if k not in ("round", "sites")}
+    )
+    if clipped:
+        log.warning(
+            "round %s: secure aggregation clipped %d value(s) to ±%g; the aggregate is biased "
+            "(raise privacy.secagg_clipping_range)",
+            absolute,
+            clipped,
+            settings.clipping_range,
+        )
+    return entry
+
+
+def _record_dropouts(
+    recorder: RoundRecorder, server_round: int, watched: WatchedGrid, contributors: set[str]
+) -> None:
+    for node_id in recorder.training_node_ids():
+        alias = recorder.alias_of(node_id)
+        if alias in contributors:
+            continue
+        if node_id in watched.errors:
+            error = describe_error(watched.errors[node_id])
+        elif node_id in watched.silent:
+            error = "Timeout"
+        else:
+            error = "SecAggAborted"
+        recorder.record_failure(server_round, alias, "train", error)
+
+
+def _aggregate_problem(outcome: RoundOutcome) -> str | None:
+    for name, value in (outcome.arrays or {}).items():
+        if not np.isfinite(value).all():
+            return f"non-finite values in the secure aggregate of {name}"
+    return None
+
+
+def _record_sites(recorder: RoundRecorder, server_round: int, outcome: RoundOutcome) -> None:
+    """The per-site lines of the plain path: example count and aggregate metrics only."""
+    for alias, num_examples, metrics in outcome.sites:
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+        recorder.run_dir.append_metrics(
+            {"round": recorder.absolute_round(server_round), "phase": "train", "site": alias}
+            | numbers
+            | {"num-examples": num_examples}
+        )
+        if "epsilon" in numbers:
+            recorder.privacy.setdefault(alias, {})["epsilon"] = float(numbers["epsilon"])
+
+
+def _mean_metrics(outcome: RoundOutcome) -> MetricRecord:
+    """Example-weighted mean of the sites' numeric train metrics, as FedAvg reports them."""
+    total = sum(n for _, n, _ in outcome.sites)
+    if not outcome.sites or not total:
+        return MetricRecord({})
+    keys = set.intersection(
+        *(
+            {k for k, v in m.items() if isinstance(v, int | float) and k != CLIPPED_METRIC}
+            for _, _, m in outcome.sites
+        )
+    )
+    return MetricRecord(
+        {k: sum(float(m[k]) * n for _, n, m in outcome.sites) / total for k in sorted(keys)}
+    )
+
+
+def evaluate_round(
+    grid: Grid, recorder: RoundRecorder, arrays: dict[str, np.ndarray], server_round: int
+) -> None:
+    """Federated evaluation of every site after a round, as the plain path's strategy does
+    (evaluation replies are not masked: they carry aggregate metrics only)."""
+    from server.app import to_record
+
+    node_ids = sorted(recorder.node_alias, key=recorder.alias_of)
+    config = ConfigRecord(
+        {
+            "server-round": server_round,
+            "fedmsk-round": recorder.absolute_round(server_round),
+            "threshold": float(recorder.threshold),
+        }
+    )
+    record = to_record(arrays)
+    messages = [
+        Message(
+            RecordDict({"arrays": record, "config": config}),
+            dst_node_id=n,
+            message_type=MessageType.EVALUATE,
+        )
+        for n in node_ids
+    ]
+    recorder.expect("evaluate", server_round, node_ids)
+    replies = list(grid.send_and_receive(messages, timeout=recorder.cfg.federation.round_timeout_s))
+    recorder.on_evaluate_replies(server_round, replies)
+
+
+__all__ = [
+    "SecAggConfigError",
+    "SecAggSettings",
+    "check_secagg_config",
+    "clipping_range_for",
+    "quantization_range_for",
+    "run_secagg_rounds",
+    "settings_for",
+]
