@@ -159,11 +159,22 @@ def simulate_once(overrides: list[str], report: bool = True) -> Path:
     )
     plan = SimulationPlan(cfg, prepared.overrides, prepared.num_sites, run_dir / "flower.log")
     run_simulation(plan)
+    if cfg.study:
+        _study_analysis(cfg, run_dir)
     if report:
         if cfg.evaluation.gradcam:
             _heldout_cam(cfg, run_dir)
         _report(run_dir)
     return run_dir
+
+
+def _study_analysis(cfg: Any, run_dir: Path) -> None:
+    """The study's own analysis (configs/study/NAME.yaml, fedmsk/studies/NAME.py)."""
+    from fedmsk.studies import run_study_analysis
+
+    print(f"study analysis: {cfg.study} ...", flush=True)
+    run_study_analysis(cfg, run_dir)
+    print(f"study table: {run_dir / 'study_table.md'}", flush=True)
 
 
 def _heldout_cam(cfg: Any, run_dir: Path) -> None:
@@ -260,6 +271,8 @@ def run_compare(args: argparse.Namespace) -> int:
         pooled = prepare([*base.overrides, f"run_dir={out / 'pooled'}"]).cfg
         print("pooled training ...", flush=True)
         runs["pooled"] = run_centralized(pooled, "pooled")
+        if pooled.study:
+            _study_analysis(pooled, runs["pooled"])
         if not args.skip_local:
             for alias in cfg.federation.sites:
                 if alias in cfg.federation.heldout_sites:
@@ -273,6 +286,11 @@ def run_compare(args: argparse.Namespace) -> int:
                 [*base.overrides, f"strategy={name}", f"run_dir={out / name}"], report=False
             )
         paths = write_comparison(out, runs)
+        if cfg.study:
+            from fedmsk.studies import write_study_comparison
+
+            studied = {k: v for k, v in runs.items() if not k.startswith("local:")}
+            print(f"study comparison: {write_study_comparison(out, studied)}", flush=True)
     except Exception as exc:  # noqa: BLE001
         print(f"fedmsk compare: {exc}", file=sys.stderr)
         return 1

@@ -178,6 +178,16 @@ def concat(parts: Sequence[Scores], num_classes: int) -> Scores:
     )
 
 
+def site_loaders(cfg: ExperimentConfig, site_dir: Path, alias: str) -> Any:
+    """The site's loaders, with the data layer's per-file warnings sent to the site's own log
+    (``SITE_DIR/.fedmsk/logs/node.log``), as on a hospital node: file names stay there."""
+    from fedmsk.data.dataset import build_site_loaders
+    from fedmsk.site_runtime import node_logger
+
+    node_logger(Path(site_dir), alias)
+    return build_site_loaders(site_dir, cfg.task, cfg.data, cfg.train, seed=cfg.seed)
+
+
 def score_site(
     run: RunHandle, model: Any, site_dir: Path, alias: str, splits: Sequence[str]
 ) -> Scores:
@@ -188,11 +198,11 @@ def score_site(
     """
     from torch.utils.data import DataLoader
 
-    from fedmsk.data.dataset import SiteDataset, build_site_loaders
+    from fedmsk.data.dataset import SiteDataset
     from fedmsk.training import evaluate
 
     cfg = run.cfg
-    loaders = build_site_loaders(site_dir, cfg.task, cfg.data, cfg.train, seed=cfg.seed)
+    loaders = site_loaders(run.cfg, site_dir, alias)
     parts = [loaders.dataset(s) for s in splits]
     items = [item for part in parts if part is not None for item in part.items]
     k = cfg.task.num_classes

@@ -42,6 +42,7 @@ from fedmsk.studies.base import (
     md_table,
     paired_delong,
     score_sites,
+    site_loaders,
 )
 
 JOINTS = ("shoulder", "elbow", "hip", "tha")
@@ -159,13 +160,13 @@ def _pos(s: Scores) -> tuple[np.ndarray, np.ndarray]:
 def _cam(ctx: StudyContext, run: RunHandle, model: Any, joint: str, threshold: float | None):
     from torch.utils.data import ConcatDataset
 
-    from fedmsk.data.dataset import SiteDataset, build_site_loaders
+    from fedmsk.data.dataset import SiteDataset
     from fedmsk.explain import cam_grid_by_outcome
 
     cfg = run.cfg
     parts = []
     for alias in ctx.heldout_sites:
-        loaders = build_site_loaders(ctx.site_dir(alias), cfg.task, cfg.data, cfg.train, cfg.seed)
+        loaders = site_loaders(cfg, ctx.site_dir(alias), alias)
         items = [item for split in ALL_SPLITS if (d := loaders.dataset(split)) for item in d.items]
         if items:
             parts.append(SiteDataset(items, loaders.dataset(ALL_SPLITS[0]).cache, None))

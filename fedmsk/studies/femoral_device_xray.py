@@ -22,6 +22,7 @@ from fedmsk.studies.base import (
     concat,
     fmt,
     score_sites,
+    site_loaders,
 )
 from fedmsk.studies.multiclass import class_table, confusion_table, model_figures
 
@@ -34,13 +35,13 @@ def _cam(ctx: StudyContext, model: Any, scores_sites: list[str], name: str) -> s
     """Grad-CAM grid, one row per true class, of the test images of ``scores_sites``."""
     from torch.utils.data import ConcatDataset
 
-    from fedmsk.data.dataset import SiteDataset, build_site_loaders
+    from fedmsk.data.dataset import SiteDataset
     from fedmsk.explain import cam_grid_by_outcome
 
     cfg = ctx.cfg
     parts = []
     for alias in scores_sites:
-        loaders = build_site_loaders(ctx.site_dir(alias), cfg.task, cfg.data, cfg.train, cfg.seed)
+        loaders = site_loaders(cfg, ctx.site_dir(alias), alias)
         test = loaders.dataset("test")
         if test is not None and len(test):
             parts.append(SiteDataset(test.items, test.cache, transform=None))
@@ -63,12 +64,14 @@ def _roc_figure(ctx: StudyContext, figures: dict[str, Any] | None, name: str) ->
 
     if not figures:
         return None
+    curves = {c: e["roc"] for c, e in figures["per_class"].items() if e.get("roc")}
+    if not curves:
+        return None
     fig = Figure(figsize=(5.2, 5.0))
     ax = fig.subplots()
-    for cls, entry in figures["per_class"].items():
-        roc = entry.get("roc")
-        if roc:
-            ax.plot(roc["fpr"], roc["tpr"], label=f"{cls} (AUC {fmt(entry.get('auc'))})")
+    for cls, roc in curves.items():
+        auc = fmt(figures["per_class"][cls].get("auc"))
+        ax.plot(roc["fpr"], roc["tpr"], label=f"{cls} (AUC {auc})")
     ax.plot([0, 1], [0, 1], color="grey", linewidth=0.6, linestyle=":")
     ax.set_xlabel("1 - specificity")
     ax.set_ylabel("sensitivity")
