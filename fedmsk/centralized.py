@@ -20,18 +20,18 @@ from torch.utils.data import ConcatDataset, DataLoader
 from fedmsk.config import ExperimentConfig, config_hash
 from fedmsk.data.federation import Federation, load_federation
 from fedmsk.run_dir import RunDirectory
-from fedmsk.site_runtime import all_images_loader, derive_seed
+from fedmsk.site_runtime import all_images_loader, derive_seed, node_logger
 
 
 def _loaders(cfg: ExperimentConfig, federation: Federation, seed: int) -> dict[str, Any]:
     from fedmsk.data.dataset import build_site_loaders
 
-    return {
-        site.alias: build_site_loaders(
-            federation.root / site.dir, cfg.task, cfg.data, cfg.train, seed=seed
-        )
-        for site in federation.sites
-    }
+    loaders = {}
+    for site in federation.sites:
+        site_dir = federation.root / site.dir
+        node_logger(site_dir, site.alias)  # file names of left-out images go to the site's log
+        loaders[site.alias] = build_site_loaders(site_dir, cfg.task, cfg.data, cfg.train, seed=seed)
+    return loaders
 
 
 def run_centralized(cfg: ExperimentConfig, mode: str, site: str | None = None) -> Path:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -664,6 +665,49 @@ def flatten_metrics(data: RunData) -> dict[str, float | int | str | bool]:
 # ----------------------------------------------------------------------------- entry point
 
 
+STUDY_TABLE = "study_table.md"
+
+
+def study_blocks(run_dir: Path) -> list[Heading | Paragraph | Table | Image]:
+    """The study protocol's own table (written by fedmsk.studies from aggregate numbers)
+    and its ``figures/study_*.png``, so the report shows what the source study reports."""
+    path = run_dir / STUDY_TABLE
+    if not path.is_file():
+        return []
+    blocks: list[Heading | Paragraph | Table | Image] = [Heading("Study protocol")]
+    table: list[list[str]] = []
+
+    def flush() -> None:
+        if len(table) >= 2:
+            blocks.append(Table(table[0], [r for r in table[2:]]))
+        table.clear()
+
+    for line in path.read_text(encoding="utf-8").splitlines():
+        text = line.strip()
+        if text.startswith("|"):
+            table.append([cell.strip() for cell in text.strip("|").split("|")])
+            continue
+        flush()
+        if text.startswith("#"):
+            blocks.append(Heading(text.lstrip("#").strip(), level=3))
+        elif text:
+            blocks.append(Paragraph(text))
+    flush()
+    figures = sorted((run_dir / "figures").glob("study_*.png"))
+    blocks += [
+        Image(f, "Study figure") for f in figures if re.fullmatch(r"study_[\w-]+\.png", f.name)
+    ]
+    return blocks
+
+
+def _insert_before_methods(doc: Document, blocks: list) -> None:
+    for index, block in enumerate(doc.blocks):
+        if isinstance(block, Heading) and block.text == "Methods notes":
+            doc.blocks[index:index] = blocks
+            return
+    doc.blocks.extend(blocks)
+
+
 def build_report(run_dir: Path | str) -> ReportPaths:
     """Write report.html, report.md, metrics.json and figures/ into ``run_dir``.
 
@@ -676,6 +720,7 @@ def build_report(run_dir: Path | str) -> ReportPaths:
     folder.mkdir(parents=True, exist_ok=True)
     made = _make_figures(data, folder)
     doc = build_document(data, made)
+    _insert_before_methods(doc, study_blocks(run_dir))
     html_path, md_path, metrics_path = (
         run_dir / "report.html",
         run_dir / "report.md",

@@ -422,6 +422,11 @@ def _train(
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     mean_loss = float(loss_sum.item()) / images if images else math.nan
+    if images and not math.isfinite(mean_loss):
+        raise FloatingPointError(
+            f"training diverged: the round's mean loss is {mean_loss} "
+            f"(lower train.lr={cfg.lr} or use a larger data.image_size)"
+        )
     return FitResult(
         num_examples=_dataset_size(loader),
         mean_loss=mean_loss,

@@ -643,3 +643,29 @@ def test_real_evaluation_summaries_are_rendered(tmp_path: Path) -> None:
                 assert f"<td>{cls}</td><td>{summary['n_per_class'][cls]}</td>" in per_class
                 assert fmt_metric(Metric(row["auc"], *row["auc_ci95"])) in per_class
             assert "roc_per_class.png" in {p.name for p in paths.figures}
+
+
+def test_study_table_and_figures_are_rendered(tmp_path: Path) -> None:
+    from fedmsk.report import build_report
+
+    (tmp_path / "results.json").write_text(
+        json.dumps({"run": {"mode": "federated", "task": "gout_mtp1_us"}, "sites": {}})
+    )
+    (tmp_path / "study_table.md").write_text(
+        "# Single vs multiple model\n\nPaired DeLong on the test set.\n\n"
+        "| model | AUC | Z | P |\n|---|---|---|---|\n| single | 0.917 | -0.50 | 0.62 |\n"
+    )
+    (tmp_path / "figures").mkdir()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.plot([0, 1], [0, 1])
+    plt.savefig(tmp_path / "figures" / "study_roc.png")
+    plt.close("all")
+    paths = build_report(tmp_path)
+    markdown = paths.markdown.read_text()
+    assert "Study protocol" in markdown and "| single | 0.917 | -0.50 | 0.62 |" in markdown
+    assert "study_roc.png" in markdown
+    assert "0.917" in paths.html.read_text()

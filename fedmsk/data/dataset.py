@@ -211,9 +211,12 @@ def _make_loader(
             weights, num_samples=len(dataset), replacement=True, generator=generator
         )
         shuffle = False
+    # A last training batch of one image breaks BatchNorm ("more than 1 value per channel").
+    drop_last = shuffle and len(dataset) > batch_size and len(dataset) % batch_size == 1
     return DataLoader(
         dataset,
         batch_size=batch_size,
+        drop_last=drop_last,
         shuffle=shuffle,
         sampler=sampler,
         num_workers=num_workers,
