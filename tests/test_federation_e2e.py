@@ -7,6 +7,7 @@ with SIGKILL after its first checkpoint and resumed; it must end with the refere
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -131,10 +132,8 @@ def _kill_tree(process: subprocess.Popen, run_dir: Path) -> None:
     for pid in [process.pid, int(pid_file.read_text()) if pid_file.is_file() else None]:
         if pid is None:
             continue
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     process.wait(timeout=30)
 
 

@@ -120,7 +120,8 @@ def prepare(overrides: list[str]) -> PreparedRun:
     unknown = set(cfg.federation.heldout_sites) - set(aliases)
     if unknown:
         raise ValueError(
-            f"federation.heldout_sites: {', '.join(sorted(unknown))} not in {root / FEDERATION_FILE}"
+            f"federation.heldout_sites: {', '.join(sorted(unknown))} "
+            f"not in {root / FEDERATION_FILE}"
         )
     fixed = dedupe_overrides(fixed)
     return PreparedRun(compose(fixed), fixed, len(aliases))
