@@ -79,14 +79,18 @@ def toml_string(value: str) -> str:
 
 
 def deployment_env(flwr_home: Path) -> dict[str, str]:
-    """Environment for Flower's tools: this venv first on PATH (the SuperLink and SuperNodes
-    spawn ``flower-superexec`` and the app processes by name), a private ``FLWR_HOME`` (FABs
-    are installed there, so co-hosted nodes must not share it), and the repository's configs."""
+    """Environment for Flower's tools, as a hospital or coordinator would have it.
+
+    This venv comes first on PATH: the SuperLink and SuperNodes spawn ``flower-superexec`` and
+    the app processes by name. ``FLWR_HOME`` is private to each process, because FABs are
+    installed there and co-hosted nodes must not share it. Neither ``FEDMSK_CONFIG_DIR`` nor
+    ``PYTHONPATH`` is set (unlike ``fedmsk.simulation``): the FAB carries ``configs/`` and the
+    code, and Flower puts the installed FAB first on ``sys.path``, so the apps run from the
+    FAB exactly as they would at a site; a FAB that lacked its configs would fail this test.
+    """
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(VENV_BIN), env.get("PATH", "")])
     env["FLWR_HOME"] = str(flwr_home)
-    #EXP env["FEDMSK_CONFIG_DIR"] = str(REPO / "configs")
-    #EXP env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
     env["OMP_NUM_THREADS"] = "1"
     env["MKL_NUM_THREADS"] = "1"
@@ -104,8 +108,9 @@ def venv_argv(argv: Sequence[str]) -> list[str]:
 # --------------------------------------------------------------------------- process tree
 
 
-def _children_map() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
+def _process_table() -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, session id) of every process, read from /proc (Linux only)."""
+    table: dict[int, tuple[int, int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -113,22 +118,29 @@ def _children_map() -> dict[int, list[int]]:
             stat = Path(f"/proc/{entry}/stat").read_text()
         except OSError:
             continue
-        # Field 4 (ppid) follows the command name in parentheses, which may contain spaces.
+        # After the command name (in parentheses, may hold spaces): state ppid pgrp session ...
         fields = stat[stat.rfind(")") + 2 :].split()
-        children.setdefault(int(fields[1]), []).append(int(entry))
-    return children
+        table[int(entry)] = (int(fields[1]), int(fields[3]))
+    return table
 
 
-def descendants(pid: int) -> list[int]:
-    """All living descendants of ``pid`` (read from /proc; Linux only)."""
-    children = _children_map()
-    found: list[int] = []
-    stack = [pid]
+def process_tree(root: int) -> list[int]:
+    """Living processes under ``root``: its descendants, and the members of the session it
+    leads (started with ``start_new_session``), also those whose parent has exited already,
+    plus their descendants (which may sit in sessions of their own)."""
+    table = _process_table()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found: set[int] = set()
+    stack = [root] + [pid for pid, (_, sid) in table.items() if sid == root]
     while stack:
-        for child in children.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return found
+        pid = stack.pop()
+        if pid in found or pid not in table:
+            continue
+        found.add(pid)
+        stack += children.get(pid, [])
+    return sorted(found)
 
 
 def _alive(pid: int) -> bool:
@@ -209,13 +221,13 @@ class ProcessSet:
         return code, started.log.read_text(errors="replace")
 
     def stop(self, started: Started, grace: float = 10.0) -> None:
-        _terminate_tree([started.process.pid], grace)
+        self.signalled += _terminate_tree(_roots([started]), grace)
         with contextlib.suppress(subprocess.TimeoutExpired):
             started.process.wait(timeout=grace)
 
     def stop_all(self, grace: float = 10.0) -> None:
         """End every started process, its group, and every descendant found beforehand."""
-        self.signalled += _terminate_tree([s.process.pid for s in self.started], grace)
+        self.signalled += _terminate_tree(_roots(self.started), grace)
         for started in self.started:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 started.process.wait(timeout=grace)
@@ -234,18 +246,25 @@ class ProcessSet:
         return "\n".join(parts)
 
 
+def _roots(started: list[Started]) -> list[int]:
+    """Pids whose trees are ours to end. A process that has exited and been reaped still
+    counts when its pid is free (its session's orphans keep that pid from being reused); a
+    reaped pid that is alive again belongs to someone else and is left alone."""
+    roots = []
+    for item in started:
+        if item.process.poll() is None or not Path(f"/proc/{item.process.pid}").exists():
+            roots.append(item.process.pid)
+    return roots
+
+
 def _terminate_tree(roots: list[int], grace: float) -> list[int]:
-    """SIGTERM each root's process group and every descendant's group, then SIGKILL the rest.
+    """SIGTERM the process groups of every process under the roots, then SIGKILL the rest.
 
     Groups are only signalled when they are not this test's own group, so a descendant that
     shares pytest's group (none should) is signalled by pid instead.
     """
     own_group = os.getpgid(0)
-    pids: list[int] = []
-    for root in roots:
-        if _alive(root):
-            pids.append(root)
-            pids += descendants(root)
+    pids = sorted({pid for root in roots for pid in process_tree(root)})
     groups = {g for g in (_pgid(p) for p in pids) if g is not None and g != own_group}
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for group in groups:

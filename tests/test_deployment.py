@@ -1,15 +1,19 @@
 """A real deployment on 127.0.0.1: a TLS SuperLink with node authentication and three
 SuperNodes, all from ``fedmsk provision`` kits, run the fedmsk app with ``flwr run``.
 
-The same SuperLink then refuses a node whose key was never registered, and a node that does not
-trust the SuperLink's CA refuses the SuperLink. Every process is started in its own session and
-stopped by the module fixture (with the helpers Flower itself detaches), also when a test fails.
+The same SuperLink refuses a node whose key was never registered (Flower's code 2004), and a node
+that does not trust the SuperLink's CA refuses the SuperLink (CERTIFICATE_VERIFY_FAILED). Every
+process is started in its own session and stopped by the module fixture, together with the
+helpers Flower itself detaches, also when a test fails; a failing test prints every log's tail.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,10 +40,11 @@ pytestmark = pytest.mark.slow
 SITES = ["site00", "site01", "site02"]
 HELDOUT = "site02"
 ROUNDS = 2
+MODEL = "resnet18"
 SUPERLINK_START_S = 90
-REGISTER_S = 90
+REGISTER_S = 120
 NODE_CONNECT_S = 120
-RUN_S = 540
+RUN_S = 900
 REFUSAL_S = 90
 # flower-supernode logs this once the SuperLink has accepted the node.
 CONNECTED = r"SuperNode ID"
@@ -89,10 +94,16 @@ def _start_superlink(procs: ProcessSet, kits: ProvisionResult, tmp: Path, port: 
 
 
 def _register(procs: ProcessSet, kits: ProvisionResult, env: dict[str, str]) -> None:
-    for site, argv in kits.coordinator.register_commands.items():
-        code, output = procs.run(f"register-{site}", argv, env, kits.coordinator.dir, REGISTER_S)
-        if code != 0 or "registered" not in output:
-            raise DeploymentError(f"flwr supernode register for {site}: exit {code}\n{output}")
+    """Register the sites' keys with the kit's own script (``flwr supernode register`` per
+    site), which records each site's node ID."""
+    script = kits.coordinator.register_script
+    code, output = procs.run("register", ["sh", str(script)], env, kits.coordinator.dir, REGISTER_S)
+    if code != 0:
+        raise DeploymentError(f"{script}: exit {code}\n{output}")
+    ids = kits.coordinator.dir / "supernodes" / "node-ids.txt"
+    recorded = sorted(line.split()[0] for line in ids.read_text().splitlines() if line.strip())
+    if recorded != SITES:
+        raise DeploymentError(f"{ids} lists {recorded}, expected {SITES}\n{output}")
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +148,7 @@ def _overrides(fed_root: Path, run_dir: Path) -> list[str]:
         "data.synthetic=false",
         "federation=small",
         f"federation.num_rounds={ROUNDS}",
-        "model=resnet18",
+        f"model={MODEL}",
         "data.image_size=32",
         "train.batch_size=16",
         f"run_dir={run_dir}",
@@ -152,27 +163,36 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
-def _refused_node(
-    d: Deployment, name: str, argv: list[str], pattern: str
-) -> tuple[Started, bool, str]:
-    """Start a node and wait (bounded) until it exits or logs ``pattern``; then stop it."""
+@contextmanager
+def logs_on_failure(procs: ProcessSet) -> Iterator[None]:
+    """On any failure, print the tail of every process's log (pytest shows it with the
+    failure) before the error propagates."""
+    try:
+        yield
+    except BaseException:
+        print(procs.report())
+        raise
+
+
+def _refused_node(d: Deployment, name: str, argv: list[str]) -> tuple[int | None, str]:
+    """Start a node and wait (bounded) for it to give up; stop it either way.
+
+    Returns its exit code (``None`` if it was still running at the deadline) and its log.
+    """
     env = deployment_env(d.tmp / "homes" / name)
     node = d.procs.start(name, argv, env, d.tmp)
     try:
-        wait_until(
-            lambda: node.exited() or log_matches(node, pattern),
-            REFUSAL_S,
-            f"{name} being refused",
-            d.procs.report,
-        )
-        connected = log_matches(node, CONNECTED)
-        log = node.tail(200_000)
+        deadline = time.monotonic() + REFUSAL_S
+        while node.process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        code = node.process.poll()
     finally:
         d.procs.stop(node)
-    return node, connected, log
+    return code, node.tail(200_000)
 
 
 def _intruder_config(d: Deployment, name: str) -> Path:
+    """A complete node config, so that only the credential under test is wrong."""
     path = d.tmp / name / "node-config.toml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f'data-dir = "{(d.fed_root / "site00").resolve()}"\nsite-alias = "{name}"\n')
@@ -185,53 +205,71 @@ def test_node_with_unregistered_key_is_refused(deployment: Deployment) -> None:
     argv = with_port(d.kits.sites["site00"].command, d.spare_ports[0])
     argv = with_option(argv, "--auth-supernode-private-key", str(key))
     argv = with_option(argv, "--node-config", str(_intruder_config(d, "intruder")))
-    node, connected, log = _refused_node(d, "unregistered-node", argv, r"\b2004\b")
-    assert not connected, log[-3000:]
-    assert "2004" in log, log[-3000:]
+    code, log = _refused_node(d, "unregistered-node", argv)
+    assert code is not None, f"the node was still running after {REFUSAL_S} s\n{log[-3000:]}"
+    assert code != 0, log[-3000:]
+    assert re.search(r"\b2004\b", log), log[-3000:]
+    assert not re.search(CONNECTED, log), log[-3000:]
 
 
 def test_node_that_does_not_trust_the_ca_refuses_the_superlink(deployment: Deployment) -> None:
     d = deployment
     other = provision(d.tmp / "other-federation", ["elsewhere"], server_name="localhost")
+    # site00's own, registered key: the only thing wrong is the CA the node trusts.
     argv = with_port(d.kits.sites["site00"].command, d.spare_ports[1])
     argv = with_option(argv, "--root-certificates", str(other.ca_cert))
     argv = with_option(argv, "--node-config", str(_intruder_config(d, "untrusting")))
-    node, connected, log = _refused_node(d, "untrusting-node", argv, "CERTIFICATE_VERIFY_FAILED")
-    assert not connected, log[-3000:]
+    code, log = _refused_node(d, "untrusting-node", argv)
+    assert code is not None, f"the node was still running after {REFUSAL_S} s\n{log[-3000:]}"
+    assert code != 0, log[-3000:]
     assert "CERTIFICATE_VERIFY_FAILED" in log, log[-3000:]
+    assert not re.search(CONNECTED, log), log[-3000:]
+
+
+def _start_run(d: Deployment, run_dir: Path) -> int | None:
+    run_config = d.tmp / "run_config.toml"
+    overrides = json.dumps(_overrides(d.fed_root.resolve(), run_dir))
+    run_config.write_text(f"fedmsk-overrides = {toml_string(overrides)}\n")
+    argv = ["flwr", "run", str(REPO), "fedmsk", "--run-config", str(run_config), "--stream"]
+    code, _ = d.procs.run("flwr-run", argv, d.coordinator_env, d.tmp, RUN_S)
+    return code
 
 
 def test_two_rounds_over_tls_with_node_auth_finish(deployment: Deployment) -> None:
     d = deployment
-    wait_until(
-        lambda: all(log_matches(n, CONNECTED) or n.exited() for n in d.nodes.values()),
-        NODE_CONNECT_S,
-        "all three SuperNodes connecting",
-        d.procs.report,
-    )
-    exited = [site for site, node in d.nodes.items() if node.exited()]
-    assert not exited, f"SuperNodes {exited} exited\n{d.procs.report()}"
+    with logs_on_failure(d.procs):
+        wait_until(
+            lambda: all(log_matches(n, CONNECTED) or n.exited() for n in d.nodes.values()),
+            NODE_CONNECT_S,
+            "all three SuperNodes connecting",
+            lambda: "",
+        )
+        exited = [site for site, node in d.nodes.items() if node.exited()]
+        assert not exited, f"SuperNodes {exited} exited"
 
-    run_dir = (d.tmp / "run").resolve()
-    run_config = d.tmp / "run_config.toml"
-    run_config.write_text(
-        f"fedmsk-overrides = {toml_string(json.dumps(_overrides(d.fed_root.resolve(), run_dir)))}\n"
-    )
-    argv = ["flwr", "run", str(REPO), "fedmsk", "--run-config", str(run_config), "--stream"]
-    code, output = d.procs.run("flwr-run", argv, d.coordinator_env, d.tmp, RUN_S)
-    assert code == 0, f"flwr run exit {code}\n{d.procs.report()}"
-    # `flwr run` exits 0 even when the run failed: judge by what the ServerApp wrote.
-    results_path = run_dir / "results.json"
-    assert results_path.is_file(), f"no results.json in {run_dir}\n{d.procs.report()}"
-    results = json.loads(results_path.read_text())
-    assert sorted(results["sites"]) == SITES
-    assert results["sites"][HELDOUT]["role"] == "heldout"
-    assert {results["sites"][s]["role"] for s in SITES if s != HELDOUT} == {"train"}
-    assert results["run"]["training_sites"] == ["site00", "site01"]
-    assert results["run"]["heldout_sites"] == [HELDOUT]
-    assert results["failures"] == [], results["failures"]
-    trained = {m["round"] for m in _metrics(run_dir) if m["phase"] == "train"}
-    assert {1, 2} <= trained
-    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert checkpoints == [f"round_{r:04d}.ckpt" for r in range(1, ROUNDS + 1)]
-    assert (run_dir / "final_model.npz").is_file()
+        run_dir = (d.tmp / "run").resolve()
+        code = _start_run(d, run_dir)
+        assert code == 0, f"flwr run: exit {code} (None: still running after {RUN_S} s)"
+        # `flwr run` exits 0 even when the run failed: judge by what the ServerApp wrote.
+        results_path = run_dir / "results.json"
+        assert results_path.is_file(), f"the run wrote no {results_path}"
+        results = json.loads(results_path.read_text())
+        assert sorted(results["sites"]) == SITES
+        assert results["sites"][HELDOUT]["role"] == "heldout"
+        assert results["sites"][HELDOUT]["n"] > 0
+        assert {results["sites"][s]["role"] for s in SITES if s != HELDOUT} == {"train"}
+        assert results["run"]["training_sites"] == ["site00", "site01"]
+        assert results["run"]["heldout_sites"] == [HELDOUT]
+        assert results["run"]["rounds"] == ROUNDS
+        assert results["failures"] == [], results["failures"]
+
+        metrics = _metrics(run_dir)
+        for round_no in range(1, ROUNDS + 1):
+            rows = [m for m in metrics if m["round"] == round_no]
+            trained = {m["site"] for m in rows if m["phase"] == "train" and m["site"]}
+            assert trained == {"site00", "site01"}, (round_no, trained)
+            heldout = [m["site"] for m in rows if m["phase"] == "heldout"]
+            assert heldout == [HELDOUT], (round_no, heldout)
+        checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+        assert checkpoints == [f"round_{r:04d}.ckpt" for r in range(1, ROUNDS + 1)]
+        assert (run_dir / "final_model.npz").is_file()
