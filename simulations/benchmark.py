@@ -710,8 +710,8 @@ def section_federation(s: Settings) -> list[Row]:
             notes=f"{n_clients} clients, at most {concurrency} at once (1 CPU each)"),
         Row(4, "federation overhead: 1 - (compute / concurrency) / round wall time",
             100 * median(overheads), "%", "< 10 %", status_for(-median(overheads), at_least=-0.10),
-            "per-message ClientApp process start, imports, site data open and model build count "
-            "as overhead"),
+            "counts as overhead: per-message ClientApp work outside fit (config compose, site "
+            "data open, model build), Ray dispatch, array (de)serialisation, aggregation"),
         Row(4, "wall time per client message outside fit()", median(per_message), "s",
             notes="(round wall x concurrency - compute) / clients"),
         Row(4, f"bytes sent per client per round, each way ({s.model})", nbytes / 1e6, "MB",
