@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,7 @@ def failure_reply(msg: Message, alias: str, error: BaseException) -> Message:
 
 
 def _handle(msg: Message, context: Context, action: str) -> Message:
+    started = time.perf_counter()
     alias = "unknown"
     site_dir: Path | None = None
     try:
@@ -135,9 +137,12 @@ def _handle(msg: Message, context: Context, action: str) -> Message:
         server_round = int(config.get("fedmsk-round", config.get("server-round", 0)))
         seed = derive_seed(cfg.seed, "loader", server_round, alias)
         runtime = SiteRuntime(cfg, site_dir, alias, heldout=heldout, seed=seed)
+        setup_seconds = time.perf_counter() - started
         arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
         if action == "train":
             outcome = runtime.train(arrays, server_round)
+            outcome.metrics["setup-seconds"] = setup_seconds
+            outcome.metrics["client-seconds"] = time.perf_counter() - started
             content = train_reply_content(outcome.arrays, outcome.num_examples, outcome.metrics)
         else:
             threshold = config.get("threshold")
