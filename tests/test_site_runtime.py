@@ -1,0 +1,72 @@
+"""A node's round without Flower: FedBN keeps the site's own normalisation layers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fedmsk.config import compose
+from fedmsk.data.manifest import ManifestRow, write_manifest
+from fedmsk.models import get_arrays, local_parameter_names
+from fedmsk.site_runtime import SiteRuntime, SiteUnavailableError
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("node") / "site-a"
+    (root / "images").mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(20):
+        image = rng.normal(90, 25, (40, 40))
+        if i % 2:
+            image[10:30, 18:22] += 80
+        Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(root / "images" / f"{i}.png")
+        rows.append(ManifestRow(f"images/{i}.png", ["normal", "fracture"][i % 2], f"P{i // 2}"))
+    write_manifest(root, rows)
+    return root
+
+
+def _runtime(site: Path, tmp_path: Path, heldout: bool = False) -> SiteRuntime:
+    cfg = compose(
+        [
+            "strategy=fedbn",
+            "model=resnet18",
+            "data.image_size=32",
+            "train.batch_size=8",
+            f"run_dir={tmp_path / 'run'}",
+        ]
+    )
+    return SiteRuntime(cfg, site, "site-a", heldout=heldout, seed=3)
+
+
+def test_fedbn_site_keeps_its_norm_layers_across_rounds(site: Path, tmp_path: Path) -> None:
+    first = _runtime(site, tmp_path)
+    global_arrays = get_arrays(first.model)
+    outcome = first.train(global_arrays, server_round=1)
+    norm = local_parameter_names(first.model)
+    assert norm and set(norm) <= set(outcome.arrays)
+    trained = {k: outcome.arrays[k] for k in norm}
+    changed = [k for k in norm if not np.allclose(trained[k], global_arrays[k])]
+    assert changed, "training should move some normalisation statistics"
+
+    second = _runtime(site, tmp_path)
+    new_global = {k: v + 1.0 for k, v in global_arrays.items()}
+    second.load_global(new_global)
+    loaded = get_arrays(second.model)
+    for key in changed:
+        np.testing.assert_allclose(loaded[key], trained[key], err_msg=key)
+    other = next(k for k in loaded if k not in norm)
+    np.testing.assert_allclose(loaded[other], new_global[other])
+
+
+def test_heldout_site_never_trains_and_evaluates_every_image(site: Path, tmp_path: Path) -> None:
+    runtime = _runtime(site, tmp_path, heldout=True)
+    arrays = get_arrays(runtime.model)
+    with pytest.raises(SiteUnavailableError):
+        runtime.train(arrays, server_round=1)
+    result = runtime.evaluate(arrays, threshold=0.5)
+    assert result.num_examples == 20 and result.summary["n"] == 20
