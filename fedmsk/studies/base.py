@@ -263,14 +263,11 @@ def by_patient(scores: Scores, how: str) -> Scores:
 
 def lock_threshold(val_sets: Sequence[Scores]) -> float | None:
     """Youden threshold from per-site score histograms, as the federation locks it."""
-    from fedmsk.evaluation import score_histogram, threshold_from_histograms
+    from fedmsk.evaluation import locked_threshold, score_histogram
 
     histograms = [score_histogram(s.labels, s.probs) for s in val_sets if len(s)]
-    histograms = [h for h in histograms if h is not None]
-    try:
-        return threshold_from_histograms(histograms) if histograms else None
-    except ValueError:
-        return None
+    value, source = locked_threshold(histograms, fallback=float("nan"))
+    return None if source.startswith("fixed") else value
 
 
 # ----------------------------------------------------------------------------- metrics
