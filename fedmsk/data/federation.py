@@ -59,12 +59,20 @@ def load_federation(root: Path) -> Federation:
         content = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise FederationError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from exc
+    for key in ("task", "classes", "sites"):
+        if key not in content:
+            raise FederationError(f"{path}: missing key {key!r}")
     sites = []
-    for entry in content.get("sites", []):
+    for k, entry in enumerate(content["sites"]):
+        if not isinstance(entry, dict) or "alias" not in entry:
+            raise FederationError(f"{path}: sites[{k}] needs at least an 'alias'")
         role = entry.get("role", "train")
         if role not in ROLES:
-            raise FederationError(f"{path}: site {entry.get('alias')!r} has unknown role {role!r}")
-        sites.append(SiteEntry(alias=str(entry["alias"]), dir=str(entry["dir"]), role=role))
+            raise FederationError(
+                f"{path}: sites[{k}] role must be 'train' or 'heldout', got {role!r}"
+            )
+        alias = str(entry["alias"])
+        sites.append(SiteEntry(alias=alias, dir=str(entry.get("dir", alias)), role=role))
     if not sites:
         raise FederationError(f"{path}: lists no sites")
     return Federation(

@@ -535,46 +535,32 @@ def generate_federation(
 
 
 def load_federation(root: Path) -> FederationInfo:
-    """Read ``ROOT/federation.json``; errors name the file and what is wrong with it."""
-    root = Path(root)
-    path = root / FEDERATION_FILE
-    if not path.is_file():
-        raise FederationError(
-            f"{path}: not found (generate one with `fedmsk data synth {root} --task ...`)"
+    """``ROOT/federation.json`` with the generator's extras (counts, readers, scale).
+
+    Validation is :func:`fedmsk.data.federation.load_federation`'s; errors name the file.
+    """
+    from fedmsk.data.federation import load_federation as load_layout
+
+    layout = load_layout(Path(root))
+    doc = json.loads((layout.root / FEDERATION_FILE).read_text(encoding="utf-8"))
+    extras = {str(e["alias"]): e for e in doc["sites"]}
+    sites = tuple(
+        SiteInfo(
+            alias=site.alias,
+            dir=site.dir,
+            role=site.role,
+            path=layout.root / site.dir,
+            n_images=extras[site.alias].get("n_images"),
+            technical=dict(extras[site.alias].get("technical", {})),
         )
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise FederationError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    for key in ("task", "classes", "sites"):
-        if key not in doc:
-            raise FederationError(f"{path}: missing key {key!r}")
-    sites = []
-    for k, entry in enumerate(doc["sites"]):
-        if not isinstance(entry, dict) or "alias" not in entry:
-            raise FederationError(f"{path}: sites[{k}] needs at least an 'alias'")
-        role = entry.get("role", "train")
-        if role not in ("train", "heldout"):
-            raise FederationError(
-                f"{path}: sites[{k}] role must be 'train' or 'heldout', got {role!r}"
-            )
-        directory = entry.get("dir", entry["alias"])
-        sites.append(
-            SiteInfo(
-                alias=entry["alias"],
-                dir=directory,
-                role=role,
-                path=root / directory,
-                n_images=entry.get("n_images"),
-                technical=dict(entry.get("technical", {})),
-            )
-        )
+        for site in layout.sites
+    )
     return FederationInfo(
-        root=root,
-        task=str(doc["task"]),
+        root=layout.root,
+        task=layout.task,
         seed=int(doc.get("seed", 0)),
-        classes=tuple(doc["classes"]),
-        sites=tuple(sites),
+        classes=tuple(layout.classes),
+        sites=sites,
         readers=dict(doc.get("readers", {})),
         centers=doc.get("centers"),
         scale=doc.get("scale"),
