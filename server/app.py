@@ -22,7 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmsk.config import ExperimentConfig, compose, config_hash, overrides_from_run_config
 from fedmsk.run_dir import RunDirectory
-from server.rounds import RoundRecorder, SiteEvaluation, arrays_to_numpy
+from server.rounds import RoundRecorder, SiteEvaluation
 from server.strategies import build_strategy
 
 app = ServerApp()
@@ -132,16 +132,7 @@ def final_evaluation(
         }
         for ev in evaluations
     }
-    for ev in evaluations:
-        recorder.run_dir.append_metrics(
-            {
-                "round": recorder.cfg.federation.num_rounds,
-                "phase": "final-heldout" if ev.role == "heldout" else "final-val",
-                "site": ev.alias,
-                "n": ev.num_examples,
-            }
-            | ev.metrics
-        )
+    recorder.log_evaluations(evaluations, recorder.cfg.federation.num_rounds, prefix="final-")
     return sites
 
 
@@ -196,10 +187,7 @@ def main(grid: Grid, context: Context) -> None:
         threshold=checkpoint.threshold if checkpoint else cfg.evaluation.fixed_threshold,
         last_arrays=arrays,
     )
-    if checkpoint:
-        run_dir.truncate_metrics_after(checkpoint.round)
-    else:
-        run_dir.truncate_metrics_after(0)
+    run_dir.truncate_metrics_after(checkpoint.round if checkpoint else 0)
     training = recorder.training_node_ids()
     remaining = cfg.federation.num_rounds - recorder.round_offset
     if cfg.privacy.secure_aggregation:
@@ -223,6 +211,3 @@ def main(grid: Grid, context: Context) -> None:
     sites = final_evaluation(grid, recorder, final)
     write_results(recorder, sites, time.monotonic() - started)
     log.info("fedmsk run finished: %s", run_dir.path.name)
-
-
-__all__ = ["app", "arrays_to_numpy"]

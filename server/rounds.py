@@ -196,16 +196,7 @@ class RoundRecorder:
     def on_evaluate_replies(self, server_round: int, replies: list[Message]) -> MetricRecord | None:
         evaluations = self.collect_evaluations("evaluate", server_round, replies)
         absolute = self.absolute_round(server_round)
-        for ev in evaluations:
-            self.run_dir.append_metrics(
-                {
-                    "round": absolute,
-                    "phase": "heldout" if ev.role == "heldout" else "val",
-                    "site": ev.alias,
-                    "n": ev.num_examples,
-                }
-                | ev.metrics
-            )
+        self.log_evaluations(evaluations, absolute)
         self.lock_threshold(evaluations)
         validation = [e for e in evaluations if e.role == "train"]
         total = sum(e.num_examples for e in validation)
@@ -220,6 +211,17 @@ class RoundRecorder:
             {"round": absolute, "phase": "val", "site": None, "n": total} | mean
         )
         return MetricRecord({"num-examples": total, **mean})
+
+    def log_evaluations(
+        self, evaluations: list[SiteEvaluation], round_no: int, prefix: str = ""
+    ) -> None:
+        """One metrics.jsonl line per site: phase ``val`` or ``heldout`` (with ``prefix``)."""
+        for ev in evaluations:
+            phase = "heldout" if ev.role == "heldout" else "val"
+            self.run_dir.append_metrics(
+                {"round": round_no, "phase": prefix + phase, "site": ev.alias, "n": ev.num_examples}
+                | ev.metrics
+            )
 
     def collect_evaluations(
         self, phase: str, server_round: int, replies: list[Message]
