@@ -8,6 +8,7 @@ answered with an error reply that carries only the site alias and the error clas
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -30,7 +31,7 @@ from flwr.clientapp import ClientApp
 
 from client.secagg import secagg_train_mod
 from fedmsk.config import ExperimentConfig, compose, overrides_from_run_config
-from fedmsk.site_runtime import SiteRuntime, derive_seed, node_logger
+from fedmsk.site_runtime import ModelPool, SiteRuntime, derive_seed, node_logger
 
 app = ClientApp()
 
@@ -64,8 +65,21 @@ def resolve_site(cfg: ExperimentConfig, node_config: dict[str, Any]) -> tuple[Pa
     return Path(cfg.data.root) / site.dir, site.alias
 
 
+# A node process answers many messages of the same run: composing the Hydra config (~0.2 s)
+# and building the model (~0.2 s for resnet18) once per process instead of once per message is
+# a measurable share of a small site's round (docs/benchmarks.md, section 4).
+_COMPOSED: dict[str, ExperimentConfig] = {}
+MODEL_POOL = ModelPool()
+
+
 def _config(context: Context) -> ExperimentConfig:
-    return compose(overrides_from_run_config(dict(context.run_config)))
+    """The run's configuration; a private copy, so nothing a handler does leaks to the next."""
+    run_config = dict(context.run_config)
+    key = json.dumps(run_config, sort_keys=True, default=str)
+    if key not in _COMPOSED:
+        _COMPOSED.clear()  # one run at a time per process
+        _COMPOSED[key] = compose(overrides_from_run_config(run_config))
+    return copy.deepcopy(_COMPOSED[key])
 
 
 # -- what leaves the node --------------------------------------------------------------------
@@ -136,7 +150,9 @@ def _handle(msg: Message, context: Context, action: str) -> Message:
         heldout = alias in cfg.federation.heldout_sites
         server_round = int(config.get("fedmsk-round", config.get("server-round", 0)))
         seed = derive_seed(cfg.seed, "loader", server_round, alias)
-        runtime = SiteRuntime(cfg, site_dir, alias, heldout=heldout, seed=seed)
+        runtime = SiteRuntime(
+            cfg, site_dir, alias, heldout=heldout, seed=seed, model_pool=MODEL_POOL
+        )
         setup_seconds = time.perf_counter() - started
         arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
         if action == "train":

@@ -34,7 +34,7 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
-from fedmsk.config import ExperimentConfig, compose, overrides_from_run_config
+from fedmsk.config import ExperimentConfig
 from fedmsk.site_runtime import SiteRuntime, derive_seed, node_logger
 
 # Keys of the legacy fit config the server (server/secagg.py) sends with the global model. The
@@ -83,7 +83,9 @@ def _failure(msg: Message, context: Context, error: BaseException) -> Message:
 
 
 def _config(context: Context) -> ExperimentConfig:
-    return compose(overrides_from_run_config(dict(context.run_config)))
+    from client.app import _config as cached_config  # client.app imports this module
+
+    return cached_config(context)
 
 
 def legacy_fit(msg: Message, context: Context) -> Message:
@@ -92,7 +94,7 @@ def legacy_fit(msg: Message, context: Context) -> Message:
     Raises on any problem (held-out site, unusable data, non-finite weights): the mod then
     fails this stage and SecAgg+ treats the node as dropped out.
     """
-    from client.app import resolve_site
+    from client.app import MODEL_POOL, resolve_site
 
     cfg = _config(context)
     site_dir, alias = resolve_site(cfg, dict(context.node_config))
@@ -109,6 +111,7 @@ def legacy_fit(msg: Message, context: Context) -> Message:
         alias,
         heldout=alias in cfg.federation.heldout_sites,
         seed=derive_seed(cfg.seed, "loader", server_round, alias),
+        model_pool=MODEL_POOL,
     )
     outcome = runtime.train(dict(zip(names, values, strict=True)), server_round)
     # float64: the mod adds the clipping range before quantising; in float32 that sum keeps only

@@ -78,14 +78,59 @@ def _route_data_logs(node_log: logging.Logger) -> None:
     data_logger.propagate = False
 
 
+class ModelPool:
+    """Keeps one model per architecture in a node process, reused from message to message.
+
+    A node answers many messages in one process (a SuperNode's ClientApp, a simulation actor),
+    and building a timm model costs a noticeable share of a small site's round. Reuse is exact
+    because :meth:`SiteRuntime.load_global` overwrites every exchanged array before the model is
+    used, and optimizers are built per ``fit``. Under DP a fresh model is built every time:
+    Opacus attaches hooks to the module it wraps.
+    """
+
+    def __init__(self) -> None:
+        self._models: dict[tuple[Any, ...], Any] = {}
+
+    def get(self, cfg: ExperimentConfig) -> Any:
+        from fedmsk.models import create_model
+
+        dp_compatible = cfg.model.dp_compatible or cfg.privacy.enabled
+        key = (
+            cfg.model.name,
+            cfg.task.num_classes,
+            cfg.data.in_chans,
+            cfg.model.pretrained,
+            dp_compatible,
+            cfg.model.drop_rate,
+        )
+        if cfg.privacy.enabled or key not in self._models:
+            model = create_model(
+                cfg.model.name,
+                num_classes=cfg.task.num_classes,
+                in_chans=cfg.data.in_chans,
+                pretrained=cfg.model.pretrained,
+                dp_compatible=dp_compatible,
+                drop_rate=cfg.model.drop_rate,
+            )
+            if cfg.privacy.enabled:
+                return model
+            self._models = {key: model}  # one architecture at a time bounds the memory
+        return self._models[key]
+
+
 class SiteRuntime:
-    """One site's data and model for one run; built fresh for each message."""
+    """One site's data and model for one message (the model may come from a :class:`ModelPool`)."""
 
     def __init__(
-        self, cfg: ExperimentConfig, site_dir: Path, alias: str, heldout: bool, seed: int
+        self,
+        cfg: ExperimentConfig,
+        site_dir: Path,
+        alias: str,
+        heldout: bool,
+        seed: int,
+        model_pool: ModelPool | None = None,
     ) -> None:
         from fedmsk.data.dataset import build_site_loaders
-        from fedmsk.models import create_model
 
         self.cfg = cfg
         self.site_dir = Path(site_dir)
@@ -97,14 +142,7 @@ class SiteRuntime:
         self.loaders = build_site_loaders(self.site_dir, cfg.task, cfg.data, cfg.train, seed=seed)
         if self.loaders.skipped:
             self.log.warning("%d unreadable image(s) left out", len(self.loaders.skipped))
-        self.model = create_model(
-            cfg.model.name,
-            num_classes=cfg.task.num_classes,
-            in_chans=cfg.data.in_chans,
-            pretrained=cfg.model.pretrained,
-            dp_compatible=cfg.model.dp_compatible or cfg.privacy.enabled,
-            drop_rate=cfg.model.drop_rate,
-        )
+        self.model = (model_pool or ModelPool()).get(cfg)
 
     # -- weights ---------------------------------------------------------------------------
 

@@ -8,9 +8,14 @@ every step processes the same number of images. Throughput is the batch size ove
 step time; in a DP row, plain steps of an identical model alternate with the DP steps in the
 same process, so the DP / plain ratio holds up on a machine shared with other work.
 
+``--device cuda`` puts model, data and Opacus on the GPU: each step is timed between two
+``torch.cuda.synchronize`` calls (kernels run asynchronously) and the table adds peak GPU memory
+(``torch.cuda.max_memory_allocated``), which ``ru_maxrss`` cannot see.
+
     .venv/bin/python simulations/bench_dp.py            # 128 px, batch 32, 2 threads (~5 min)
     .venv/bin/python simulations/bench_dp.py --quick    # smoke test, < 30 s
     .venv/bin/python simulations/bench_dp.py --modes all --json-out dp.json
+    python3 simulations/bench_dp.py --device cuda --steps 20 --modes all  # on a GPU machine
 
 Prints a Markdown table, then one JSON object with every measurement.
 """
@@ -59,6 +64,11 @@ class Measurement:
     peak_rss_mib: float | None
     rss_before_training_mib: float | None
     error: str | None = None
+    device: str = "cpu"
+    # cuda only: torch.cuda.max_memory_allocated over the whole process, and what was allocated
+    # (weights, data, the plain twin) when the timed steps began
+    peak_gpu_mib: float | None = None
+    gpu_before_training_mib: float | None = None
 
 
 def _rss_mib() -> float:
@@ -69,8 +79,12 @@ def _rss_mib() -> float:
     return float("nan")
 
 
-def _trainer(model, mode: str, batch: int, n: int):
-    """A closure that runs one training step on (x, y); DP-wrapped unless mode is none."""
+def _trainer(model, mode: str, batch: int, n: int, device: str = "cpu"):
+    """A closure that runs one training step on (x, y); DP-wrapped unless mode is none.
+
+    On cuda the step is timed between two synchronizations so that the queued kernels of the
+    step before cannot leak into this one, nor this step's into the next.
+    """
     import torch
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
@@ -96,11 +110,17 @@ def _trainer(model, mode: str, batch: int, n: int):
         else:
             model, optimizer, _ = wrapped
 
+    cuda = device == "cuda"
+
     def step(x, y) -> float:
+        if cuda:
+            torch.cuda.synchronize()
         begin = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         criterion(model(x), y).backward()
         optimizer.step()
+        if cuda:
+            torch.cuda.synchronize()
         return time.perf_counter() - begin
 
     return step
@@ -121,15 +141,23 @@ def run_worker(args: argparse.Namespace) -> Measurement:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no GPU")
     model = timm.create_model(args.model, num_classes=2, in_chans=1, pretrained=False)
     model, _ = make_dp_compatible(model)
-    model.train()
+    model.to(args.device).train()
     n = args.batch * (args.steps + 1)
-    images = torch.randn(n, 1, args.size, args.size)
-    labels = torch.randint(0, 2, (n,))
-    plain = _trainer(model if args.mode == "none" else copy.deepcopy(model), "none", args.batch, n)
-    private = None if args.mode == "none" else _trainer(model, args.mode, args.batch, n)
+    # all images on the device up front: the steps time compute, not host-to-device copies
+    images = torch.randn(n, 1, args.size, args.size).to(args.device)
+    labels = torch.randint(0, 2, (n,)).to(args.device)
+    twin = model if args.mode == "none" else copy.deepcopy(model)
+    plain = _trainer(twin, "none", args.batch, n, args.device)
+    private = None
+    if args.mode != "none":
+        private = _trainer(model, args.mode, args.batch, n, args.device)
     rss_before = _rss_mib()
+    gpu_before = torch.cuda.memory_allocated() / 2**20 if cuda else None
     plain_times: list[float] = []
     dp_times: list[float] = []
     for step in range(args.steps + 1):
@@ -143,12 +171,14 @@ def run_worker(args: argparse.Namespace) -> Measurement:
             if step:
                 dp_times.append(seconds)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
     plain_ips = args.batch / statistics.median(plain_times)
     dp_ips = args.batch / statistics.median(dp_times) if dp_times else None
     return Measurement(
         args.model, args.mode, args.size, args.batch, args.threads, args.steps,
         dp_ips if dp_ips is not None else plain_ips, plain_ips,
         dp_ips / plain_ips if dp_ips is not None else None, peak, rss_before,
+        device=args.device, peak_gpu_mib=peak_gpu, gpu_before_training_mib=gpu_before,
     )  # fmt: skip
 
 
@@ -157,12 +187,13 @@ def measure(model: str, mode: str, args: argparse.Namespace) -> Measurement:
     command = [
         sys.executable, __file__, "--worker", "--model", model, "--mode", mode,
         "--size", str(args.size), "--batch", str(args.batch), "--steps", str(args.steps),
-        "--threads", str(args.threads),
+        "--threads", str(args.threads), "--device", args.device,
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     failed = Measurement(
-        model, mode, args.size, args.batch, args.threads, args.steps, None, None, None, None, None
-    )
+        model, mode, args.size, args.batch, args.threads, args.steps, None, None, None, None, None,
+        device=args.device,
+    )  # fmt: skip
     try:
         done = subprocess.run(
             command, capture_output=True, text=True, timeout=args.timeout, env=env, check=False
@@ -178,23 +209,36 @@ def measure(model: str, mode: str, args: argparse.Namespace) -> Measurement:
     return Measurement(**json.loads(lines[-1]))
 
 
+def _mib(value: float | None) -> str:
+    return "" if value is None else f"{value:.0f}"
+
+
 def markdown(rows: list[Measurement]) -> str:
-    out = [
+    """The CPU table as before; rows measured on cuda add two GPU memory columns."""
+    gpu = any(r.device == "cuda" for r in rows)
+    head = (
         "| model | mode | images/s | plain images/s (same process) | DP / plain | slowdown "
-        "| peak RSS MiB | RSS before training MiB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
-    ]
+        "| peak RSS MiB | RSS before training MiB |"
+    )
+    rule = "|---|---|---:|---:|---:|---:|---:|---:|"
+    if gpu:
+        head += " peak GPU MiB | GPU before training MiB |"
+        rule += "---:|---:|"
+    out = [head, rule]
     for r in rows:
         if r.error:
-            out.append(f"| {r.model} | {r.mode} | failed: {r.error} | | | | | |")
+            out.append(f"| {r.model} | {r.mode} | failed: {r.error} | | | | | |" + " |" * 2 * gpu)
             continue
         ratio = "" if r.ratio is None else f"{r.ratio:.2f}"
         slowdown = "" if not r.ratio else f"{1 / r.ratio:.1f}x"
-        out.append(
+        line = (
             f"| {r.model} | {r.mode} | {r.images_per_second:.1f} | "
             f"{r.plain_images_per_second:.1f} | {ratio} | {slowdown} | "
             f"{r.peak_rss_mib:.0f} | {r.rss_before_training_mib:.0f} |"
         )
+        if gpu:
+            line += f" {_mib(r.peak_gpu_mib)} | {_mib(r.gpu_before_training_mib)} |"
+        out.append(line)
     return "\n".join(out)
 
 
@@ -209,6 +253,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="where model, data and Opacus run"
+    )
     parser.add_argument("--timeout", type=int, default=240, help="seconds per configuration")
     parser.add_argument("--json-out", type=Path, default=None)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -233,6 +280,15 @@ def modes_for(model: str, choice: str) -> tuple[str, ...]:
     return modes
 
 
+def gpu_name(device: str) -> str | None:
+    """The card's name for the report; None on cpu, so a CPU run never initializes CUDA."""
+    if device != "cuda":
+        return None
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
@@ -251,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
             "batch_size": args.batch,
             "threads": args.threads,
             "timed_steps": args.steps,
+            "device": args.device,
+            "gpu": gpu_name(args.device),
             "cpu_count": os.cpu_count(),
             "load_average": os.getloadavg(),
             "seconds": round(time.perf_counter() - started, 1),

@@ -98,10 +98,10 @@ class Settings:
     decode_repeats: int = 3
     # sections 4 and 5: the default synthetic federation
     centers: int = 13
-    fed_scale: float = 1.0
+    fed_scale: float = 3.0  # configs/data/synthetic.yaml's default
     fed_image_size: int = 64
     fed_rounds: int = 2
-    quality_rounds: int = 3
+    quality_rounds: int = 6
     quality_epochs: int = 1
     quality_strategies: list[str] = field(
         default_factory=lambda: ["fedavg", "fedprox", "fedbn", "fedavg+eps8"]
@@ -123,6 +123,8 @@ def settings(args: argparse.Namespace) -> Settings:
         repeats=args.repeats,
         devices=devices,
         fed_rounds=args.fed_rounds,
+        fed_scale=args.fed_scale,
+        fed_image_size=args.fed_image_size,
         quality_rounds=args.quality_rounds,
         quality_epochs=args.quality_epochs,
         quality_overrides=list(args.quality_override or []),
@@ -679,7 +681,7 @@ def model_bytes(s: Settings) -> tuple[int, int]:
 def section_federation(s: Settings) -> list[Row]:
     from fedmsk.commands.simulate import simulate_once
 
-    root = s.out / "data" / "federation"
+    root = s.out / "data" / f"federation-{s.centers}c-{s.fed_scale}x"
     synthetic_federation(root, s.centers, s.fed_scale)
     run_dir = s.out / "work" / "overhead-run"
     overrides = federation_overrides(s, root, run_dir, s.fed_rounds)
@@ -746,7 +748,7 @@ def quality_runs(s: Settings) -> dict[str, Path]:
     from fedmsk.centralized import run_centralized
     from fedmsk.commands.simulate import prepare, simulate_once
 
-    root = s.out / "data" / "federation"
+    root = s.out / "data" / f"federation-{s.centers}c-{s.fed_scale}x"
     synthetic_federation(root, s.centers, s.fed_scale)
     out = s.out / "quality"
     base = federation_overrides(s, root, out / "base", s.quality_rounds)
@@ -883,7 +885,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (sections 1, 3)")
     parser.add_argument("--repeats", type=int, default=5, help="repetitions per timed side")
     parser.add_argument("--fed-rounds", type=int, default=2, help="section 4 rounds")
-    parser.add_argument("--quality-rounds", type=int, default=3, help="section 5 rounds")
+    parser.add_argument(
+        "--fed-scale", type=float, default=3.0, help="synthetic federation size (sections 4, 5)"
+    )
+    parser.add_argument(
+        "--fed-image-size", type=int, default=64, help="image size in sections 4 and 5"
+    )
+    parser.add_argument("--quality-rounds", type=int, default=6, help="section 5 rounds")
     parser.add_argument("--quality-epochs", type=int, default=1, help="section 5 local epochs")
     parser.add_argument(
         "--quality-strategies", default="", help="e.g. fedavg,fedprox,fedbn,fedavg+eps8"

@@ -11,7 +11,7 @@ from PIL import Image
 from fedmsk.config import compose
 from fedmsk.data.manifest import ManifestRow, write_manifest
 from fedmsk.models import get_arrays, local_parameter_names
-from fedmsk.site_runtime import SiteRuntime, SiteUnavailableError
+from fedmsk.site_runtime import ModelPool, SiteRuntime, SiteUnavailableError
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +70,31 @@ def test_heldout_site_never_trains_and_evaluates_every_image(site: Path, tmp_pat
         runtime.train(arrays, server_round=1)
     result = runtime.evaluate(arrays, threshold=0.5)
     assert result.num_examples == 20 and result.summary["n"] == 20
+
+
+def test_a_pooled_model_trains_exactly_like_a_fresh_one(site: Path, tmp_path: Path) -> None:
+    """Reusing a node's model across messages must not change a round's result."""
+    cfg = compose(
+        ["model=resnet18", "data.image_size=32", "train.batch_size=8", f"run_dir={tmp_path / 'r'}"]
+    )
+    pool = ModelPool()
+    start = get_arrays(SiteRuntime(cfg, site, "site-a", heldout=False, seed=3).model)
+    pooled = SiteRuntime(cfg, site, "site-a", heldout=False, seed=3, model_pool=pool)
+    pooled.train({k: v + 0.01 for k, v in start.items()}, server_round=1)  # dirty the model
+    reused = SiteRuntime(cfg, site, "site-a", heldout=False, seed=3, model_pool=pool)
+    assert reused.model is pooled.model
+    fresh = SiteRuntime(cfg, site, "site-a", heldout=False, seed=3)
+    assert fresh.model is not pooled.model
+    a = reused.train(start, server_round=2).arrays
+    b = fresh.train(start, server_round=2).arrays
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_model_pool_builds_a_fresh_model_under_dp(tmp_path: Path) -> None:
+    pool = ModelPool()
+    plain = compose(["model=resnet18", f"run_dir={tmp_path / 'r'}"])
+    assert pool.get(plain) is pool.get(plain)
+    private = compose(["model=resnet18", "privacy=dp", f"run_dir={tmp_path / 'r'}"])
+    assert pool.get(private) is not pool.get(private)

@@ -21,8 +21,7 @@ log = logging.getLogger("fedmsk")
 
 DEMO_OVERRIDES = [
     "model=resnet18",
-    "federation.num_rounds=3",
-    "data.image_size=48",
+    "federation.num_rounds=5",
     "train.batch_size=16",
     "evaluation.bootstrap=0",
 ]
@@ -243,7 +242,7 @@ def run_demo(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     overrides = [
         *DEMO_OVERRIDES,
-        f"data.root={out / 'data' / 'xray_fracture'}",
+        f"data.root={out / 'data'}/xray_fracture-${{data.synthetic_scale}}x",
         f"run_dir={out / 'run'}",
         *args.overrides,
     ]
