@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     FedAdagrad,
@@ -30,6 +31,30 @@ from fedmsk.config import StrategyConfig
 from server.rounds import RoundRecorder
 
 STRATEGY_STATE_ATTRIBUTES = ("current_arrays", "m_t", "v_t", "momentum_vector")
+
+# BatchNorm's running statistics travel with the weights but are not trained by gradients.
+NORM_STATISTICS_SUFFIXES = ("running_mean", "running_var")
+
+
+def plain_average_of_statistics(arrays: ArrayRecord, replies: list[Message]) -> None:
+    """Overwrite normalisation statistics in ``arrays`` with their example-weighted mean.
+
+    Server optimisers (FedAvgM, FedAdam, FedYogi, FedAdagrad) treat every array as a weight and
+    step it with momentum or adaptive scaling. For running statistics that step can overshoot:
+    a variance pushed below zero turns every later evaluation into NaN. The clients' plain
+    weighted mean is what those statistics estimate, so they take it instead.
+    """
+    keys = [k for k in arrays if k.endswith(NORM_STATISTICS_SUFFIXES)]
+    if not keys or not replies:
+        return
+    weights = np.array(
+        [float(r.content["metrics"]["num-examples"]) for r in replies], dtype=np.float64
+    )
+    weights = weights / weights.sum()
+    for key in keys:
+        stacked = [r.content["arrays"][key].numpy().astype(np.float64) for r in replies]
+        mean = sum(w * a for w, a in zip(weights, stacked, strict=True))
+        arrays[key] = Array(np.asarray(mean, dtype=arrays[key].numpy().dtype))
 
 
 class NodeSubsetGrid:
@@ -73,6 +98,9 @@ class FedMskMixin:
             arrays, metrics = None, None
         else:
             arrays, metrics = super().aggregate_train(server_round, accepted)  # type: ignore[misc]
+            if arrays is not None and isinstance(self, SERVER_OPTIMISERS):
+                # in place: FedAvgM keeps this same record as the next round's start
+                plain_average_of_statistics(arrays, accepted)
         self.recorder.on_train_aggregated(server_round, arrays, metrics, self.export_state())
         return arrays, metrics
 
@@ -101,6 +129,9 @@ class FedMskMixin:
         for name, value in state.items():
             if name in STRATEGY_STATE_ATTRIBUTES:
                 setattr(self, name, value)
+
+
+SERVER_OPTIMISERS = (FedAvgM, FedAdam, FedYogi, FedAdagrad)
 
 
 def _with_mixin(base: type[Strategy]) -> type[Strategy]:

@@ -101,10 +101,10 @@ class Settings:
     fed_scale: float = 3.0  # configs/data/synthetic.yaml's default
     fed_image_size: int = 64
     fed_rounds: int = 2
-    quality_rounds: int = 6
+    quality_rounds: int = 10
     quality_epochs: int = 1
     quality_strategies: list[str] = field(
-        default_factory=lambda: ["fedavg", "fedprox", "fedbn", "fedavg+eps8"]
+        default_factory=lambda: ["fedavg", "fedavgm", "fedprox", "fedbn", "fedavg+eps8"]
     )
     quality_overrides: list[str] = field(default_factory=list)
     bench_fit_args: list[str] = field(default_factory=list)
@@ -891,7 +891,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--fed-image-size", type=int, default=64, help="image size in sections 4 and 5"
     )
-    parser.add_argument("--quality-rounds", type=int, default=6, help="section 5 rounds")
+    parser.add_argument("--quality-rounds", type=int, default=10, help="section 5 rounds")
     parser.add_argument("--quality-epochs", type=int, default=1, help="section 5 local epochs")
     parser.add_argument(
         "--quality-strategies", default="", help="e.g. fedavg,fedprox,fedbn,fedavg+eps8"

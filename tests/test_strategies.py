@@ -105,3 +105,38 @@ def test_unknown_strategy_names_the_setting() -> None:
     cfg.strategy.name = "fedmagic"
     with pytest.raises(ValueError, match="strategy.name"):
         build_strategy(cfg.strategy, 2, 3)
+
+
+@pytest.mark.parametrize("name", ["fedavgm", "fedadam", "fedyogi", "fedadagrad"])
+def test_server_optimisers_average_normalisation_statistics(name: str, tmp_path: Path) -> None:
+    """Momentum on a running variance could push it below zero: it takes the plain mean."""
+    recorder = _recorder(tmp_path, name)
+    recorder.reference_shapes = {"w": (4,), "bn.running_var": (2,)}
+    strategy = build_strategy(recorder.cfg.strategy, num_training_sites=5, num_sites=6)
+    strategy.attach(recorder)
+    start = {"w": np.zeros(4, np.float32), "bn.running_var": np.full(2, 5.0, np.float32)}
+    initial = ArrayRecord(OrderedDict((k, Array(v)) for k, v in start.items()))
+    if name == "fedavgm":
+        strategy.current_arrays = initial
+    else:
+        strategy.current_arrays = {k: v.numpy() for k, v in initial.items()}
+
+    def reply(node: int, var: float) -> Message:
+        request = Message(
+            RecordDict({"config": ConfigRecord()}), dst_node_id=node, message_type="train"
+        )
+        arrays = {"w": np.full(4, float(node), np.float32), "bn.running_var": np.full(2, var)}
+        record = ArrayRecord(
+            OrderedDict((k, Array(np.asarray(v, np.float32))) for k, v in arrays.items())
+        )
+        metrics = MetricRecord({"num-examples": 10 * node})
+        return Message(RecordDict({"arrays": record, "metrics": metrics}), reply_to=request)
+
+    for server_round in (1, 2, 3):
+        replies = [reply(n, 0.5 * n) for n in (1, 2, 3, 4, 5)]
+        arrays, _ = strategy.aggregate_train(server_round, replies)
+        if name != "fedavgm":
+            strategy.current_arrays = {k: v.numpy() for k, v in arrays.items()}
+    expected = sum(10 * n * 0.5 * n for n in range(1, 6)) / sum(10 * n for n in range(1, 6))
+    np.testing.assert_allclose(arrays["bn.running_var"].numpy(), expected, rtol=1e-6)
+    assert not np.allclose(arrays["w"].numpy(), 3.667, atol=1e-2), "weights keep the optimiser"
