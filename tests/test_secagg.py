@@ -98,7 +98,15 @@ class FakeRuntime:
     failing: set[str] = set()
     blow_up: set[str] = set()
 
-    def __init__(self, cfg: Any, site_dir: Path, alias: str, heldout: bool, seed: int) -> None:
+    def __init__(
+        self,
+        cfg: Any,
+        site_dir: Path,
+        alias: str,
+        heldout: bool,
+        seed: int,
+        model_pool: Any = None,
+    ) -> None:
         self.alias, self.heldout = alias, heldout
         self.log = logging.getLogger("test.secagg")
 
