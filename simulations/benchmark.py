@@ -749,6 +749,22 @@ def strategy_overrides(name: str) -> list[str]:
     return [f"strategy={strategy}"] + ([f"privacy={privacy}"] if privacy else [])
 
 
+def finished_run(run_dir: Path, cfg: Any) -> bool:
+    """A run directory that already holds the results of exactly this configuration.
+
+    Lets an interrupted section 5 start again without retraining what it finished (each
+    method has its own directory, so pooled and local runs of equal configs never mix).
+    """
+    from fedmsk.config import config_hash
+
+    stamp = run_dir / "config_hash.txt"
+    return (
+        (run_dir / "results.json").is_file()
+        and stamp.is_file()
+        and stamp.read_text().strip() == config_hash(cfg)
+    )
+
+
 def quality_runs(s: Settings) -> dict[str, Path]:
     from fedmsk.centralized import run_centralized
     from fedmsk.commands.simulate import prepare, simulate_once
@@ -760,16 +776,24 @@ def quality_runs(s: Settings) -> dict[str, Path]:
     base += [f"train.local_epochs={s.quality_epochs}", *s.quality_overrides]
     prepared = prepare(base)
     runs: dict[str, Path] = {}
-    print("# quality: pooled", flush=True)
-    runs["pooled"] = run_centralized(prepare([*base, f"run_dir={out / 'pooled'}"]).cfg, "pooled")
+
+    def centralized(name: str, run_dir: Path, mode: str, site: str | None = None) -> None:
+        cfg = prepare([*base, f"run_dir={run_dir}"]).cfg
+        reuse = finished_run(run_dir, cfg)
+        print(f"# quality: {name}{' (finished earlier, reused)' if reuse else ''}", flush=True)
+        runs[name] = run_dir if reuse else run_centralized(cfg, mode, site)
+
+    centralized("pooled", out / "pooled", "pooled")
     heldout = set(prepared.cfg.federation.heldout_sites)
     for alias in [a for a in prepared.cfg.federation.sites if a not in heldout]:
-        cfg = prepare([*base, f"run_dir={out / ('local-' + alias)}"]).cfg
-        runs[f"local:{alias}"] = run_centralized(cfg, "local", alias)
+        centralized(f"local:{alias}", out / f"local-{alias}", "local", alias)
     for name in s.quality_strategies:
-        job = [*base, *strategy_overrides(name), f"run_dir={out / name.replace('+', '-')}"]
+        run_dir = out / name.replace("+", "-")
+        job = [*base, *strategy_overrides(name), f"run_dir={run_dir}"]
         same = s.finished_runs.get(run_hash(job))
-        print(f"# quality: {name}{' (section 4 run, same config)' if same else ''}", flush=True)
+        if same is None and finished_run(run_dir, prepare(job).cfg):
+            same = run_dir
+        print(f"# quality: {name}{' (finished earlier, reused)' if same else ''}", flush=True)
         runs[name] = same if same is not None else simulate_once(job, report=False)
     return runs
 
