@@ -94,27 +94,19 @@ class ModelPool:
     def get(self, cfg: ExperimentConfig) -> Any:
         from fedmsk.models import create_model
 
-        dp_compatible = cfg.model.dp_compatible or cfg.privacy.enabled
-        key = (
-            cfg.model.name,
-            cfg.task.num_classes,
-            cfg.data.in_chans,
-            cfg.model.pretrained,
-            dp_compatible,
-            cfg.model.drop_rate,
-        )
-        if cfg.privacy.enabled or key not in self._models:
-            model = create_model(
-                cfg.model.name,
-                num_classes=cfg.task.num_classes,
-                in_chans=cfg.data.in_chans,
-                pretrained=cfg.model.pretrained,
-                dp_compatible=dp_compatible,
-                drop_rate=cfg.model.drop_rate,
-            )
-            if cfg.privacy.enabled:
-                return model
-            self._models = {key: model}  # one architecture at a time bounds the memory
+        arguments = {
+            "name": cfg.model.name,
+            "num_classes": cfg.task.num_classes,
+            "in_chans": cfg.data.in_chans,
+            "pretrained": cfg.model.pretrained,
+            "dp_compatible": cfg.model.dp_compatible or cfg.privacy.enabled,
+            "drop_rate": cfg.model.drop_rate,
+        }
+        if cfg.privacy.enabled:
+            return create_model(**arguments)
+        key = tuple(arguments.items())
+        if key not in self._models:
+            self._models = {key: create_model(**arguments)}  # one architecture bounds the memory
         return self._models[key]
 
 
