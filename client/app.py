@@ -31,6 +31,7 @@ from flwr.clientapp import ClientApp
 
 from client.secagg import secagg_train_mod
 from fedmsk.config import ExperimentConfig, compose, overrides_from_run_config
+from fedmsk.protocol import NORM_STATS_ACTION, NORM_STATS_RECORD, ROUND_KEY, THRESHOLD_KEY
 from fedmsk.site_runtime import ModelPool, SiteRuntime, derive_seed, node_logger
 
 app = ClientApp()
@@ -118,6 +119,14 @@ def evaluate_reply_content(
     return RecordDict({"metrics": record, "detail": detail})
 
 
+def norm_stats_reply_content(stats: dict[str, np.ndarray]) -> RecordDict:
+    """Per-channel BatchNorm moments (count, mean, variance per layer) and nothing else."""
+    record = ArrayRecord(
+        OrderedDict((k, Array(np.ascontiguousarray(v, dtype=np.float64))) for k, v in stats.items())
+    )
+    return RecordDict({NORM_STATS_RECORD: record})
+
+
 def _json_number(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
@@ -148,20 +157,23 @@ def _handle(msg: Message, context: Context, action: str) -> Message:
             )
         config = msg.content["config"] if "config" in msg.content else ConfigRecord()
         heldout = alias in cfg.federation.heldout_sites
-        server_round = int(config.get("fedmsk-round", config.get("server-round", 0)))
+        server_round = int(config.get(ROUND_KEY, config.get("server-round", 0)))
         seed = derive_seed(cfg.seed, "loader", server_round, alias)
         runtime = SiteRuntime(
             cfg, site_dir, alias, heldout=heldout, seed=seed, model_pool=MODEL_POOL
         )
         setup_seconds = time.perf_counter() - started
         arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
-        if action == "train":
+        if action == "norm-stats":
+            stats = runtime.norm_statistics(arrays)
+            content = norm_stats_reply_content(stats)
+        elif action == "train":
             outcome = runtime.train(arrays, server_round)
             outcome.metrics["setup-seconds"] = setup_seconds
             outcome.metrics["client-seconds"] = time.perf_counter() - started
             content = train_reply_content(outcome.arrays, outcome.num_examples, outcome.metrics)
         else:
-            threshold = config.get("threshold")
+            threshold = config.get(THRESHOLD_KEY)
             result = runtime.evaluate(arrays, None if threshold is None else float(threshold))
             result.metrics.update(runtime.privacy_status())
             content = evaluate_reply_content(
@@ -187,3 +199,8 @@ def evaluate(msg: Message, context: Context) -> Message:
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     return _handle(msg, context, "query")
+
+
+@app.query(NORM_STATS_ACTION)
+def norm_stats(msg: Message, context: Context) -> Message:
+    return _handle(msg, context, "norm-stats")

@@ -11,6 +11,7 @@ pooled validation scores. The run directory has the federated run's layout.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +35,29 @@ def _loaders(cfg: ExperimentConfig, federation: Federation, seed: int) -> dict[s
     return loaders
 
 
+def centralized_epochs(cfg: ExperimentConfig, site_sizes: list[int], num_sites: int) -> int:
+    """Epochs of a pooled or local-only baseline.
+
+    ``train.centralized_epochs`` when set; otherwise the federation's budget in images seen:
+    ``rounds x local_epochs`` passes, or with ``train.local_steps`` the images the training
+    sites process in all rounds (sites x steps x batch per round) over the pooled data set.
+    """
+    if cfg.train.centralized_epochs is not None:
+        return max(1, int(cfg.train.centralized_epochs))
+    rounds = cfg.federation.num_rounds
+    if cfg.train.local_steps is None:
+        return max(1, rounds * max(1, cfg.train.local_epochs))
+    per_round = sum(
+        cfg.train.local_steps * min(cfg.train.batch_size, n) for n in site_sizes if n
+    ) or num_sites * cfg.train.local_steps * cfg.train.batch_size
+    return max(1, round(rounds * per_round / max(1, sum(site_sizes))))
+
+
 def run_centralized(cfg: ExperimentConfig, mode: str, site: str | None = None) -> Path:
     """Train pooled or local-only and write results.json in the run directory."""
     from fedmsk.evaluation import locked_threshold, score_histogram, summarize
     from fedmsk.models import create_model
-    from fedmsk.training import evaluate, fit, seed_everything
+    from fedmsk.training import RunSchedule, evaluate, fit, planned_steps, seed_everything
 
     if mode not in ("pooled", "local"):
         raise ValueError(f"--mode {mode!r}: choose pooled or local")
@@ -69,7 +88,11 @@ def run_centralized(cfg: ExperimentConfig, mode: str, site: str | None = None) -
 
     generator = torch.Generator().manual_seed(cfg.seed)
     train_loader = DataLoader(
-        pooled, batch_size=cfg.train.batch_size, shuffle=True, generator=generator
+        pooled,
+        batch_size=cfg.train.batch_size,
+        shuffle=True,
+        generator=generator,
+        drop_last=len(pooled) > cfg.train.batch_size,
     )
     model = create_model(
         cfg.model.name,
@@ -78,8 +101,21 @@ def run_centralized(cfg: ExperimentConfig, mode: str, site: str | None = None) -
         pretrained=cfg.model.pretrained,
         drop_rate=cfg.model.drop_rate,
     )
-    for epoch in range(1, cfg.federation.num_rounds + 1):
-        result = fit(model, train_loader, cfg.train, cfg.task.num_classes, class_counts=counts)
+    epochs = centralized_epochs(cfg, [len(d) for d in train_sets], len(trained_on))
+    train_cfg = replace(cfg.train, local_steps=None, local_epochs=1)
+    per_epoch = planned_steps(train_loader, train_cfg)
+    state = None
+    for epoch in range(1, epochs + 1):
+        result = fit(
+            model,
+            train_loader,
+            train_cfg,
+            cfg.task.num_classes,
+            class_counts=counts,
+            schedule=RunSchedule((epoch - 1) * per_epoch, epochs * per_epoch),
+            optimizer_state=state,
+        )
+        state = result.optimizer_state
         run_dir.append_metrics(
             {"round": epoch, "phase": "train", "site": None, "train-loss": result.mean_loss}
         )
@@ -114,7 +150,7 @@ def run_centralized(cfg: ExperimentConfig, mode: str, site: str | None = None) -
         }
         run_dir.append_metrics(
             {
-                "round": cfg.federation.num_rounds,
+                "round": epochs,
                 "phase": "final-heldout" if role == "heldout" else "final-val",
                 "site": alias,
                 "n": int(result.num_examples),
@@ -133,7 +169,7 @@ def run_centralized(cfg: ExperimentConfig, mode: str, site: str | None = None) -
                 "model": cfg.model.name,
                 "task": cfg.task.name,
                 "classes": list(cfg.task.classes),
-                "rounds": cfg.federation.num_rounds,
+                "rounds": epochs,
                 "config_hash": config_hash(cfg),
                 "training_sites": trained_on,
                 "heldout_sites": sorted(heldout),

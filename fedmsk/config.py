@@ -79,27 +79,47 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    """One local round of training on one site."""
+    """One local round of training on one site (defaults mirror configs/train/default.yaml).
+
+    ``local_steps``: optimizer steps per round, the same at every site (None: ``local_epochs``
+    passes over the site's data, so a large site takes more steps). ``scheduler`` and
+    ``warmup_fraction`` shape the learning rate over the whole run's steps, not per round.
+    ``keep_optimizer_state``: a site continues its optimizer's moments from round to round
+    (kept on the node). ``precision``: fp32 | bf16 | fp16 | auto (bf16 where the hardware has
+    it natively and the model is validated, see fedmsk.precision). ``centralized_epochs``:
+    epochs of the pooled/local-only baselines (None: the federation's budget in images seen).
+    """
 
     local_epochs: int = 1
+    local_steps: int | None = None
     batch_size: int = 16
-    lr: float = 0.01
-    optimizer: str = "sgd"
+    lr: float = 0.001
+    optimizer: str = "adamw"
     momentum: float = 0.9
-    weight_decay: float = 1e-4
+    weight_decay: float = 0.01
     scheduler: str = "none"
+    warmup_fraction: float = 0.0
+    keep_optimizer_state: bool = True
     class_weighting: str = "loss"
     proximal_mu: float = 0.0
-    amp: bool = True
+    precision: str = "auto"
+    channels_last: str = "auto"
     device: str = "auto"
     num_threads: int = 1
     max_steps: int | None = None
     progress: bool = False
+    centralized_epochs: int | None = None
 
 
 @dataclass
 class StrategyConfig:
-    """Which Flower strategy aggregates, and its knobs (unused knobs are ignored)."""
+    """Which Flower strategy aggregates, and its knobs (unused knobs are ignored).
+
+    ``norm_statistics``: ``global`` gives the aggregated model BatchNorm statistics that the
+    training sites measure at its weights before it is evaluated (fedmsk.norm_stats);
+    ``average`` keeps the example-weighted mean of the sites' running statistics.
+    ``norm_statistics_images`` caps the images a site runs forward for it (0: all).
+    """
 
     name: str = "fedavg"
     fraction_train: float = 1.0
@@ -117,6 +137,8 @@ class StrategyConfig:
     num_malicious_nodes: int = 0
     num_nodes_to_select: int = 1
     local_norm_layers: bool = False
+    norm_statistics: str = "global"
+    norm_statistics_images: int = 256
 
 
 @dataclass
@@ -148,6 +170,11 @@ class FederationConfig:
 
 @dataclass
 class EvaluationConfig:
+    """How results are computed. ``every_rounds``: validation at the training sites after every
+    n-th round (the last round is always evaluated). ``heldout_each_round``: also score the
+    held-out center during the run (off by default: a curve of the test center invites
+    choosing a round on it; the final model is chosen without it)."""
+
     bootstrap: int = 0
     threshold: str = "youden"
     fixed_threshold: float = 0.5
@@ -155,6 +182,8 @@ class EvaluationConfig:
     gradcam: bool = True
     gradcam_images: int = 4
     tensorboard: bool = False
+    every_rounds: int = 1
+    heldout_each_round: bool = False
 
 
 @dataclass

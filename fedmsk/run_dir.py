@@ -21,6 +21,7 @@ from fedmsk.config import ExperimentConfig, config_hash, to_yaml
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_PATTERN = "round_{:04d}.ckpt"
+CHECKPOINTS_KEPT = 3
 
 
 class ResumeError(RuntimeError):
@@ -120,9 +121,14 @@ class RunDirectory:
         _atomic_write_bytes(path, blob.encode())
         return path
 
-    def save_checkpoint(self, checkpoint: Checkpoint) -> Path:
+    def save_checkpoint(self, checkpoint: Checkpoint, keep: int = CHECKPOINTS_KEPT) -> Path:
+        """Write a round's checkpoint and remove all but the newest ``keep`` rounds (a long
+        study would otherwise fill a disk with model copies; final_model.npz is separate)."""
         path = self.path / CHECKPOINT_DIR / CHECKPOINT_PATTERN.format(checkpoint.round)
         _atomic_write_bytes(path, pickle.dumps(checkpoint, protocol=pickle.HIGHEST_PROTOCOL))
+        older = sorted(path.parent.glob("round_*.ckpt"))
+        for stale in older[: max(0, len(older) - max(1, keep))]:
+            stale.unlink(missing_ok=True)
         return path
 
     def latest_checkpoint(self) -> Checkpoint | None:

@@ -5,8 +5,10 @@ messages. Everything here runs on the node that owns the images: per-image score
 and file paths are used here and never returned. :class:`TrainOutcome` and
 :class:`EvaluationOutcome` carry only what may leave the node.
 
-Node-local state (the privacy accountant, FedBN's local normalisation layers, a log that names
-unreadable files for the site's own IT) lives under ``SITE_DIR/.fedmsk/`` and survives restarts.
+Node-local state (the privacy accountant, the optimizer's moments, FedBN's local normalisation
+layers, a log that names unreadable files for the site's own IT) lives under ``SITE_DIR/.fedmsk/``
+and survives restarts; per-round state is kept one file per round (:mod:`fedmsk.node_state`) so a
+resumed run continues exactly.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from fedmsk.config import ExperimentConfig, config_hash
+from fedmsk.node_state import RoundFiles
 
 STATE_DIR_NAME = ".fedmsk"
 
@@ -84,7 +87,7 @@ class ModelPool:
     A node answers many messages in one process (a SuperNode's ClientApp, a simulation actor),
     and building a timm model costs a noticeable share of a small site's round. Reuse is exact
     because :meth:`SiteRuntime.load_global` overwrites every exchanged array before the model is
-    used, and optimizers are built per ``fit``. Under DP a fresh model is built every time:
+    used, and optimizers are built per ``fit`` (their moments come from the node's files). Under DP a fresh model is built every time:
     Opacus attaches hooks to the module it wraps.
     """
 
@@ -138,30 +141,73 @@ class SiteRuntime:
 
     # -- weights ---------------------------------------------------------------------------
 
-    def _local_state_path(self) -> Path:
-        return self.state_dir / "local_norm.npz"
+    def _local_norm_files(self) -> RoundFiles:
+        return RoundFiles(self.state_dir, "local_norm", ".npz")
 
-    def load_global(self, arrays: dict[str, np.ndarray]) -> None:
-        """Load the global model; under FedBN the site's own normalisation layers win."""
+    def _optimizer_files(self) -> RoundFiles:
+        return RoundFiles(self.state_dir, "optimizer", ".pt")
+
+    def load_global(self, arrays: dict[str, np.ndarray], server_round: int | None = None) -> None:
+        """Load the global model; under FedBN the site's own normalisation layers win.
+
+        ``server_round``: the round about to run, so FedBN reads the layers the site had after
+        the round before it (None: the newest the site has, for evaluation).
+        """
         from fedmsk.models import get_arrays, set_arrays
 
         merged = dict(arrays)
-        local_path = self._local_state_path()
-        if self.cfg.strategy.local_norm_layers and local_path.is_file():
-            with np.load(local_path) as local:
-                merged.update({k: local[k] for k in local.files})
+        if self.cfg.strategy.local_norm_layers:
+            files = self._local_norm_files()
+            newest = files.rounds()
+            local_path = (
+                files.latest_before(server_round)
+                if server_round is not None
+                else (files.path(newest[-1]) if newest else None)
+            )
+            if local_path is not None:
+                with np.load(local_path) as local:
+                    merged.update({k: local[k] for k in local.files})
         current = get_arrays(self.model)
         current.update(merged)
         set_arrays(self.model, current)
 
-    def _save_local_norm(self) -> None:
+    def _save_local_norm(self, server_round: int) -> None:
         from fedmsk.models import get_arrays, local_parameter_names
 
         names = local_parameter_names(self.model)
         arrays = {k: v for k, v in get_arrays(self.model).items() if k in names}
-        np.savez(self._local_state_path(), **arrays)
+        self._local_norm_files().write(server_round, lambda path: _save_npz(path, arrays))
+
+    def _optimizer_state(self, server_round: int) -> dict | None:
+        """The moments this site's optimizer had after its previous round (never sent)."""
+        if not self.cfg.train.keep_optimizer_state:
+            return None
+        import torch
+
+        path = self._optimizer_files().latest_before(server_round)
+        if path is None:
+            return None
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - an unreadable state file means a fresh optimizer
+            self.log.warning("optimizer state unreadable, starting a fresh optimizer")
+            return None
+
+    def _save_optimizer_state(self, server_round: int, state: dict | None) -> None:
+        if state is None or not self.cfg.train.keep_optimizer_state:
+            return
+        import torch
+
+        self._optimizer_files().write(server_round, lambda path: torch.save(state, path))
 
     # -- train -----------------------------------------------------------------------------
+
+    def run_schedule(self, server_round: int) -> Any:
+        """This round's place in the run's learning-rate schedule (rounds x local steps)."""
+        from fedmsk.training import RunSchedule, planned_steps
+
+        steps = planned_steps(self.loaders.train, self.cfg.train)
+        return RunSchedule((server_round - 1) * steps, self.cfg.federation.num_rounds * steps)
 
     def train(self, global_arrays: dict[str, np.ndarray], server_round: int) -> TrainOutcome:
         from fedmsk.models import get_arrays
@@ -171,7 +217,7 @@ class SiteRuntime:
             raise SiteUnavailableError("held-out site never trains")
         if self.loaders.train is None:
             raise SiteUnavailableError("no usable training images")
-        self.load_global(global_arrays)
+        self.load_global(global_arrays, server_round)
         seed_everything(derive_seed(self.cfg.seed, "train", server_round, self.alias))
         privacy = self._privacy_session()
         if privacy is not None and not privacy.can_train():
@@ -184,9 +230,12 @@ class SiteRuntime:
             global_arrays=global_arrays if self.cfg.train.proximal_mu > 0 else None,
             privacy=privacy,
             class_counts=self._train_class_counts(),
+            schedule=self.run_schedule(server_round),
+            optimizer_state=self._optimizer_state(server_round),
         )
+        self._save_optimizer_state(server_round, result.optimizer_state)
         if self.cfg.strategy.local_norm_layers:
-            self._save_local_norm()
+            self._save_local_norm(server_round)
         metrics = {
             "train-loss": float(result.mean_loss),
             "train-steps": float(result.steps),
@@ -197,6 +246,24 @@ class SiteRuntime:
             metrics["epsilon"] = float(result.epsilon)
         return TrainOutcome(get_arrays(self.model), int(result.num_examples), metrics)
 
+    def norm_statistics(self, global_arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Per-channel moments of every BatchNorm layer at the global weights, over up to
+        ``strategy.norm_statistics_images`` of this site's training images (unaugmented).
+        Only these aggregates leave the node (:mod:`fedmsk.norm_stats`)."""
+        from fedmsk.norm_stats import image_batches, measure_moments, to_arrays
+        from fedmsk.training import resolve_device
+
+        if self.heldout:
+            raise SiteUnavailableError("held-out site never contributes statistics")
+        loader = plain_loader(self.loaders, "train", self.cfg)
+        if loader is None:
+            raise SiteUnavailableError("no usable training images")
+        self.load_global(global_arrays)
+        self.model.to(resolve_device(self.cfg.train.device))
+        limit = self.cfg.strategy.norm_statistics_images
+        moments = measure_moments(self.model, image_batches(loader, limit or None))
+        return to_arrays(moments)
+
     def _train_class_counts(self) -> list[int]:
         counts = self.loaders.counts.get("train", {})
         return [int(counts.get(name, 0)) for name in self.cfg.task.classes]
@@ -205,13 +272,14 @@ class SiteRuntime:
         if not self.cfg.privacy.enabled:
             return None
         from fedmsk.privacy import DPSession
+        from fedmsk.training import planned_steps
 
         return DPSession.for_site(
             self.cfg.privacy,
             state_path=self.state_dir / "privacy.json",
             num_examples=sum(self._train_class_counts()),
             batch_size=self.cfg.train.batch_size,
-            steps_per_round=_steps_per_round(self.loaders.train, self.cfg),
+            steps_per_round=planned_steps(self.loaders.train, self.cfg.train),
             planned_rounds=self.cfg.federation.num_rounds,
         )
 
@@ -228,13 +296,15 @@ class SiteRuntime:
     ) -> EvaluationOutcome:
         """Validation split at training sites, all images at a held-out site."""
         from fedmsk.evaluation import score_histogram, summarize
-        from fedmsk.training import evaluate
+        from fedmsk.training import evaluate, resolve_device, training_precision
 
         loader = all_images_loader(self.loaders, self.cfg) if self.heldout else self.loaders.val
         if loader is None:
             raise SiteUnavailableError("no usable evaluation images")
         self.load_global(global_arrays)
-        result = evaluate(self.model, loader)
+        device = resolve_device(self.cfg.train.device)
+        precision = training_precision(self.model, self.cfg.train, device, self.cfg.privacy.enabled)
+        result = evaluate(self.model, loader, device=device, precision=precision)
         patient_ids = _patient_ids(loader)
         summary = summarize(
             result.labels,
@@ -255,6 +325,22 @@ class SiteRuntime:
         return EvaluationOutcome(int(result.num_examples), summary, histogram, metrics)
 
 
+def plain_loader(loaders: Any, split: str, cfg: ExperimentConfig) -> Any:
+    """One split of a site in manifest order, unaugmented (None when empty)."""
+    from torch.utils.data import DataLoader
+
+    from fedmsk.data.dataset import SiteDataset
+
+    part = loaders.dataset(split)
+    if part is None or not len(part):
+        return None
+    return DataLoader(
+        SiteDataset(part.items, part.cache, transform=None),
+        batch_size=max(cfg.train.batch_size, 64),
+        shuffle=False,
+    )
+
+
 def all_images_loader(loaders: Any, cfg: ExperimentConfig) -> Any:
     """Every usable image of a site, unaugmented: a held-out center is all external test."""
     from torch.utils.data import DataLoader
@@ -270,14 +356,12 @@ def all_images_loader(loaders: Any, cfg: ExperimentConfig) -> Any:
     return DataLoader(combined, batch_size=cfg.train.batch_size, shuffle=False)
 
 
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with path.open("wb") as handle:
+        np.savez(handle, **arrays)
+
+
 def _patient_ids(loader: Any) -> list[str] | None:
     dataset = getattr(loader, "dataset", None)
     getter = getattr(dataset, "patient_ids", None)
     return list(getter()) if callable(getter) else None
-
-
-def _steps_per_round(loader: Any, cfg: ExperimentConfig) -> int:
-    steps = len(loader) * max(1, cfg.train.local_epochs)
-    if cfg.train.max_steps is not None:
-        steps = min(steps, int(cfg.train.max_steps))
-    return max(1, steps)

@@ -22,7 +22,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmsk.config import ExperimentConfig, compose, config_hash, overrides_from_run_config
 from fedmsk.run_dir import RunDirectory
-from server.rounds import RoundRecorder, SiteEvaluation
+from server.global_statistics import update_global_statistics, wants_global_statistics
+from server.rounds import RoundRecorder, SiteEvaluation, arrays_to_numpy
 from server.strategies import build_strategy
 
 app = ServerApp()
@@ -86,6 +87,20 @@ def discover_sites(grid: Grid, cfg: ExperimentConfig) -> dict[int, str]:
                 f"{cfg.federation.connect_timeout_s:.0f} s (federation.connect_timeout_s)"
             )
         time.sleep(1.0)
+
+
+def with_final_statistics(
+    grid: Grid, recorder: RoundRecorder, arrays: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """The final model with BatchNorm statistics measured at its weights, unless the last
+    round's evaluation already gave it them."""
+    record = to_record(arrays)
+    last_round = recorder.cfg.federation.num_rounds
+    if recorder.statistics_round == last_round or not wants_global_statistics(recorder, record):
+        return arrays
+    if update_global_statistics(grid, recorder, record, last_round - recorder.round_offset + 1):
+        return arrays_to_numpy(record)
+    return arrays
 
 
 def evaluate_sites(
@@ -207,6 +222,7 @@ def main(grid: Grid, context: Context) -> None:
             train_config=ConfigRecord({"num-rounds": cfg.federation.num_rounds}),
         )
     final = recorder.last_arrays if recorder.last_arrays is not None else arrays
+    final = with_final_statistics(grid, recorder, final)
     np.savez(run_dir.path / "final_model.npz", **final)
     sites = final_evaluation(grid, recorder, final)
     write_results(recorder, sites, time.monotonic() - started)

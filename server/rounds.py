@@ -64,6 +64,8 @@ class RoundRecorder:
     latest_evaluations: dict[str, SiteEvaluation] = field(default_factory=dict)
     privacy: dict[str, dict[str, float]] = field(default_factory=dict)
     last_arrays: dict[str, np.ndarray] | None = None
+    statistics_round: int | None = None
+    _last_checkpoint: Checkpoint | None = None
 
     # -- sites -----------------------------------------------------------------------------
 
@@ -82,6 +84,18 @@ class RoundRecorder:
     def absolute_round(self, server_round: int) -> int:
         return server_round + self.round_offset
 
+    def evaluates_round(self, server_round: int) -> bool:
+        """Validation after every ``evaluation.every_rounds``-th round and after the last."""
+        absolute = self.absolute_round(server_round)
+        every = max(1, self.cfg.evaluation.every_rounds)
+        return absolute % every == 0 or absolute >= self.cfg.federation.num_rounds
+
+    def per_round_evaluation_node_ids(self) -> list[int]:
+        """Training sites; the held-out center only with ``evaluation.heldout_each_round``."""
+        if self.cfg.evaluation.heldout_each_round:
+            return sorted(self.node_alias, key=self.alias_of)
+        return self.training_node_ids()
+
     # -- replies ---------------------------------------------------------------------------
 
     def expect(self, phase: str, server_round: int, node_ids: list[int]) -> None:
@@ -98,7 +112,7 @@ class RoundRecorder:
         self.run_dir.append_metrics({**entry, "phase": f"{phase}-failure"})
         log.warning("round %s: %s %s failed (%s)", entry["round"], alias, phase, error)
 
-    def _split_replies(
+    def answered_replies(
         self, phase: str, server_round: int, replies: list[Message]
     ) -> list[Message]:
         """Record error replies and missing replies; return the ones with content."""
@@ -119,7 +133,7 @@ class RoundRecorder:
 
     def screen_train_replies(self, server_round: int, replies: list[Message]) -> list[Message]:
         accepted = []
-        for msg in self._split_replies("train", server_round, replies):
+        for msg in self.answered_replies("train", server_round, replies):
             alias = self.alias_of(msg.metadata.src_node_id)
             problem = self._update_problem(msg)
             if problem:
@@ -183,15 +197,25 @@ class RoundRecorder:
         numbers = {k: v for k, v in dict(metrics or {}).items() if isinstance(v, int | float)}
         self.run_dir.append_metrics({"round": absolute, "phase": "train", "site": None} | numbers)
         assert self.last_arrays is not None
-        self.run_dir.save_checkpoint(
-            Checkpoint(
-                round=absolute,
-                arrays=self.last_arrays,
-                strategy_state=strategy_state,
-                config_hash=config_hash(self.cfg),
-                threshold=self.threshold,
-            )
+        self._last_checkpoint = Checkpoint(
+            round=absolute,
+            arrays=self.last_arrays,
+            strategy_state=strategy_state,
+            config_hash=config_hash(self.cfg),
+            threshold=self.threshold,
         )
+        self.run_dir.save_checkpoint(self._last_checkpoint)
+
+    def on_statistics_updated(self, server_round: int, arrays: ArrayRecord) -> None:
+        """The round's model got BatchNorm statistics measured at its weights: it becomes the
+        run's current model and its checkpoint is rewritten (the strategy's own copy of the
+        record was updated in place), so a resumed run starts from exactly this model."""
+        self.last_arrays = arrays_to_numpy(arrays)
+        self.statistics_round = self.absolute_round(server_round)
+        previous = self._last_checkpoint
+        if previous is not None and previous.round == self.statistics_round:
+            previous.arrays = self.last_arrays
+            self.run_dir.save_checkpoint(previous)
 
     def on_evaluate_replies(self, server_round: int, replies: list[Message]) -> MetricRecord | None:
         evaluations = self.collect_evaluations("evaluate", server_round, replies)
@@ -227,7 +251,7 @@ class RoundRecorder:
         self, phase: str, server_round: int, replies: list[Message]
     ) -> list[SiteEvaluation]:
         evaluations = []
-        for msg in self._split_replies(phase, server_round, replies):
+        for msg in self.answered_replies(phase, server_round, replies):
             alias = self.alias_of(msg.metadata.src_node_id)
             metrics = {
                 k: float(v)

@@ -45,7 +45,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3, help="warm-up steps of each loop")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--amp", action="store_true", help="let fit use AMP (CUDA only)")
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        help="fit's train.precision (fp32, bf16, fp16, auto); the bare loop stays fp32",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the JSON here")
     return parser.parse_args(argv)
 
@@ -94,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         scheduler="none",
         class_weighting="none",
         proximal_mu=0.0,
-        amp=args.amp,
+        precision=args.precision,
         device=str(device),
         num_threads=args.threads,
         progress=False,

@@ -71,7 +71,7 @@ def loader(n: int = 16, batch: int = 4, size: int = 8, seed: int = 0) -> DataLoa
 
 
 TRAIN = TrainConfig(
-    batch_size=4, lr=0.05, class_weighting="none", device="cpu", amp=False, num_threads=1
+    batch_size=4, lr=0.05, class_weighting="none", device="cpu", precision="fp32", num_threads=1
 )
 
 

@@ -32,7 +32,7 @@ CFG = TrainConfig(
     lr=0.05,
     optimizer="sgd",
     class_weighting="none",
-    amp=False,
+    precision="fp32",
     device="cpu",
     num_threads=1,
 )

@@ -211,8 +211,10 @@ def _make_loader(
             weights, num_samples=len(dataset), replacement=True, generator=generator
         )
         shuffle = False
-    # A last training batch of one image breaks BatchNorm ("more than 1 value per channel").
-    drop_last = shuffle and len(dataset) > batch_size and len(dataset) % batch_size == 1
+    # A training epoch never ends on a 1-2 image batch: it breaks BatchNorm ("more than 1 value
+    # per channel") or gives a few images a whole step's weight. Each pass reshuffles, so no
+    # image is left out for good. A site smaller than one batch keeps its only batch.
+    drop_last = (shuffle or balanced) and len(dataset) > batch_size
     return DataLoader(
         dataset,
         batch_size=batch_size,

@@ -1,0 +1,63 @@
+"""State a site keeps from one round to the next, one file per round, under its own directory.
+
+A site's optimizer moments and FedBN's local normalisation layers must survive the node process
+(a SuperNode starts a fresh ClientApp process per message) and a resumed run must read exactly
+what the site had after the round the coordinator resumes from, even when the site had already
+trained a later round before the crash. So each round writes its own file and a round ``r``
+reads the newest file of a round before ``r``; round 1 of a run reads nothing, which is how a
+fresh run clears what an earlier run with the same name left. The files never leave the node.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+class RoundFiles:
+    """Files ``STEM-rNNNN.SUFFIX`` in ``directory``, the newest ``keep`` of them kept."""
+
+    def __init__(self, directory: Path, stem: str, suffix: str, keep: int = 3) -> None:
+        self.directory = Path(directory)
+        self.stem = stem
+        self.suffix = suffix
+        self.keep = max(2, keep)
+        self._pattern = re.compile(rf"^{re.escape(stem)}-r(\d+){re.escape(suffix)}$")
+
+    def path(self, round_no: int) -> Path:
+        return self.directory / f"{self.stem}-r{round_no:04d}{self.suffix}"
+
+    def rounds(self) -> list[int]:
+        if not self.directory.is_dir():
+            return []
+        found = (self._pattern.match(p.name) for p in self.directory.iterdir())
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def latest_before(self, round_no: int) -> Path | None:
+        """The file of the newest round before ``round_no``; None in a run's first round."""
+        if round_no <= 1:
+            return None
+        earlier = [r for r in self.rounds() if r < round_no]
+        return self.path(earlier[-1]) if earlier else None
+
+    def write(self, round_no: int, write: Callable[[Path], None]) -> Path:
+        """``write(path)`` fills a temporary file that then replaces round ``round_no``'s
+        atomically; files of later rounds (left by an earlier run or beyond a resume point)
+        and all but the newest ``keep`` are removed."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=self.suffix)
+        os.close(fd)
+        try:
+            write(Path(tmp))
+            os.replace(tmp, self.path(round_no))
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        kept = [r for r in self.rounds() if r <= round_no][-self.keep :]
+        for r in self.rounds():
+            if r not in kept:
+                self.path(r).unlink(missing_ok=True)
+        return self.path(round_no)

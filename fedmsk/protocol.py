@@ -1,0 +1,19 @@
+"""Names both sides of a federated run use in their messages (the coordinator and the nodes).
+
+Kept in the core library so that ``server/`` and ``client/`` import the same constants and
+neither imports the other's code.
+"""
+
+from __future__ import annotations
+
+ROUND_KEY = "fedmsk-round"
+"""Config key: the absolute round number (resumed runs continue the count)."""
+
+THRESHOLD_KEY = "threshold"
+"""Config key: the locked decision threshold an evaluation applies."""
+
+NORM_STATS_ACTION = "norm_stats"
+"""Query action: BatchNorm moments of the sent weights over a site's training images."""
+
+NORM_STATS_RECORD = "stats"
+"""Reply record holding the per-layer ``.count``/``.mean``/``.var`` arrays."""
