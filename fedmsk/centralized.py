@@ -47,16 +47,17 @@ def centralized_epochs(cfg: ExperimentConfig, site_sizes: list[int], num_sites: 
     rounds = cfg.federation.num_rounds
     if cfg.train.local_steps is None:
         return max(1, rounds * max(1, cfg.train.local_epochs))
-    per_round = sum(
-        cfg.train.local_steps * min(cfg.train.batch_size, n) for n in site_sizes if n
-    ) or num_sites * cfg.train.local_steps * cfg.train.batch_size
+    per_round = (
+        sum(cfg.train.local_steps * min(cfg.train.batch_size, n) for n in site_sizes if n)
+        or num_sites * cfg.train.local_steps * cfg.train.batch_size
+    )
     return max(1, round(rounds * per_round / max(1, sum(site_sizes))))
 
 
 def run_centralized(cfg: ExperimentConfig, mode: str, site: str | None = None) -> Path:
     """Train pooled or local-only and write results.json in the run directory."""
     from fedmsk.evaluation import locked_threshold, score_histogram, summarize
-    from fedmsk.models import create_model
+    from fedmsk.models import model_from_config
     from fedmsk.training import RunSchedule, evaluate, fit, planned_steps, seed_everything
 
     if mode not in ("pooled", "local"):
@@ -94,13 +95,7 @@ def run_centralized(cfg: ExperimentConfig, mode: str, site: str | None = None) -
         generator=generator,
         drop_last=len(pooled) > cfg.train.batch_size,
     )
-    model = create_model(
-        cfg.model.name,
-        num_classes=cfg.task.num_classes,
-        in_chans=cfg.data.in_chans,
-        pretrained=cfg.model.pretrained,
-        drop_rate=cfg.model.drop_rate,
-    )
+    model = model_from_config(cfg)
     epochs = centralized_epochs(cfg, [len(d) for d in train_sets], len(trained_on))
     train_cfg = replace(cfg.train, local_steps=None, local_epochs=1)
     per_epoch = planned_steps(train_loader, train_cfg)

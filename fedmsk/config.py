@@ -71,10 +71,14 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    """A timm model by name; ``timm_kwargs`` go to ``timm.create_model`` (e.g. the channel
+    widths of configs/model/resnet18_slim.yaml)."""
+
     name: str = "resnet18"
     pretrained: str | None = None
     dp_compatible: bool = False
     drop_rate: float = 0.0
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -53,6 +53,35 @@ class WeightFileError(ValueError):
     """A local weight file that is missing, unreadable, or does not fit the model."""
 
 
+def model_arguments(cfg: Any) -> dict[str, Any]:
+    """:func:`create_model`'s arguments for an ``ExperimentConfig`` (hashable values only, so
+    the dict can key a cache of built models). DP runs get the DP-compatible variant."""
+    return {
+        "name": cfg.model.name,
+        "num_classes": cfg.task.num_classes,
+        "in_chans": cfg.data.in_chans,
+        "pretrained": cfg.model.pretrained,
+        "dp_compatible": cfg.model.dp_compatible or cfg.privacy.enabled,
+        "drop_rate": cfg.model.drop_rate,
+        "timm_kwargs": tuple(sorted((k, _frozen(v)) for k, v in cfg.model.timm_kwargs.items())),
+    }
+
+
+def _frozen(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list | tuple) else value
+
+
+def model_from_config(cfg: Any, initial_weights: bool = True) -> nn.Module:
+    """The model an experiment config describes, randomly initialised or from its local file.
+
+    ``initial_weights=False`` skips ``model.pretrained`` for a model whose arrays are about to
+    be overwritten (a run's final model), so its report needs no weight file."""
+    arguments = model_arguments(cfg)
+    if not initial_weights:
+        arguments["pretrained"] = None
+    return create_model(**arguments)
+
+
 def create_model(
     name: str,
     num_classes: int,
@@ -60,12 +89,15 @@ def create_model(
     pretrained: str | None = None,
     dp_compatible: bool = False,
     drop_rate: float = 0.0,
+    timm_kwargs: Mapping[str, Any] | Iterable[tuple[str, Any]] = (),
 ) -> nn.Module:
     """Build a timm classifier with ``num_classes`` outputs for ``in_chans``-channel images.
 
     ``pretrained``: None (random init) or a local ``.pth``/``.pt``/``.safetensors`` file. The
     file's classifier head is dropped when its class count differs, and its first convolution
-    adapted when its channel count differs (both logged). ``dp_compatible`` applies
+    adapted when its channel count differs (both logged). ``timm_kwargs`` are passed to
+    ``timm.create_model`` (e.g. ``channels``/``stem_width`` of a narrower ResNet).
+    ``dp_compatible`` applies
     ``fedmsk.privacy.make_dp_compatible`` (BatchNorm to GroupNorm, no in-place ops) after the
     weights are loaded, so ImageNet-style weights still initialise the convolutions.
     """
@@ -80,6 +112,7 @@ def create_model(
         num_classes=int(num_classes),
         in_chans=int(in_chans),
         drop_rate=float(drop_rate),
+        **dict(timm_kwargs),
     )
     if pretrained:
         state = read_weight_file(pretrained)

@@ -78,9 +78,8 @@ def resolve_precision(
         raise ValueError(f"train.precision={requested!r} is not one of {', '.join(PRECISIONS)}")
     layout = (channels_last or "auto").lower()
     if layout not in CHANNELS_LAST_CHOICES:
-        raise ValueError(
-            f"train.channels_last={channels_last!r} is not one of {', '.join(CHANNELS_LAST_CHOICES)}"
-        )
+        choices = ", ".join(CHANNELS_LAST_CHOICES)
+        raise ValueError(f"train.channels_last={channels_last!r} is not one of {choices}")
     dtype, reason = _choose_dtype(wanted, device, model_name, private)
     if layout == "auto":
         # Measured: channels-last speeds bf16 convolutions (oneDNN/AMX, cuDNN) and slows fp32

@@ -87,24 +87,17 @@ class ModelPool:
     A node answers many messages in one process (a SuperNode's ClientApp, a simulation actor),
     and building a timm model costs a noticeable share of a small site's round. Reuse is exact
     because :meth:`SiteRuntime.load_global` overwrites every exchanged array before the model is
-    used, and optimizers are built per ``fit`` (their moments come from the node's files). Under DP a fresh model is built every time:
-    Opacus attaches hooks to the module it wraps.
+    used, and optimizers are built per ``fit`` (their moments come from the node's files).
+    Under DP a fresh model is built every time: Opacus attaches hooks to the module it wraps.
     """
 
     def __init__(self) -> None:
         self._models: dict[tuple[Any, ...], Any] = {}
 
     def get(self, cfg: ExperimentConfig) -> Any:
-        from fedmsk.models import create_model
+        from fedmsk.models import create_model, model_arguments
 
-        arguments = {
-            "name": cfg.model.name,
-            "num_classes": cfg.task.num_classes,
-            "in_chans": cfg.data.in_chans,
-            "pretrained": cfg.model.pretrained,
-            "dp_compatible": cfg.model.dp_compatible or cfg.privacy.enabled,
-            "drop_rate": cfg.model.drop_rate,
-        }
+        arguments = model_arguments(cfg)
         if cfg.privacy.enabled:
             return create_model(**arguments)
         key = tuple(arguments.items())

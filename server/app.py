@@ -35,18 +35,11 @@ class SiteDiscoveryError(RuntimeError):
 
 
 def initial_arrays(cfg: ExperimentConfig) -> dict[str, np.ndarray]:
-    from fedmsk.models import create_model, get_arrays
+    from fedmsk.models import get_arrays, model_from_config
     from fedmsk.training import seed_everything
 
     seed_everything(cfg.seed)
-    model = create_model(
-        cfg.model.name,
-        num_classes=cfg.task.num_classes,
-        in_chans=cfg.data.in_chans,
-        pretrained=cfg.model.pretrained,
-        dp_compatible=cfg.model.dp_compatible or cfg.privacy.enabled,
-        drop_rate=cfg.model.drop_rate,
-    )
+    model = model_from_config(cfg)
     return get_arrays(model)
 
 

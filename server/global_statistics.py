@@ -54,13 +54,18 @@ def update_global_statistics(
     recorder.expect(PHASE, round_no, nodes)
     replies = list(grid.send_and_receive(messages, timeout=recorder.cfg.federation.round_timeout_s))
     answered = [
-        r for r in recorder.answered_replies(PHASE, round_no, replies)
+        r
+        for r in recorder.answered_replies(PHASE, round_no, replies)
         if NORM_STATS_RECORD in r.content
-    ]  # fmt: skip
+    ]
     if not answered:
-        log.warning("round %s: no site returned BatchNorm statistics; keeping averaged ones", round_no)
+        log.warning(
+            "round %s: no site returned BatchNorm statistics; keeping averaged ones", round_no
+        )
         return False
-    moments = combine([from_arrays(arrays_to_numpy(r.content[NORM_STATS_RECORD])) for r in answered])
+    moments = combine(
+        [from_arrays(arrays_to_numpy(r.content[NORM_STATS_RECORD])) for r in answered]
+    )
     current = {k: arrays[k].numpy() for k in arrays if k.endswith(("running_mean", "running_var"))}
     apply_to_arrays(current, moments)
     for key, value in current.items():

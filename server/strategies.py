@@ -29,8 +29,8 @@ from flwr.serverapp.strategy import (
 
 from fedmsk.config import StrategyConfig
 from fedmsk.protocol import ROUND_KEY, THRESHOLD_KEY
-from server.messages import messages_to
 from server.global_statistics import update_global_statistics, wants_global_statistics
+from server.messages import messages_to
 from server.rounds import RoundRecorder
 
 STRATEGY_STATE_ATTRIBUTES = ("current_arrays", "m_t", "v_t", "momentum_vector")
@@ -119,9 +119,10 @@ class FedMskMixin:
         recorder = self.recorder
         if not recorder.evaluates_round(server_round):
             return []
-        if wants_global_statistics(recorder, arrays):
-            if update_global_statistics(grid, recorder, arrays, server_round):
-                recorder.on_statistics_updated(server_round, arrays)
+        if wants_global_statistics(recorder, arrays) and update_global_statistics(
+            grid, recorder, arrays, server_round
+        ):
+            recorder.on_statistics_updated(server_round, arrays)
         connected = set(grid.get_node_ids())
         nodes = [n for n in recorder.per_round_evaluation_node_ids() if n in connected]
         settings = dict(config) | {

@@ -36,10 +36,16 @@ from fedmsk.config import ExperimentConfig, compose  # noqa: E402
 from fedmsk.data.dataset import SiteLoaders, build_site_loaders  # noqa: E402
 from fedmsk.data.federation import load_federation  # noqa: E402
 from fedmsk.metrics import auc_delong  # noqa: E402
-from fedmsk.models import create_model, get_arrays, local_parameter_names, set_arrays  # noqa: E402
+from fedmsk.models import get_arrays, local_parameter_names, model_from_config, set_arrays  # noqa: E402
 from fedmsk.norm_stats import apply_to_arrays, combine, image_batches, measure_moments  # noqa: E402
-from fedmsk.training import RunSchedule, evaluate, fit, planned_steps, seed_everything  # noqa: E402
-from fedmsk.training import training_precision  # noqa: E402
+from fedmsk.training import (  # noqa: E402
+    RunSchedule,
+    evaluate,
+    fit,
+    planned_steps,
+    seed_everything,
+    training_precision,  # noqa: E402
+)
 
 MODES = ("pooled", "fedavg", "fedavgm", "fedbn")
 NORMS = ("average", "global")
@@ -85,13 +91,7 @@ class Federation:
 
 def new_model(cfg: ExperimentConfig) -> torch.nn.Module:
     seed_everything(cfg.seed)
-    return create_model(
-        cfg.model.name,
-        num_classes=cfg.task.num_classes,
-        in_chans=cfg.data.in_chans,
-        dp_compatible=cfg.model.dp_compatible,
-        drop_rate=cfg.model.drop_rate,
-    )
+    return model_from_config(cfg)
 
 
 def score(model: torch.nn.Module, fed: Federation, cfg: ExperimentConfig) -> tuple[float, float]:

@@ -254,3 +254,18 @@ def test_dp_compatible_variant_has_no_batchnorm() -> None:
     assert names and names == _expected_norm_names(model, (nn.GroupNorm,))
     with torch.no_grad():
         assert model.eval()(torch.randn(2, 1, 32, 32)).shape == (2, 2)
+
+
+def test_model_config_passes_timm_kwargs_and_keys_the_pool() -> None:
+    from fedmsk.config import compose
+    from fedmsk.models import model_arguments, model_from_config
+
+    slim = compose(["model=resnet18_slim"])
+    model = model_from_config(slim)
+    assert model.fc.in_features == slim.model.timm_kwargs["channels"][-1]
+    assert sum(p.numel() for p in model.parameters()) < 4_000_000
+    out = model(torch.rand(2, 1, 64, 64))
+    assert out.shape == (2, 2)
+    full = model_arguments(compose(["model=resnet18"]))
+    assert tuple(model_arguments(slim).items()) != tuple(full.items())
+    hash(tuple(model_arguments(slim).items()))  # usable as a ModelPool key

@@ -117,7 +117,9 @@ def test_state_from_another_architecture_is_ignored() -> None:
     dataset = data()
     other = fit(tiny(), fixed_order_loader(dataset), CFG, 2).optimizer_state
     big = create_model("resnet18", num_classes=2, in_chans=1)
-    result = fit(big, fixed_order_loader(dataset), replace(CFG, max_steps=1), 2, optimizer_state=other)
+    result = fit(
+        big, fixed_order_loader(dataset), replace(CFG, max_steps=1), 2, optimizer_state=other
+    )
     assert result.steps == 1
 
 

@@ -191,17 +191,12 @@ def _heldout_cam(cfg: Any, run_dir: Path) -> None:
     from fedmsk.data.dataset import build_site_loaders
     from fedmsk.data.federation import load_federation
     from fedmsk.explain import cam_grid_by_outcome
-    from fedmsk.models import create_model, set_arrays
+    from fedmsk.models import model_from_config, set_arrays
     from fedmsk.site_runtime import all_images_loader
 
     federation = load_federation(Path(cfg.data.root))
     results = json.loads((run_dir / "results.json").read_text())
-    model = create_model(
-        cfg.model.name,
-        num_classes=cfg.task.num_classes,
-        in_chans=cfg.data.in_chans,
-        dp_compatible=cfg.model.dp_compatible or cfg.privacy.enabled,
-    )
+    model = model_from_config(cfg, initial_weights=False)
     with np.load(run_dir / "final_model.npz") as arrays:
         set_arrays(model, {k: arrays[k] for k in arrays.files})
     for alias in cfg.federation.heldout_sites:

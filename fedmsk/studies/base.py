@@ -65,17 +65,12 @@ class RunHandle:
         return str((self.results.get("run") or {}).get("mode", "federated"))
 
     def load_model(self) -> Any:
-        from fedmsk.models import create_model, set_arrays
+        from fedmsk.models import model_from_config, set_arrays
 
         weights = self.path / "final_model.npz"
         if not weights.is_file():
             raise StudyError(f"{weights}: no final model; did the run finish?")
-        model = create_model(
-            self.cfg.model.name,
-            num_classes=self.cfg.task.num_classes,
-            in_chans=self.cfg.data.in_chans,
-            dp_compatible=self.cfg.model.dp_compatible or self.cfg.privacy.enabled,
-        )
+        model = model_from_config(self.cfg, initial_weights=False)
         with np.load(weights) as arrays:
             set_arrays(model, {k: arrays[k] for k in arrays.files})
         model.eval()
