@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 
 def _auc_cell(summary: dict[str, Any]) -> tuple[float | None, list[float] | None]:
     auc = summary.get("auc")
@@ -81,3 +83,46 @@ def write_comparison(out: Path, runs: dict[str, Path]) -> dict[str, Path]:
     blob = out / "comparison.json"
     blob.write_text(json.dumps({"columns": columns, "rows": rows}, indent=2))
     return {"markdown": markdown, "csv": table, "json": blob}
+
+
+def load_run_config(run_dir: Path) -> Any:
+    """The typed configuration a run was made with (its ``config.yaml``)."""
+    from omegaconf import OmegaConf
+
+    from fedmsk.config import from_omegaconf
+
+    return from_omegaconf(OmegaConf.load(Path(run_dir) / "config.yaml"))
+
+
+def heldout_scores(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A finished binary run's final model scored on every image of its held-out centers.
+
+    For researchers comparing runs on one machine (benchmarks, simulations): the images are
+    read where they lie, as the held-out node itself would read them.
+    """
+    from fedmsk.data.federation import load_federation
+    from fedmsk.studies.base import RunHandle, read_results, score_site
+
+    path = Path(run_dir)
+    cfg = load_run_config(path)
+    handle = RunHandle(path.name, cfg, path, read_results(path))
+    model = handle.load_model()
+
+    federation = load_federation(Path(cfg.data.root))
+    labels, scores = [], []
+    for alias in sorted(cfg.federation.heldout_sites):
+        s = score_site(handle, model, federation.site_dir(alias), alias, ("train", "val", "test"))
+        labels.append(s.labels)
+        scores.append(s.probs[:, 1])
+    return np.concatenate(labels), np.concatenate(scores)
+
+
+def paired_heldout_test(run_a: Path, run_b: Path) -> Any:
+    """Paired DeLong test of two runs' final models on the same held-out images."""
+    from fedmsk.metrics import delong_paired_test
+
+    labels_a, scores_a = heldout_scores(run_a)
+    labels_b, scores_b = heldout_scores(run_b)
+    if not np.array_equal(labels_a, labels_b):
+        raise ValueError(f"{run_a} and {run_b} were not evaluated on the same held-out images")
+    return delong_paired_test(labels_a, scores_a, scores_b)

@@ -50,7 +50,8 @@ class DataConfig:
     """Where the federation's site folders are and how images become tensors.
 
     ``root`` holds one folder per site (each with ``manifest.csv``) and ``federation.json``
-    naming the training and held-out sites. In deployment each node reads only its own site
+    naming the training and held-out sites. ``synthetic_seed`` draws the built-in synthetic
+    federation (another seed, another federation from the same generator). In deployment each node reads only its own site
     directory from its node config; ``root`` is then unused on the server.
     """
 
@@ -58,6 +59,7 @@ class DataConfig:
     synthetic: bool = True
     synthetic_centers: int = 13
     synthetic_scale: float = 1.0
+    synthetic_seed: int = 0
     image_size: int = 64
     in_chans: int = 1
     frame: str = "0"

@@ -12,17 +12,19 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedmsk.config import ExperimentConfig, compose, config_hash, overrides_from_run_config
 from fedmsk.run_dir import RunDirectory
 from server.global_statistics import update_global_statistics, wants_global_statistics
+from server.cyclic import NAME as CYCLIC
+from server.cyclic import run_cyclic_rounds
+from server.messages import to_record
 from server.rounds import RoundRecorder, SiteEvaluation, arrays_to_numpy
 from server.strategies import build_strategy
 
@@ -41,10 +43,6 @@ def initial_arrays(cfg: ExperimentConfig) -> dict[str, np.ndarray]:
     seed_everything(cfg.seed)
     model = model_from_config(cfg)
     return get_arrays(model)
-
-
-def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord(OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in arrays.items()))
 
 
 def discover_sites(grid: Grid, cfg: ExperimentConfig) -> dict[int, str]:
@@ -202,6 +200,8 @@ def main(grid: Grid, context: Context) -> None:
         from server.secagg import run_secagg_rounds  # here: server.secagg imports this module
 
         run_secagg_rounds(grid, context, recorder, arrays)
+    elif cfg.strategy.name == CYCLIC and remaining > 0:
+        run_cyclic_rounds(grid, recorder, arrays)
     elif remaining > 0:
         strategy = build_strategy(cfg.strategy, len(training), len(node_alias))
         strategy.attach(recorder)

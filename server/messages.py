@@ -1,10 +1,17 @@
-"""Building the messages the coordinator sends: one per node, the same content for each."""
+"""Building what the coordinator sends: array records, and one message per node."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+
+
+def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    """Named arrays as Flower's record, in their order."""
+    return ArrayRecord(OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in arrays.items()))
 
 
 def messages_to(

@@ -32,10 +32,7 @@ import numpy as np
 from flwr.app import (
     ConfigRecord,
     Context,
-    Message,
-    MessageType,
     MetricRecord,
-    RecordDict,
 )
 from flwr.common import (
     EvaluateIns,
@@ -68,7 +65,9 @@ from client.secagg import (
     ROUND_KEY,
 )
 from fedmsk.config import ExperimentConfig
-from server.rounds import RoundRecorder, describe_error
+from server.messages import to_record
+from server.round_evaluation import evaluate_round
+from server.rounds import RoundRecorder, arrays_to_numpy, describe_error
 
 log = logging.getLogger("fedmsk.server")
 
@@ -292,7 +291,9 @@ def run_secagg_rounds(
         recorder.run_dir.write_json(SUMMARY_FILE, {"rounds": summary})
         if recorder.last_arrays is not None:
             current = recorder.last_arrays
-        evaluate_round(grid, recorder, current, server_round)
+        record = to_record(current)
+        evaluate_round(grid, recorder, record, server_round)
+        current = arrays_to_numpy(record)
 
 
 def _previous_summary(recorder: RoundRecorder) -> list[dict[str, Any]]:
@@ -313,7 +314,6 @@ def secagg_round(
     current: dict[str, np.ndarray],
 ) -> dict[str, Any]:
     """One training round: the four SecAgg+ stages, then the recorder's bookkeeping."""
-    from server.app import to_record  # here: server.app dispatches to this module
 
     recorder = strategy.recorder
     absolute = recorder.absolute_round(server_round)
@@ -447,35 +447,6 @@ def _mean_metrics(outcome: RoundOutcome) -> MetricRecord:
     return MetricRecord(
         {k: sum(float(m[k]) * n for _, n, m in outcome.sites) / total for k in sorted(keys)}
     )
-
-
-def evaluate_round(
-    grid: Grid, recorder: RoundRecorder, arrays: dict[str, np.ndarray], server_round: int
-) -> None:
-    """Federated evaluation of every site after a round, as the plain path's strategy does
-    (evaluation replies are not masked: they carry aggregate metrics only)."""
-    from server.app import to_record
-
-    node_ids = sorted(recorder.node_alias, key=recorder.alias_of)
-    config = ConfigRecord(
-        {
-            "server-round": server_round,
-            "fedmsk-round": recorder.absolute_round(server_round),
-            "threshold": float(recorder.threshold),
-        }
-    )
-    record = to_record(arrays)
-    messages = [
-        Message(
-            RecordDict({"arrays": record, "config": config}),
-            dst_node_id=n,
-            message_type=MessageType.EVALUATE,
-        )
-        for n in node_ids
-    ]
-    recorder.expect("evaluate", server_round, node_ids)
-    replies = list(grid.send_and_receive(messages, timeout=recorder.cfg.federation.round_timeout_s))
-    recorder.on_evaluate_replies(server_round, replies)
 
 
 __all__ = [

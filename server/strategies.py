@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     FedAdagrad,
@@ -28,9 +28,8 @@ from flwr.serverapp.strategy import (
 )
 
 from fedmsk.config import StrategyConfig
-from fedmsk.protocol import ROUND_KEY, THRESHOLD_KEY
-from server.global_statistics import update_global_statistics, wants_global_statistics
-from server.messages import messages_to
+from fedmsk.protocol import ROUND_KEY
+from server.round_evaluation import round_evaluation_messages
 from server.rounds import RoundRecorder
 
 STRATEGY_STATE_ATTRIBUTES = ("current_arrays", "m_t", "v_t", "momentum_vector")
@@ -110,27 +109,10 @@ class FedMskMixin:
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Validation at the training sites on evaluated rounds (the held-out center too only
-        with ``evaluation.heldout_each_round``), after the model got its BatchNorm statistics.
-
-        The statistics are written into ``arrays`` in place: the same record is the round's
-        result, the next round's start (FedAvgM keeps it) and the checkpoint.
-        """
-        recorder = self.recorder
-        if not recorder.evaluates_round(server_round):
-            return []
-        if wants_global_statistics(recorder, arrays) and update_global_statistics(
-            grid, recorder, arrays, server_round
-        ):
-            recorder.on_statistics_updated(server_round, arrays)
-        connected = set(grid.get_node_ids())
-        nodes = [n for n in recorder.per_round_evaluation_node_ids() if n in connected]
-        settings = dict(config) | {
-            THRESHOLD_KEY: recorder.threshold,
-            ROUND_KEY: recorder.absolute_round(server_round),
-        }
-        recorder.expect("evaluate", server_round, nodes)
-        return messages_to(nodes, arrays, settings, MessageType.EVALUATE)
+        """See :mod:`server.round_evaluation`. The statistics are written into ``arrays`` in
+        place: the same record is the round's result, the next round's start (FedAvgM keeps
+        it) and the checkpoint."""
+        return round_evaluation_messages(grid, self.recorder, arrays, server_round)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]

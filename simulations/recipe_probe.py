@@ -47,7 +47,7 @@ from fedmsk.training import (  # noqa: E402
     training_precision,  # noqa: E402
 )
 
-MODES = ("pooled", "fedavg", "fedavgm", "fedbn")
+MODES = ("pooled", "fedavg", "fedavgm", "fedadam", "fedbn", "cyclic")
 NORMS = ("average", "global")
 
 
@@ -148,6 +148,22 @@ def row(index: int, steps: int, loss: float, val: float, held: float, started: f
     return line
 
 
+class ServerAdam:
+    """FedAdam's server step (Reddi et al.), with bias correction by round as Flower does."""
+
+    def __init__(self, eta: float, beta_1: float, beta_2: float, tau: float) -> None:
+        self.eta, self.beta_1, self.beta_2, self.tau = eta, beta_1, beta_2, tau
+        self.m: dict[str, np.ndarray] = {}
+        self.v: dict[str, np.ndarray] = {}
+
+    def step(self, key: str, current: np.ndarray, average: np.ndarray, rnd: int) -> np.ndarray:
+        delta = average - current
+        self.m[key] = self.beta_1 * self.m.get(key, 0.0) + (1 - self.beta_1) * delta
+        self.v[key] = self.beta_2 * self.v.get(key, 0.0) + (1 - self.beta_2) * delta * delta
+        eta = self.eta * np.sqrt(1 - self.beta_2**rnd) / (1 - self.beta_1**rnd)
+        return current + eta * self.m[key] / (np.sqrt(self.v[key]) + self.tau)
+
+
 def run_federated(
     cfg: ExperimentConfig,
     fed: Federation,
@@ -167,11 +183,17 @@ def run_federated(
     momentum: dict[str, np.ndarray] = {}
     steps_of = {a: planned_steps(fed.loaders[a].train, cfg.train) for a in fed.training}
     total = rounds * max(steps_of.values())
+    adam = ServerAdam(cfg.strategy.eta, cfg.strategy.beta_1, cfg.strategy.beta_2, cfg.strategy.tau)
     rows = []
     started = time.monotonic()
     for rnd in range(1, rounds + 1):
         updates, weights, losses = [], [], []
-        for alias in fed.training:
+        order = list(fed.training)
+        if mode == "cyclic":
+            np.random.default_rng((cfg.seed, rnd)).shuffle(order)
+        for alias in order:
+            if mode == "cyclic" and updates:
+                global_arrays = updates[-1]  # the model travels on to the next site
             arrays = dict(global_arrays) | site_local.get(alias, {})
             set_arrays(model, arrays)
             seed_everything(hash((cfg.seed, rnd, alias)) % 2**31)
@@ -192,13 +214,21 @@ def run_federated(
             weights.append(result.num_examples)
             losses.append(result.mean_loss)
         w = np.asarray(weights, dtype=np.float64) / sum(weights)
-        average = {k: sum(wi * u[k] for wi, u in zip(w, updates, strict=True)) for k in updates[0]}
+        if mode == "cyclic":
+            average = dict(updates[-1])
+        else:
+            average = {
+                k: sum(wi * u[k] for wi, u in zip(w, updates, strict=True)) for k in updates[0]
+            }
         new_global = {}
         for key, value in average.items():
-            if mode == "fedavgm" and not key.endswith(("running_mean", "running_var")):
+            statistic = key.endswith(("running_mean", "running_var"))
+            if mode == "fedavgm" and not statistic:
                 delta = global_arrays[key] - value
                 momentum[key] = server_momentum * momentum.get(key, 0.0) + delta
                 value = global_arrays[key] - server_lr * momentum[key]
+            elif mode == "fedadam" and not statistic:
+                value = adam.step(key, global_arrays[key], value, rnd)
             new_global[key] = value.astype(global_arrays[key].dtype)
         if norm == "global":
             set_arrays(model, new_global)

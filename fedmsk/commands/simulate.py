@@ -110,10 +110,16 @@ def prepare(overrides: list[str]) -> PreparedRun:
             root,
             task=cfg.task.synthetic_task,
             centers=cfg.data.synthetic_centers,
-            seed=cfg.data.split_seed,
+            seed=cfg.data.synthetic_seed,
             scale=cfg.data.synthetic_scale,
         )
     federation = load_federation(root)
+    drawn = json.loads((root / FEDERATION_FILE).read_text()).get("seed", 0)
+    if cfg.data.synthetic and drawn != cfg.data.synthetic_seed:
+        raise ValueError(
+            f"{root / FEDERATION_FILE} was drawn with seed {drawn}, but "
+            f"data.synthetic_seed={cfg.data.synthetic_seed}: point data.root elsewhere"
+        )
     aliases = [s.alias for s in federation.sites]
     fixed.append("federation.sites=[" + ",".join(aliases) + "]")
     if not cfg.federation.heldout_sites:
@@ -240,7 +246,8 @@ def run_demo(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     overrides = [
         *DEMO_OVERRIDES,
-        f"data.root={out / 'data'}/xray_fracture-${{data.synthetic_scale}}x",
+        f"data.root={out / 'data'}/xray_fracture-${{data.synthetic_scale}}x"
+        "-seed${data.synthetic_seed}",
         f"run_dir={out / 'run'}",
         *args.overrides,
     ]
