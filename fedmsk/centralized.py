@@ -54,11 +54,71 @@ def centralized_epochs(cfg: ExperimentConfig, site_sizes: list[int], num_sites: 
     return max(1, round(rounds * per_round / max(1, sum(site_sizes))))
 
 
+def precise_statistics(
+    cfg: ExperimentConfig, model: Any, loaders: dict[str, Any], trained_on: list[str]
+) -> None:
+    """BatchNorm statistics measured at the final weights over the training sites' images,
+    capped per site as in a federation (strategy.norm_statistics_images)."""
+    from fedmsk.norm_stats import refresh_statistics
+    from fedmsk.site_runtime import plain_loader
+
+    if cfg.strategy.norm_statistics != "global":
+        return
+    plain = [plain_loader(loaders[a], "train", cfg) for a in trained_on]
+    limit = cfg.strategy.norm_statistics_images or None
+    refresh_statistics(model, [p for p in plain if p is not None], limit)
+
+
+def _log_heldout(
+    cfg: ExperimentConfig,
+    run_dir: RunDirectory,
+    model: Any,
+    loaders: dict[str, Any],
+    heldout: set[str],
+    trained_on: list[str],
+    epoch: int,
+    per_epoch: int,
+) -> None:
+    """Held-out AUC after an epoch, for learning curves (evaluation.heldout_each_round): the
+    model is copied, so measuring statistics for it does not touch the one being trained."""
+    import copy
+
+    from fedmsk.evaluation import summarize
+    from fedmsk.training import evaluate
+
+    probe = copy.deepcopy(model)
+    precise_statistics(cfg, probe, loaders, trained_on)
+    for alias in sorted(heldout & set(loaders)):
+        loader = all_images_loader(loaders[alias], cfg)
+        if loader is None:
+            continue
+        result = evaluate(probe, loader)
+        summary = summarize(result.labels, result.probs, list(cfg.task.classes), seed=cfg.seed)
+        run_dir.append_metrics(
+            {
+                "round": epoch,
+                "phase": "heldout",
+                "site": alias,
+                "n": int(result.num_examples),
+                "auc": summary.get("auc"),
+                "steps": epoch * per_epoch,
+            }
+        )
+
+
 def run_centralized(cfg: ExperimentConfig, mode: str, site: str | None = None) -> Path:
     """Train pooled or local-only and write results.json in the run directory."""
     from fedmsk.evaluation import locked_threshold, score_histogram, summarize
     from fedmsk.models import model_from_config
-    from fedmsk.training import RunSchedule, evaluate, fit, planned_steps, seed_everything
+    from fedmsk.training import (
+        RunSchedule,
+        evaluate,
+        fit,
+        planned_steps,
+        resolve_device,
+        seed_everything,
+        training_precision,
+    )
 
     if mode not in ("pooled", "local"):
         raise ValueError(f"--mode {mode!r}: choose pooled or local")
@@ -112,13 +172,23 @@ def run_centralized(cfg: ExperimentConfig, mode: str, site: str | None = None) -
         )
         state = result.optimizer_state
         run_dir.append_metrics(
-            {"round": epoch, "phase": "train", "site": None, "train-loss": result.mean_loss}
+            {
+                "round": epoch,
+                "phase": "train",
+                "site": None,
+                "train-loss": result.mean_loss,
+                "steps": epoch * per_epoch,
+            }
         )
+        if cfg.evaluation.heldout_each_round and epoch < epochs:
+            _log_heldout(cfg, run_dir, model, loaders, heldout, trained_on, epoch, per_epoch)
+    precise_statistics(cfg, model, loaders, trained_on)
+    precision = training_precision(model, cfg.train, resolve_device(cfg.train.device))
     evaluations = {}
     for alias in sorted(loaders):
         loader = all_images_loader(loaders[alias], cfg) if alias in heldout else loaders[alias].val
         if loader is not None:
-            evaluations[alias] = evaluate(model, loader)
+            evaluations[alias] = evaluate(model, loader, precision=precision)
     histograms = [
         score_histogram(e.labels, e.probs) for a, e in evaluations.items() if a not in heldout
     ]

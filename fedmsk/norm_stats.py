@@ -182,3 +182,23 @@ def apply_to_arrays(
         arrays[var_key] = unbiased.astype(arrays[var_key].dtype).reshape(arrays[var_key].shape)
         written.append(name)
     return written
+
+
+def refresh_statistics(
+    model: nn.Module, loaders: Iterable[DataLoader], max_images_per_loader: int | None
+) -> list[str]:
+    """Give ``model`` BatchNorm statistics measured at its weights over several data sets
+    (one loader per site), combined as the federation combines them. Pooled and local-only
+    baselines use it so that they are scored exactly as a federated model is."""
+    per_site = [
+        measure_moments(model, image_batches(loader, max_images_per_loader)) for loader in loaders
+    ]
+    moments = combine(per_site)
+    if not moments:
+        return []
+    from fedmsk.models import get_arrays, set_arrays
+
+    arrays = get_arrays(model)
+    written = apply_to_arrays(arrays, moments)
+    set_arrays(model, arrays)
+    return written

@@ -182,7 +182,6 @@ def run_federated(
     opt_state: dict[str, Any] = {}
     momentum: dict[str, np.ndarray] = {}
     steps_of = {a: planned_steps(fed.loaders[a].train, cfg.train) for a in fed.training}
-    total = rounds * max(steps_of.values())
     adam = ServerAdam(cfg.strategy.eta, cfg.strategy.beta_1, cfg.strategy.beta_2, cfg.strategy.tau)
     rows = []
     started = time.monotonic()
@@ -203,7 +202,7 @@ def run_federated(
                 cfg.train,
                 cfg.task.num_classes,
                 class_counts=fed.counts(alias),
-                schedule=RunSchedule((rnd - 1) * steps_of[alias], total),
+                schedule=RunSchedule((rnd - 1) * steps_of[alias], rounds * steps_of[alias]),
                 optimizer_state=opt_state.get(alias) if keep_state else None,
             )
             opt_state[alias] = result.optimizer_state

@@ -12,6 +12,7 @@ import argparse
 import itertools
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,8 +132,27 @@ def prepare(overrides: list[str]) -> PreparedRun:
             f"federation.heldout_sites: {', '.join(sorted(unknown))} "
             f"not in {root / FEDERATION_FILE}"
         )
+    fixed += _sequential_resources(cfg, overrides)
     fixed = dedupe_overrides(fixed)
     return PreparedRun(compose(fixed), fixed, len(aliases))
+
+
+SEQUENTIAL_STRATEGIES = ("cyclic",)
+
+
+def _sequential_resources(cfg: Any, overrides: list[str]) -> list[str]:
+    """A strategy that trains one site at a time gives that site every core of this machine
+    (threads and the simulation's CPU share), unless the command line set them."""
+    if cfg.strategy.name not in SEQUENTIAL_STRATEGIES:
+        return []
+    cores = max(1, os.cpu_count() or 1)
+    keys = {item.split("=", 1)[0].lstrip("+~") for item in overrides}
+    extra = []
+    if "train.num_threads" not in keys:
+        extra.append(f"train.num_threads={cores}")
+    if "federation.client_num_cpus" not in keys:
+        extra.append(f"federation.client_num_cpus={cores}")
+    return extra
 
 
 def expand_sweep(overrides: list[str]) -> list[list[str]]:
