@@ -14,10 +14,13 @@ one round, four centers, small images) that the smoke test runs end to end:
 4. federation overhead: wall time of a simulated round against the clients' own compute
    (``train-seconds`` in ``metrics.jsonl``, lines time-stamped as they appear), bytes per client
    per round, peak memory of the simulation's process tree. Target overhead < 10 %.
-5. quality: pooled vs local-only vs FedAvg / FedAvgM / FedProx / FedBN / FedAvg with DP (eps 8) on
-   the synthetic federation, per-center validation AUC and held-out AUC with DeLong CIs.
-   Targets: best federated within 0.02 AUC of pooled on the held-out center, and above every
-   local-only model there.
+5. quality: pooled and the recommended strategy (cyclic) on federations drawn with several
+   seeds, local-only and FedAvg / FedAvgM / FedProx / FedAdam / FedBN / FedAvg with DP (eps 8)
+   on the first, each at the recommended budget (the defaults) and at an equal budget (every
+   image once per round or epoch); held-out AUC with DeLong CIs, mean and spread over seeds,
+   paired DeLong tests, and a figure of held-out AUC against optimizer steps. Targets: pooled
+   >= 0.85 on every seed; recommended minus pooled >= -0.02 (mean over seeds); best federated
+   above every local-only model.
 
     .venv/bin/python simulations/benchmark.py --out runs/benchmark            # everything
     .venv/bin/python simulations/benchmark.py --sections 1,3 --quick --out /tmp/b
@@ -101,11 +104,14 @@ class Settings:
     fed_scale: float = 3.0  # configs/data/synthetic.yaml's default
     fed_image_size: int = 64
     fed_rounds: int = 2
-    quality_rounds: int = 10
-    quality_epochs: int = 1
+    quality_rounds: int | None = None  # None: the configured federation.num_rounds
+    quality_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    quality_recommended: str = "cyclic"  # configs/config.yaml's strategy
     quality_strategies: list[str] = field(
-        default_factory=lambda: ["fedavg", "fedavgm", "fedprox", "fedbn", "fedavg+eps8"]
-    )
+        default_factory=lambda: [
+            "fedavg", "fedavgm", "fedprox", "fedadam", "fedbn", "fedavg+eps8"
+        ]
+    )  # fmt: skip
     quality_overrides: list[str] = field(default_factory=list)
     bench_fit_args: list[str] = field(default_factory=list)
     # finished federated runs by config hash (run_dir excluded): section 5 reuses section 4's
@@ -126,18 +132,21 @@ def settings(args: argparse.Namespace) -> Settings:
         fed_scale=args.fed_scale,
         fed_image_size=args.fed_image_size,
         quality_rounds=args.quality_rounds,
-        quality_epochs=args.quality_epochs,
         quality_overrides=list(args.quality_override or []),
     )
     if args.quality_strategies:
         s.quality_strategies = [x for x in args.quality_strategies.split(",") if x]
+    if args.quality_seeds:
+        s.quality_seeds = [int(x) for x in args.quality_seeds.split(",") if x.strip()]
     if args.quick:
         s.threads, s.repeats = 1, 1
         s.image_size, s.batch_size, s.site_scale = 32, 8, 0.5
         s.dp_args = ["--quick"]
         s.decode_size, s.decode_repeats = 256, 1
         s.centers, s.fed_scale, s.fed_image_size = 4, 0.5, 32
-        s.fed_rounds, s.quality_rounds, s.quality_epochs = 1, 1, 1
+        s.fed_rounds, s.quality_rounds = 1, 1
+        if not args.quality_seeds:
+            s.quality_seeds = [0]
         if not args.quality_strategies:
             s.quality_strategies = ["fedavg"]
         s.bench_fit_args = ["--image-size", "32", "--batch-size", "8", "--steps", "2"]
@@ -183,14 +192,17 @@ def run_script(script: str, args: list[str], timeout: float) -> subprocess.Compl
 # -- synthetic data ----------------------------------------------------------------------------
 
 
-def synthetic_federation(root: Path, centers: int, scale: float) -> Path:
-    """The synthetic X-ray fracture federation, generated once per benchmark output dir."""
+def synthetic_federation(root: Path, centers: int, scale: float, seed: int = 0) -> Path:
+    """The synthetic X-ray fracture federation (draw ``seed``), generated once per output dir."""
     from fedmsk.data.federation import FEDERATION_FILE
     from fedmsk.data.synthetic import generate_federation
 
     if not (root / FEDERATION_FILE).is_file():
-        print(f"# generating {centers} synthetic centers (scale {scale}) in {root}", flush=True)
-        generate_federation(root, task="xray_fracture", centers=centers, seed=0, scale=scale)
+        print(
+            f"# generating {centers} synthetic centers (scale {scale}, seed {seed}) in {root}",
+            flush=True,
+        )
+        generate_federation(root, task="xray_fracture", centers=centers, seed=seed, scale=scale)
     return root
 
 
@@ -736,6 +748,60 @@ def section_federation(s: Settings) -> list[Row]:
 # -- section 5 ---------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class QualityRun:
+    """One training run of section 5.
+
+    ``method``: ``pooled``, ``local:SITE`` or a strategy (``fedavg+eps8`` = FedAvg under DP at
+    epsilon 8). ``budget``: ``recommended`` trains with the project's defaults; ``equal`` makes
+    every image count the same in every method: one pass over each site's images per round
+    (``train.local_epochs=1``, no fixed local steps) and as many pooled epochs as rounds.
+    ``curve``: also score the held-out center after every round or epoch (for the figure).
+    """
+
+    method: str
+    seed: int
+    budget: str
+    curve: bool = False
+
+    @property
+    def label(self) -> str:
+        suffix = "" if self.budget == "recommended" else f" @{self.budget}"
+        return f"{self.method}{suffix} (seed {self.seed})"
+
+    @property
+    def directory(self) -> str:
+        name = self.method.replace("+", "-").replace(":", "-")
+        return f"{name}-{self.budget}-seed{self.seed}"
+
+
+def quality_root(s: Settings, seed: int) -> Path:
+    return s.out / "data" / f"federation-{s.centers}c-{s.fed_scale}x-seed{seed}"
+
+
+def quality_overrides(s: Settings, run: QualityRun, run_dir: Path) -> list[str]:
+    root = quality_root(s, run.seed)
+    overrides = [
+        f"data.root={root}",
+        f"data.synthetic_centers={s.centers}",
+        f"data.synthetic_scale={s.fed_scale}",
+        f"data.synthetic_seed={run.seed}",
+        f"data.image_size={s.fed_image_size}",
+        "evaluation.gradcam=false",
+        "evaluation.bootstrap=0",
+        f"run_dir={run_dir}",
+    ]
+    if s.quality_rounds is not None:
+        overrides.append(f"federation.num_rounds={s.quality_rounds}")
+    if run.budget == "equal":
+        overrides += ["train.local_steps=null", "train.local_epochs=1"]
+    if run.curve:
+        overrides.append("evaluation.heldout_each_round=true")
+    if not (run.method == "pooled" or run.method.startswith("local:")):
+        overrides += strategy_overrides(run.method)
+    return [*overrides, *s.quality_overrides]
+
+
 def run_hash(overrides: list[str]) -> str:
     from fedmsk.commands.simulate import prepare
     from fedmsk.config import config_hash
@@ -765,79 +831,230 @@ def finished_run(run_dir: Path, cfg: Any) -> bool:
     )
 
 
-def quality_runs(s: Settings) -> dict[str, Path]:
+def quality_plan(s: Settings, training_sites: list[str]) -> list[QualityRun]:
+    """Pooled and the recommended strategy on every seed (their first seed with learning
+    curves); local-only and the other strategies on the first seed, at both budgets."""
+    first = s.quality_seeds[0]
+    plan: list[QualityRun] = []
+    for seed in s.quality_seeds:
+        curve = seed == first and not s.quick
+        plan.append(QualityRun("pooled", seed, "recommended", curve))
+        plan.append(QualityRun(s.quality_recommended, seed, "recommended", curve))
+    budgets = ["recommended"] if s.quick else ["recommended", "equal"]
+    for budget in budgets:
+        if budget == "equal":
+            plan.append(QualityRun("pooled", first, budget))
+            plan.append(QualityRun(s.quality_recommended, first, budget))
+        plan += [QualityRun(f"local:{a}", first, budget) for a in training_sites]
+        plan += [QualityRun(m, first, budget) for m in s.quality_strategies]
+    return plan
+
+
+def train_quality_run(s: Settings, run: QualityRun) -> tuple[Path, bool]:
+    """Train ``run`` (or reuse its finished directory); returns the directory and whether it
+    was reused."""
     from fedmsk.centralized import run_centralized
     from fedmsk.commands.simulate import prepare, simulate_once
 
-    root = s.out / "data" / f"federation-{s.centers}c-{s.fed_scale}x"
-    synthetic_federation(root, s.centers, s.fed_scale)
-    out = s.out / "quality"
-    base = federation_overrides(s, root, out / "base", s.quality_rounds)
-    base += [f"train.local_epochs={s.quality_epochs}", *s.quality_overrides]
-    prepared = prepare(base)
-    runs: dict[str, Path] = {}
+    run_dir = s.out / "quality" / run.directory
+    overrides = quality_overrides(s, run, run_dir)
+    synthetic_federation(quality_root(s, run.seed), s.centers, s.fed_scale, run.seed)
+    cfg = prepare(overrides).cfg
+    if finished_run(run_dir, cfg):
+        return run_dir, True
+    if run.method == "pooled":
+        return run_centralized(cfg, "pooled"), False
+    if run.method.startswith("local:"):
+        return run_centralized(cfg, "local", run.method.split(":", 1)[1]), False
+    same = s.finished_runs.get(run_hash(overrides))
+    if same is not None:
+        return same, True
+    return simulate_once(overrides, report=False), False
 
-    def centralized(name: str, run_dir: Path, mode: str, site: str | None = None) -> None:
-        cfg = prepare([*base, f"run_dir={run_dir}"]).cfg
-        reuse = finished_run(run_dir, cfg)
-        print(f"# quality: {name}{' (finished earlier, reused)' if reuse else ''}", flush=True)
-        runs[name] = run_dir if reuse else run_centralized(cfg, mode, site)
 
-    centralized("pooled", out / "pooled", "pooled")
-    heldout = set(prepared.cfg.federation.heldout_sites)
-    for alias in [a for a in prepared.cfg.federation.sites if a not in heldout]:
-        centralized(f"local:{alias}", out / f"local-{alias}", "local", alias)
-    for name in s.quality_strategies:
-        run_dir = out / name.replace("+", "-")
-        job = [*base, *strategy_overrides(name), f"run_dir={run_dir}"]
-        same = s.finished_runs.get(run_hash(job))
-        if same is None and finished_run(run_dir, prepare(job).cfg):
-            same = run_dir
-        print(f"# quality: {name}{' (finished earlier, reused)' if same else ''}", flush=True)
-        runs[name] = same if same is not None else simulate_once(job, report=False)
-    return runs
+def heldout_auc(run_dir: Path) -> tuple[float | None, list[float] | None, str]:
+    results = json.loads((run_dir / "results.json").read_text())
+    for site in results["sites"].values():
+        if site["role"] == "heldout":
+            summary = site["summary"]
+            ci = summary.get("auc_ci95")
+            auc = summary.get("auc")
+            text = "n/a" if auc is None else f"{auc:.3f}"
+            if auc is not None and ci and None not in ci:
+                text += f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+            return auc, ci, text
+    return None, None, "n/a"
+
+
+def mean_and_spread(values: list[float]) -> tuple[float, float]:
+    mean = statistics.fmean(values)
+    return mean, statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def learning_curves(dirs: dict[str, Path], out: Path) -> Path | None:
+    """Held-out AUC against total optimizer steps (all sites' steps summed) per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves: dict[str, tuple[list[int], list[float]]] = {}
+    for name, run_dir in dirs.items():
+        lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
+        steps_by_round: dict[int, float] = {}
+        for line in lines:
+            if line.get("phase") == "train" and line.get("site") is not None:
+                r = int(line["round"])
+                steps_by_round[r] = steps_by_round.get(r, 0.0) + float(line.get("train-steps", 0))
+            if line.get("phase") == "train" and line.get("site") is None and "steps" in line:
+                steps_by_round[int(line["round"])] = float(line["steps"])
+        cumulative, total = {}, 0.0
+        for r in sorted(steps_by_round):
+            total = steps_by_round[r] if name.startswith("pooled") else total + steps_by_round[r]
+            cumulative[r] = total
+        points = [
+            (cumulative.get(int(x["round"])), x["auc"])
+            for x in lines
+            if x.get("phase") in ("heldout", "final-heldout") and x.get("auc") is not None
+        ]
+        points = sorted((int(a), float(b)) for a, b in points if a is not None)
+        if points:
+            curves[name] = ([p[0] for p in points], [p[1] for p in points])
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for name, (x, y) in curves.items():
+        ax.plot(x, y, marker="o", markersize=3, label=name)
+    ax.axhline(0.85, color="grey", linestyle=":", linewidth=1, label="target pooled AUC 0.85")
+    ax.set_xlabel("optimizer steps, all sites together")
+    ax.set_ylabel("held-out AUC")
+    ax.set_ylim(0.3, 1.0)
+    ax.set_title("Held-out center during training (for this figure only; not for selection)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path = out / "learning_curves.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def section_quality(s: Settings) -> list[Row]:
-    from fedmsk.comparison import comparison_rows, write_comparison
+    from fedmsk.comparison import paired_heldout_test, write_comparison
+    from fedmsk.data.federation import load_federation
 
-    runs = quality_runs(s)
-    paths = write_comparison(s.out / "quality", runs)
-    columns, table = comparison_rows(runs)
-    results = {n: json.loads((p / "results.json").read_text()) for n, p in runs.items()}
-    heldout = [c for c in columns if any(r["sites"].get(c, {}).get("role") == "heldout"
-                                         for r in results.values())]  # fmt: skip
-    target = heldout[0]
-    setting = (f"{s.centers} centers, {s.model} {s.fed_image_size} px, {s.quality_rounds} rounds "
-               f"x {s.quality_epochs} local epoch(s)")  # fmt: skip
-    rows = []
-    for row in table:
-        cell = row[target]
-        mean = row["mean_val_auc"]
+    first = s.quality_seeds[0]
+    federation = load_federation(
+        synthetic_federation(quality_root(s, first), s.centers, s.fed_scale, first)
+    )
+    training_sites = [a.alias for a in federation.sites if a.role != "heldout"]
+    dirs: dict[QualityRun, Path] = {}
+    seconds: dict[QualityRun, float] = {}
+    for run in quality_plan(s, training_sites):
+        began = time.monotonic()
+        print(f"# quality: {run.label} ...", flush=True)
+        dirs[run], reused = train_quality_run(s, run)
+        result = json.loads((dirs[run] / "results.json").read_text())
+        seconds[run] = float(result["run"].get("seconds") or time.monotonic() - began)
+        if reused:
+            print(f"#   (finished earlier, reused: {dirs[run]})", flush=True)
+    rows: list[Row] = []
+    for run, run_dir in dirs.items():
+        auc, _, text = heldout_auc(run_dir)
         rows.append(
-            Row(5, f"{row['method']}: held-out AUC ({target})", cell["auc"], "AUC",
-                notes=f"{cell['text']}; mean per-center validation AUC "
-                f"{'n/a' if mean is None else f'{mean:.3f}'}")
+            Row(5, f"{run.label}: held-out AUC", auc, "AUC",
+                notes=f"{text}; {seconds[run]:.0f} s of training and evaluation")
         )  # fmt: skip
-    by_method = {row["method"]: row[target]["auc"] for row in table}
-    pooled = by_method.get("pooled")
-    federated = {m: a for m, a in by_method.items() if m != "pooled" and not m.startswith("local:")}
-    local = {m: a for m, a in by_method.items() if m.startswith("local:") and a is not None}
-    best_name = max(federated, key=lambda m: federated[m] or -1.0) if federated else None
-    best = federated.get(best_name) if best_name else None
-    gap = None if best is None or pooled is None else best - pooled
-    rows.append(
-        Row(5, f"best federated ({best_name}) minus pooled, held-out AUC", gap, "AUC",
-            ">= -0.02", status_for(gap, at_least=-0.02), setting)
-    )  # fmt: skip
-    best_local = max(local.values()) if local else None
-    margin = None if best is None or best_local is None else best - best_local
-    best_local_name = max(local, key=lambda m: local[m]) if local else "none"
-    rows.append(
-        Row(5, f"best federated minus best local-only ({best_local_name}), held-out AUC", margin,
-            "AUC", "> 0", status_for(margin, at_least=1e-12),
-            f"table of every center: {paths['markdown']}")
-    )  # fmt: skip
+    rows += quality_summary_rows(s, dirs, seconds, paired_heldout_test)
+    for budget in ("recommended", "equal"):
+        runs = {r.label: d for r, d in dirs.items() if r.budget == budget and r.seed == first}
+        if runs:
+            write_comparison(s.out / "quality" / budget, runs)
+    curve_dirs = {f"{r.method} (seed {r.seed})": d for r, d in dirs.items() if r.curve}
+    figure = learning_curves(curve_dirs, s.out) if curve_dirs else None
+    if figure is not None:
+        rows.append(Row(5, "figure: held-out AUC against optimizer steps", None, "",
+                        notes=str(figure)))  # fmt: skip
+    return rows
+
+
+def quality_summary_rows(
+    s: Settings,
+    dirs: dict[QualityRun, Path],
+    seconds: dict[QualityRun, float],
+    paired_test: Callable[[Path, Path], Any],
+) -> list[Row]:
+    """Mean and spread over seeds, the targets, and the paired DeLong tests."""
+    rows: list[Row] = []
+    recommended = s.quality_recommended
+
+    def over_seeds(method: str) -> dict[int, float]:
+        found = {}
+        for run, run_dir in dirs.items():
+            if run.method == method and run.budget == "recommended":
+                auc = heldout_auc(run_dir)[0]
+                if auc is not None:
+                    found[run.seed] = auc
+        return found
+
+    pooled, federated = over_seeds("pooled"), over_seeds(recommended)
+    seeds = ", ".join(str(x) for x in s.quality_seeds)
+    for name, values in (("pooled", pooled), (recommended, federated)):
+        if values:
+            mean, sd = mean_and_spread(list(values.values()))
+            cost = statistics.fmean(
+                seconds[r] for r in dirs if r.method == name and r.budget == "recommended"
+            )
+            rows.append(
+                Row(5, f"{name}: held-out AUC, mean over seeds {seeds}", mean, "AUC",
+                    notes=f"sd {sd:.3f}; per seed "
+                    + ", ".join(f"{k}: {v:.3f}" for k, v in sorted(values.items()))
+                    + f"; mean wall time {cost:.0f} s per run")
+            )  # fmt: skip
+    if pooled:
+        worst = min(pooled.values())
+        rows.append(Row(5, "pooled held-out AUC on every seed (lowest)", worst, "AUC", ">= 0.85",
+                        status_for(worst, at_least=0.85), f"seeds {seeds}"))  # fmt: skip
+    common = sorted(set(pooled) & set(federated))
+    if common:
+        gap = statistics.fmean(federated[k] - pooled[k] for k in common)
+        rows.append(
+            Row(5, f"{recommended} minus pooled, held-out AUC (mean over seeds)", gap, "AUC",
+                ">= -0.02", status_for(gap, at_least=-0.02),
+                f"recommended budget; seeds {', '.join(map(str, common))}")
+        )  # fmt: skip
+
+        def run_dir(method: str, seed: int) -> Path:
+            return next(
+                d for r, d in dirs.items()
+                if r.method == method and r.seed == seed and r.budget == "recommended"
+            )  # fmt: skip
+
+        for seed in common:
+            test = paired_test(run_dir(recommended, seed), run_dir("pooled", seed))
+            rows.append(
+                Row(5, f"paired DeLong test {recommended} vs pooled (seed {seed})",
+                    test.auc1 - test.auc2, "AUC",
+                    notes=f"AUC {test.auc1:.3f} vs {test.auc2:.3f}, z {test.z:.2f}, "
+                    f"p {test.p:.3g}, same held-out images")
+            )  # fmt: skip
+    first = s.quality_seeds[0]
+    for budget in ("recommended", "equal"):
+        same = {r: d for r, d in dirs.items() if r.seed == first and r.budget == budget}
+        fed = {r.method: heldout_auc(d)[0] for r, d in same.items()
+               if r.method != "pooled" and not r.method.startswith("local:")}  # fmt: skip
+        local = {r.method: heldout_auc(d)[0] for r, d in same.items()
+                 if r.method.startswith("local:")}  # fmt: skip
+        fed = {k: v for k, v in fed.items() if v is not None}
+        local = {k: v for k, v in local.items() if v is not None}
+        if fed and local:
+            best = max(fed, key=fed.__getitem__)
+            best_local = max(local, key=local.__getitem__)
+            margin = fed[best] - local[best_local]
+            rows.append(
+                Row(5, f"best federated ({best}) minus best local-only ({best_local}), {budget} "
+                    "budget", margin, "AUC", "> 0", status_for(margin, at_least=1e-12),
+                    f"seed {first}")
+            )  # fmt: skip
     return rows
 
 
@@ -920,8 +1137,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--fed-image-size", type=int, default=64, help="image size in sections 4 and 5"
     )
-    parser.add_argument("--quality-rounds", type=int, default=10, help="section 5 rounds")
-    parser.add_argument("--quality-epochs", type=int, default=1, help="section 5 local epochs")
+    parser.add_argument(
+        "--quality-rounds", type=int, default=None, help="section 5 rounds (default: config's)"
+    )
+    parser.add_argument(
+        "--quality-seeds", default="", help="section 5 federation draws, e.g. 0,1,2 (default)"
+    )
     parser.add_argument(
         "--quality-strategies", default="", help="e.g. fedavg,fedprox,fedbn,fedavg+eps8"
     )

@@ -174,6 +174,7 @@ def run_federated(
     server_momentum: float,
     stats_images: int,
     keep_state: bool,
+    cycle_average: bool = False,
 ) -> list[dict[str, Any]]:
     model = new_model(cfg)
     global_arrays = get_arrays(model)
@@ -213,7 +214,9 @@ def run_federated(
             weights.append(result.num_examples)
             losses.append(result.mean_loss)
         w = np.asarray(weights, dtype=np.float64) / sum(weights)
-        if mode == "cyclic":
+        if mode == "cyclic" and cycle_average:
+            average = {k: sum(u[k] for u in updates) / len(updates) for k in updates[0]}
+        elif mode == "cyclic":
             average = dict(updates[-1])
         else:
             average = {
@@ -239,6 +242,8 @@ def run_federated(
         global_arrays = new_global
         set_arrays(model, global_arrays)
         val, held = score(model, fed, cfg)
+        if mode == "cyclic" and cycle_average:
+            global_arrays = updates[-1]  # the trajectory goes on; the average is evaluated
         loss = float(np.average(losses, weights=w))
         rows.append(row(rnd, rnd * max(steps_of.values()), loss, val, held, started))
     return rows
@@ -255,6 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-momentum", type=float, default=0.9)
     parser.add_argument("--stats-images", type=int, default=256)
     parser.add_argument("--fresh-optimizer", action="store_true")
+    parser.add_argument(
+        "--cycle-average",
+        action="store_true",
+        help="cyclic: evaluate the mean of the models after each visit of the round",
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides")
     args = parser.parse_intermixed_args(argv)
     cfg = compose([f"data.root={args.root}", *args.overrides])
@@ -273,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             args.server_momentum if args.mode == "fedavgm" else 0.0,
             args.stats_images,
             not args.fresh_optimizer,
+            args.cycle_average,
         )
     summary = {"args": vars(args), "rows": rows}
     print("RESULT " + json.dumps(summary), flush=True)

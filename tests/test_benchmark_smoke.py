@@ -161,14 +161,16 @@ def test_quick_benchmark_writes_every_section(tmp_path: Path) -> None:
     assert 0 <= overhead["value"] <= 100
     assert overhead["status"] == ("OK" if overhead["value"] < 10 else "MISSED")
     assert one("bytes sent per client")["value"] > 40  # resnet18: 11.2 M float32 values
-    methods = {r["name"].split(":")[0] for r in rows if r["section"] == 5}
-    assert {"pooled", "local", "fedavg"} <= methods
-    for r in (r for r in rows if r["section"] == 5 and "held-out AUC (" in r["name"]):
+    methods = {r["name"].split(" ")[0].split(":")[0] for r in rows if r["section"] == 5}
+    assert {"pooled", "local", "fedavg", "cyclic"} <= methods
+    for r in (r for r in rows if r["section"] == 5 and r["name"].endswith("held-out AUC")):
         assert r["value"] is None or 0.0 <= r["value"] <= 1.0
+    assert one("paired DeLong test cyclic vs pooled (seed 0)")["notes"].startswith("AUC")
+    assert one("pooled held-out AUC on every seed")["target"] == ">= 0.85"
     text = (out / "benchmark.md").read_text()
     assert "| # | measurement | value | unit | target | status | notes |" in text
     for r in rows:
         assert f"| {r['section']} | {r['name']} |" in text
         if r["status"] == "MISSED":
             assert f"**MISSED** ({bench.format_value(r['value'])})" in text
-    assert (out / "quality" / "comparison.md").is_file()
+    assert (out / "quality" / "recommended" / "comparison.md").is_file()
