@@ -17,6 +17,7 @@ Prints a Markdown table and one JSON object. The project target is ratio >= 0.95
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -31,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fedmsk.config import TrainConfig  # noqa: E402
 from fedmsk.models import create_model  # noqa: E402
-from fedmsk.training import fit, resolve_device  # noqa: E402
+from fedmsk.training import fit, resolve_device, training_precision  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -104,9 +105,13 @@ def main(argv: list[str] | None = None) -> int:
         progress=False,
     )
 
+    # Another number format trains its own copy: fit() may switch the model to channels-last,
+    # which must not change what the fp32 reference loop runs.
+    fit_model = model if args.precision == "fp32" else copy.deepcopy(model)
+    chosen = training_precision(fit_model, cfg, device)
     if args.warmup:
         bare_loop(model, warm_loader, cfg, device)
-        fit(model, warm_loader, cfg, num_classes=2)
+        fit(fit_model, warm_loader, cfg, num_classes=2)
     times: dict[str, list[tuple[float, float]]] = {"bare": [], "fit": []}
     fit_inner: list[float] = []
 
@@ -114,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         bare_loop(model, loader, cfg, device)
 
     def run_fit() -> None:
-        result = fit(model, loader, cfg, num_classes=2)
+        result = fit(fit_model, loader, cfg, num_classes=2)
         assert result.steps == args.steps
         fit_inner.append(result.images_per_second)
 
@@ -140,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "device": str(device),
         "torch": torch.__version__,
+        "precision_requested": args.precision,
+        "precision_chosen": chosen.name,
+        "precision_reason": chosen.reason,
+        "channels_last": chosen.channels_last,
         "steps_per_rep": args.steps,
         "reps": args.reps,
         "bare_images_per_second": round(bare_ips, 2),

@@ -341,23 +341,42 @@ def client_rows(s: Settings, root: Path, device_name: str) -> list[Row]:
     ]  # fmt: skip
 
 
-def bench_fit_rows(s: Settings, device: str) -> list[Row]:
-    json_path = s.out / "work" / f"bench_fit-{device}.json"
+def run_bench_fit(s: Settings, device: str, precision: str) -> dict[str, Any]:
+    json_path = s.out / "work" / f"bench_fit-{device}-{precision}.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    done = run_script(
-        "bench_fit.py", [*s.bench_fit_args, "--device", device, "--json", str(json_path)], 900
-    )
+    args = [*s.bench_fit_args, "--device", device, "--precision", precision]
+    done = run_script("bench_fit.py", [*args, "--json", str(json_path)], 900)
     if done.returncode != 0 or not json_path.is_file():
         raise RuntimeError(f"bench_fit.py failed: {(done.stderr or done.stdout)[-300:]}")
-    result = json.loads(json_path.read_text())
+    return json.loads(json_path.read_text())
+
+
+def bench_fit_rows(s: Settings, device: str) -> list[Row]:
+    import torch
+
+    from fedmsk.precision import device_has_native_bf16
+
+    result = run_bench_fit(s, device, "fp32")
     ratio = float(result["ratio"])
-    return [
+    rows = [
         Row(1, f"fit() vs bare loop, random tensors, bench_fit.py ({device})", ratio, "ratio",
             ">= 0.95", status_for(ratio, at_least=0.95),
             f"bare {result['bare_images_per_second']} / fit {result['fit_images_per_second']} "
             f"images/s; best-rep ratio {result['best_rep_ratio']}, median paired ratio "
             f"{result['median_pair_ratio']}; {result['reps']} reps")
     ]  # fmt: skip
+    fast = run_bench_fit(s, device, "auto")
+    native = device_has_native_bf16(torch.device(device))
+    speedup = float(fast["ratio"])
+    target, status = (">= 2.0", status_for(speedup, at_least=2.0)) if native else ("", "")
+    rows.append(
+        Row(1, f"train.precision=auto fit() / fp32 bare loop ({device}, {fast['model']} "
+            f"{fast['image_size']} px)", speedup, "ratio", target, status,
+            f"auto chose {fast['precision_chosen']} ({fast['precision_reason']}); "
+            f"channels-last {fast['channels_last']}; native bf16 on this {device}: "
+            f"{'yes' if native else 'no (bf16 would be emulated: auto keeps fp32)'}")
+    )  # fmt: skip
+    return rows
 
 
 # -- section 2 ---------------------------------------------------------------------------------
