@@ -21,10 +21,10 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmsk.config import ExperimentConfig, compose, config_hash, overrides_from_run_config
 from fedmsk.run_dir import RunDirectory
-from server.global_statistics import update_global_statistics, wants_global_statistics
 from server.cyclic import NAME as CYCLIC
 from server.cyclic import run_cyclic_rounds
-from server.messages import to_record
+from server.global_statistics import update_global_statistics, wants_global_statistics
+from server.messages import PromptGrid, to_record
 from server.rounds import RoundRecorder, SiteEvaluation, arrays_to_numpy
 from server.strategies import build_strategy
 
@@ -176,6 +176,7 @@ def write_results(recorder: RoundRecorder, sites: dict[str, Any], seconds: float
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     started = time.monotonic()
+    grid = PromptGrid(grid)  # type: ignore[assignment]  # replies without Flower's 3-s polling
     cfg = compose(overrides_from_run_config(dict(context.run_config)))
     if not Path(cfg.run_dir).is_absolute():
         raise ValueError(f"run_dir={cfg.run_dir!r} must be an absolute path for a federated run")

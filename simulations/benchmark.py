@@ -105,11 +105,17 @@ class Settings:
     fed_image_size: int = 64
     fed_rounds: int = 2
     quality_rounds: int | None = None  # None: the configured federation.num_rounds
-    quality_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    # 0 is the default federation; 5 and 6 were never used while choosing the defaults
+    quality_seeds: list[int] = field(default_factory=lambda: [0, 5, 6])
     quality_recommended: str = "cyclic"  # configs/config.yaml's strategy
     quality_strategies: list[str] = field(
         default_factory=lambda: [
             "fedavg", "fedavgm", "fedprox", "fedadam", "fedbn", "fedavg+eps8"
+        ]
+    )  # fmt: skip
+    quality_variants: list[str] = field(
+        default_factory=lambda: [
+            "pooled~fp32", "cyclic~avgstats", "cyclic~groupnorm", "cyclic~freshopt"
         ]
     )  # fmt: skip
     quality_overrides: list[str] = field(default_factory=list)
@@ -149,6 +155,7 @@ def settings(args: argparse.Namespace) -> Settings:
             s.quality_seeds = [0]
         if not args.quality_strategies:
             s.quality_strategies = ["fedavg"]
+        s.quality_variants = []
         s.bench_fit_args = ["--image-size", "32", "--batch-size", "8", "--steps", "2"]
         s.bench_fit_args += ["--reps", "2", "--warmup", "1"]
     s.bench_fit_args += ["--threads", str(s.threads), "--model", s.model]
@@ -816,9 +823,20 @@ def quality_overrides(s: Settings, run: QualityRun, run_dir: Path) -> list[str]:
         overrides += ["train.local_steps=null", "train.local_epochs=1"]
     if run.curve:
         overrides.append("evaluation.heldout_each_round=true")
-    if not (run.method == "pooled" or run.method.startswith("local:")):
-        overrides += strategy_overrides(run.method)
+    base, _, variant = run.method.partition("~")
+    if not (base == "pooled" or base.startswith("local:")):
+        overrides += strategy_overrides(base)
+    overrides += QUALITY_VARIANTS.get(variant, [])
     return [*overrides, *s.quality_overrides]
+
+
+# ``METHOD~VARIANT`` runs METHOD with these overrides: the measurements behind the defaults.
+QUALITY_VARIANTS = {
+    "fp32": ["train.precision=fp32"],  # against train.precision=auto (bf16 where native)
+    "avgstats": ["strategy.norm_statistics=average"],  # BatchNorm statistics not re-measured
+    "groupnorm": ["model.dp_compatible=true"],  # GroupNorm instead of BatchNorm
+    "freshopt": ["train.keep_optimizer_state=false"],  # a fresh optimizer every round
+}
 
 
 def run_hash(overrides: list[str]) -> str:
@@ -866,6 +884,7 @@ def quality_plan(s: Settings, training_sites: list[str]) -> list[QualityRun]:
             plan.append(QualityRun(s.quality_recommended, first, budget))
         plan += [QualityRun(f"local:{a}", first, budget) for a in training_sites]
         plan += [QualityRun(m, first, budget) for m in s.quality_strategies]
+    plan += [QualityRun(m, first, "recommended") for m in s.quality_variants]
     return plan
 
 
@@ -881,7 +900,7 @@ def train_quality_run(s: Settings, run: QualityRun) -> tuple[Path, bool]:
     cfg = prepare(overrides).cfg
     if finished_run(run_dir, cfg):
         return run_dir, True
-    if run.method == "pooled":
+    if run.method.partition("~")[0] == "pooled":
         return run_centralized(cfg, "pooled"), False
     if run.method.startswith("local:"):
         return run_centralized(cfg, "local", run.method.split(":", 1)[1]), False
@@ -984,6 +1003,7 @@ def section_quality(s: Settings) -> list[Row]:
                 notes=f"{text}; {seconds[run]:.0f} s of training and evaluation")
         )  # fmt: skip
     rows += quality_summary_rows(s, dirs, seconds, paired_heldout_test)
+    rows += variant_rows(s, dirs)
     for budget in ("recommended", "equal"):
         runs = {r.label: d for r, d in dirs.items() if r.budget == budget and r.seed == first}
         if runs:
@@ -993,6 +1013,39 @@ def section_quality(s: Settings) -> list[Row]:
     if figure is not None:
         rows.append(Row(5, "figure: held-out AUC against optimizer steps", None, "",
                         notes=str(figure)))  # fmt: skip
+    return rows
+
+
+def is_federated(method: str) -> bool:
+    base = method.partition("~")[0]
+    return base != "pooled" and not base.startswith("local:")
+
+
+def variant_rows(s: Settings, dirs: dict[QualityRun, Path]) -> list[Row]:
+    """Each ``METHOD~VARIANT`` against METHOD with the defaults, same seed and budget."""
+    from fedmsk.precision import cpu_has_native_bf16
+
+    rows = []
+    for run, run_dir in dirs.items():
+        base, _, variant = run.method.partition("~")
+        reference = next(
+            (d for r, d in dirs.items()
+             if r.method == base and r.seed == run.seed and r.budget == run.budget), None
+        )  # fmt: skip
+        if not variant or reference is None:
+            continue
+        ours, theirs = heldout_auc(reference)[0], heldout_auc(run_dir)[0]
+        if ours is None or theirs is None:
+            continue
+        diff = ours - theirs
+        target, status = "", ""
+        if variant == "fp32" and cpu_has_native_bf16():
+            target, status = "|diff| <= 0.01", status_for(-abs(diff), at_least=-0.01)
+        setting = " ".join(QUALITY_VARIANTS[variant])
+        rows.append(
+            Row(5, f"{base} defaults minus {base} with {variant} (seed {run.seed})", diff, "AUC",
+                target, status, f"{ours:.3f} vs {theirs:.3f}; {setting}")
+        )  # fmt: skip
     return rows
 
 
@@ -1060,7 +1113,7 @@ def quality_summary_rows(
     for budget in ("recommended", "equal"):
         same = {r: d for r, d in dirs.items() if r.seed == first and r.budget == budget}
         fed = {r.method: heldout_auc(d)[0] for r, d in same.items()
-               if r.method != "pooled" and not r.method.startswith("local:")}  # fmt: skip
+               if is_federated(r.method)}  # fmt: skip
         local = {r.method: heldout_auc(d)[0] for r, d in same.items()
                  if r.method.startswith("local:")}  # fmt: skip
         fed = {k: v for k, v in fed.items() if v is not None}
@@ -1160,7 +1213,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--quality-rounds", type=int, default=None, help="section 5 rounds (default: config's)"
     )
     parser.add_argument(
-        "--quality-seeds", default="", help="section 5 federation draws, e.g. 0,1,2 (default)"
+        "--quality-seeds", default="", help="section 5 federation draws (default 0,5,6)"
     )
     parser.add_argument(
         "--quality-strategies", default="", help="e.g. fedavg,fedprox,fedbn,fedavg+eps8"

@@ -38,6 +38,7 @@ from fedmsk.data.federation import load_federation  # noqa: E402
 from fedmsk.metrics import auc_delong  # noqa: E402
 from fedmsk.models import get_arrays, local_parameter_names, model_from_config, set_arrays  # noqa: E402
 from fedmsk.norm_stats import apply_to_arrays, combine, image_batches, measure_moments  # noqa: E402
+from fedmsk.site_runtime import derive_seed  # noqa: E402
 from fedmsk.training import (  # noqa: E402
     RunSchedule,
     evaluate,
@@ -196,7 +197,7 @@ def run_federated(
                 global_arrays = updates[-1]  # the model travels on to the next site
             arrays = dict(global_arrays) | site_local.get(alias, {})
             set_arrays(model, arrays)
-            seed_everything(hash((cfg.seed, rnd, alias)) % 2**31)
+            seed_everything(derive_seed(cfg.seed, "train", rnd, alias))
             result = fit(
                 model,
                 fed.loaders[alias].train,
