@@ -51,8 +51,10 @@ class DataConfig:
 
     ``root`` holds one folder per site (each with ``manifest.csv``) and ``federation.json``
     naming the training and held-out sites. ``synthetic_seed`` draws the built-in synthetic
-    federation (another seed, another federation from the same generator). In deployment each node reads only its own site
-    directory from its node config; ``root`` is then unused on the server.
+    federation (another seed, another federation from the same generator). ``standardize``
+    gives every image zero mean and unit variance after augmentation. In deployment each node
+    reads only its own site directory from its node config; ``root`` is then unused on the
+    server.
     """
 
     root: str = "data/synthetic"
@@ -67,6 +69,7 @@ class DataConfig:
     split_seed: int = 0
     cache_dir: str | None = None
     augment: bool = True
+    standardize: bool = False
     num_workers: int = 0
     min_examples_per_class: int = 2
 

@@ -322,13 +322,12 @@ def plain_loader(loaders: Any, split: str, cfg: ExperimentConfig) -> Any:
     """One split of a site in manifest order, unaugmented (None when empty)."""
     from torch.utils.data import DataLoader
 
-    from fedmsk.data.dataset import SiteDataset
 
     part = loaders.dataset(split)
     if part is None or not len(part):
         return None
     return DataLoader(
-        SiteDataset(part.items, part.cache, transform=None),
+        part.unaugmented(),
         batch_size=max(cfg.train.batch_size, 64),
         shuffle=False,
     )
@@ -338,14 +337,13 @@ def all_images_loader(loaders: Any, cfg: ExperimentConfig) -> Any:
     """Every usable image of a site, unaugmented: a held-out center is all external test."""
     from torch.utils.data import DataLoader
 
-    from fedmsk.data.dataset import SiteDataset
 
     parts = [loaders.dataset(s) for s in ("train", "val", "test")]
     parts = [p for p in parts if p is not None and len(p)]
     if not parts:
         return None
     items = [item for part in parts for item in part.items]
-    combined = SiteDataset(items, parts[0].cache, transform=None)
+    combined = parts[0].unaugmented(items)
     return DataLoader(combined, batch_size=cfg.train.batch_size, shuffle=False)
 
 

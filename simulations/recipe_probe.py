@@ -37,7 +37,13 @@ from fedmsk.data.dataset import SiteLoaders, build_site_loaders  # noqa: E402
 from fedmsk.data.federation import load_federation  # noqa: E402
 from fedmsk.metrics import auc_delong  # noqa: E402
 from fedmsk.models import get_arrays, local_parameter_names, model_from_config, set_arrays  # noqa: E402
-from fedmsk.norm_stats import apply_to_arrays, combine, image_batches, measure_moments  # noqa: E402
+from fedmsk.norm_stats import (  # noqa: E402
+    apply_to_arrays,
+    combine,
+    image_batches,
+    measure_moments,
+    refresh_statistics,
+)
 from fedmsk.site_runtime import derive_seed  # noqa: E402
 from fedmsk.training import (  # noqa: E402
     RunSchedule,
@@ -85,8 +91,7 @@ class Federation:
 
     def stats_loader(self, alias: str) -> DataLoader:
         """The site's training images without augmentation, for BatchNorm statistics."""
-        dataset = self.loaders[alias].dataset("train")
-        plain = type(dataset)(dataset.items, dataset.cache, transform=None)
+        plain = self.loaders[alias].dataset("train").unaugmented()
         return DataLoader(plain, batch_size=64, shuffle=False)
 
 
@@ -100,6 +105,31 @@ def score(model: torch.nn.Module, fed: Federation, cfg: ExperimentConfig) -> tup
     val = evaluate(model, fed.val, precision=precision)
     held = evaluate(model, fed.held, precision=precision)
     return positive_auc(val.labels, val.probs), positive_auc(held.labels, held.probs)
+
+
+def score_site_statistics(
+    model: torch.nn.Module, fed: Federation, cfg: ExperimentConfig, limit: int
+) -> tuple[float, float]:
+    """Each site scored with BatchNorm statistics of its own images (training sites: their
+    training split; the held-out center: the images it scores)."""
+    import copy
+
+    precision = training_precision(model, cfg.train, torch.device("cpu"))
+    labels, probs = [], []
+    for alias in fed.training:
+        val = fed.loaders[alias].val
+        if val is None:
+            continue
+        local = copy.deepcopy(model)
+        refresh_statistics(local, [fed.stats_loader(alias)], limit)
+        result = evaluate(local, val, precision=precision)
+        labels.append(result.labels)
+        probs.append(result.probs)
+    local = copy.deepcopy(model)
+    refresh_statistics(local, [fed.held], limit)
+    held = evaluate(local, fed.held, precision=precision)
+    val_auc = positive_auc(np.concatenate(labels), np.concatenate(probs))
+    return val_auc, positive_auc(held.labels, held.probs)
 
 
 def run_pooled(cfg: ExperimentConfig, fed: Federation, epochs: int) -> list[dict[str, Any]]:
@@ -243,6 +273,9 @@ def run_federated(
         global_arrays = new_global
         set_arrays(model, global_arrays)
         val, held = score(model, fed, cfg)
+        if norm == "global":
+            site_val, site_held = score_site_statistics(model, fed, cfg, stats_images)
+            print(f"# site statistics: val {site_val:.4f} held-out {site_held:.4f}", flush=True)
         if mode == "cyclic" and cycle_average:
             global_arrays = updates[-1]  # the trajectory goes on; the average is evaluated
         loss = float(np.average(losses, weights=w))

@@ -323,3 +323,18 @@ def test_content_hash_memo_is_used_only_for_settled_files(
     _png(path, 2)  # rewritten: new stat signature, so hashed again
     second = cache.content_hash(path)
     assert second != first and len(hashed) == 4
+
+
+def test_standardized_images_have_zero_mean_and_unit_variance(tmp_path: Path) -> None:
+    site = _site(tmp_path, patients=6)
+    data = _data()
+    data.standardize = True
+    loaders = build_site_loaders(site, TASK, data, TrainConfig(batch_size=4), seed=0)
+    train = loaders.dataset("train")
+    assert train is not None and train.standardize
+    image, _ = train[0]
+    assert abs(float(image.mean())) < 1e-4 and abs(float(image.std()) - 1.0) < 1e-3
+    plain = train.unaugmented()
+    assert plain.transform is None and plain.standardize and plain.items == train.items
+    again, _ = plain[0]
+    assert torch.allclose(again, plain[0][0])  # unaugmented reads repeat exactly

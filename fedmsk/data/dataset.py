@@ -62,11 +62,19 @@ class SiteDataset(Dataset):
         cache: PreprocessCache,
         transform: Transform | None = None,
         skipped: list[ImageReadError] | None = None,
+        standardize: bool = False,
     ) -> None:
         self.items = list(items)
         self.cache = cache
         self.transform = transform
         self.skipped = list(skipped or [])
+        self.standardize = standardize
+
+    def unaugmented(self, items: list[SiteItem] | None = None) -> SiteDataset:
+        """The same images (or ``items`` read through the same cache) without augmentation,
+        with the same input standardisation: what evaluation and statistics passes read."""
+        chosen = self.items if items is None else items
+        return SiteDataset(chosen, self.cache, transform=None, standardize=self.standardize)
 
     @classmethod
     def from_rows(
@@ -109,6 +117,8 @@ class SiteDataset(Dataset):
             tensor = torch.from_numpy(to_float(array))
             if self.transform is not None:
                 tensor = self.transform(tensor)
+            if self.standardize:
+                tensor = standardize_image(tensor)
             return tensor, item.label
         raise IndexError("no readable image left in this dataset")
 
@@ -131,6 +141,16 @@ class SiteDataset(Dataset):
     def class_counts(self, num_classes: int) -> list[int]:
         counts = np.bincount(np.asarray(self.labels(), dtype=np.int64), minlength=num_classes)
         return [int(c) for c in counts]
+
+
+def standardize_image(tensor: torch.Tensor) -> torch.Tensor:
+    """Zero mean and unit variance per image and channel: removes a center's overall
+    brightness and contrast, which otherwise differ more between hospitals than between
+    classes."""
+    dims = tuple(range(1, tensor.ndim))
+    mean = tensor.mean(dim=dims, keepdim=True)
+    std = tensor.std(dim=dims, keepdim=True)
+    return (tensor - mean) / (std + 1e-6)
 
 
 @dataclass
@@ -251,6 +271,7 @@ def build_site_loaders(
         datasets[split] = SiteDataset.from_rows(
             site_dir, split_rows, task.classes, cache, transform
         )
+        datasets[split].standardize = data.standardize
         skipped.extend(datasets[split].skipped)
     duplicates = _drop_duplicates(datasets, order)
     if duplicates:

@@ -193,7 +193,6 @@ def score_site(
     """
     from torch.utils.data import DataLoader
 
-    from fedmsk.data.dataset import SiteDataset
     from fedmsk.training import evaluate
 
     cfg = run.cfg
@@ -203,8 +202,7 @@ def score_site(
     k = cfg.task.num_classes
     if not items:
         return concat([], k)
-    cache = next(p for p in parts if p is not None).cache
-    dataset = SiteDataset(items, cache, transform=None)
+    dataset = next(p for p in parts if p is not None).unaugmented(items)
     loader = DataLoader(dataset, batch_size=max(1, cfg.train.batch_size), shuffle=False)
     result = evaluate(model, loader)
     root = Path(site_dir)

@@ -160,7 +160,6 @@ def _pos(s: Scores) -> tuple[np.ndarray, np.ndarray]:
 def _cam(ctx: StudyContext, run: RunHandle, model: Any, joint: str, threshold: float | None):
     from torch.utils.data import ConcatDataset
 
-    from fedmsk.data.dataset import SiteDataset
     from fedmsk.explain import cam_grid_by_outcome
 
     cfg = run.cfg
@@ -169,7 +168,7 @@ def _cam(ctx: StudyContext, run: RunHandle, model: Any, joint: str, threshold: f
         loaders = site_loaders(cfg, ctx.site_dir(alias), alias)
         items = [item for split in ALL_SPLITS if (d := loaders.dataset(split)) for item in d.items]
         if items:
-            parts.append(SiteDataset(items, loaders.dataset(ALL_SPLITS[0]).cache, None))
+            parts.append(loaders.dataset(ALL_SPLITS[0]).unaugmented(items))
     if not parts:
         return None
     path = ctx.figures / f"cam_dislocation_{joint}.png"

@@ -35,7 +35,6 @@ def _cam(ctx: StudyContext, model: Any, scores_sites: list[str], name: str) -> s
     """Grad-CAM grid, one row per true class, of the test images of ``scores_sites``."""
     from torch.utils.data import ConcatDataset
 
-    from fedmsk.data.dataset import SiteDataset
     from fedmsk.explain import cam_grid_by_outcome
 
     cfg = ctx.cfg
@@ -44,7 +43,7 @@ def _cam(ctx: StudyContext, model: Any, scores_sites: list[str], name: str) -> s
         loaders = site_loaders(cfg, ctx.site_dir(alias), alias)
         test = loaders.dataset("test")
         if test is not None and len(test):
-            parts.append(SiteDataset(test.items, test.cache, transform=None))
+            parts.append(test.unaugmented())
     if not parts:
         return None
     path = ctx.figures / f"cam_{name}.png"
