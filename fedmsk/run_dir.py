@@ -7,6 +7,7 @@ the new version of a file, never half of one: that is what makes ``resume`` safe
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pickle
@@ -59,6 +60,52 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+WRITER_LOCK = ".writer.lock"
+
+
+class RunDirectoryBusy(RuntimeError):
+    """Another live process is writing this run directory (a run not yet stopped)."""
+
+
+class WriterLock:
+    """An exclusive ``flock`` on ``RUN_DIR/.writer.lock`` held while a run writes the directory.
+
+    Why: a federated run killed from its terminal can leave Flower's detached simulation
+    process alive, still appending rounds; a resume started beside it would interleave two runs
+    in one metrics file. The kernel drops the lock when its holder dies, however it dies, so a
+    held lock always means a live writer.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / WRITER_LOCK
+        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self._fd)
+            self._fd = None
+            raise RunDirectoryBusy(
+                f"{directory}: another process (pid {holder}) is still writing this run "
+                "directory; wait for it to finish or stop it (kill that pid) before resuming"
+            ) from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+
+def ensure_not_in_use(directory: Path | str) -> None:
+    """Raise ``RunDirectoryBusy`` if a live process holds the directory's writer lock."""
+    path = Path(directory)
+    if (path / WRITER_LOCK).is_file():
+        WriterLock(path).release()
+
+
 class RunDirectory:
     """Reads and writes one run's files; with ``tensorboard`` it mirrors metrics as scalars."""
 
@@ -66,6 +113,10 @@ class RunDirectory:
         self.path = Path(path).resolve()
         self.tensorboard = tensorboard
         self._writer: Any = None
+
+    def lock_for_writing(self) -> WriterLock:
+        """Hold the directory's writer lock until ``release`` (or this process ends)."""
+        return WriterLock(self.path)
 
     @property
     def metrics_path(self) -> Path:

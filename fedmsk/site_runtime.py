@@ -322,7 +322,6 @@ def plain_loader(loaders: Any, split: str, cfg: ExperimentConfig) -> Any:
     """One split of a site in manifest order, unaugmented (None when empty)."""
     from torch.utils.data import DataLoader
 
-
     part = loaders.dataset(split)
     if part is None or not len(part):
         return None
@@ -336,7 +335,6 @@ def plain_loader(loaders: Any, split: str, cfg: ExperimentConfig) -> Any:
 def all_images_loader(loaders: Any, cfg: ExperimentConfig) -> Any:
     """Every usable image of a site, unaugmented: a held-out center is all external test."""
     from torch.utils.data import DataLoader
-
 
     parts = [loaders.dataset(s) for s in ("train", "val", "test")]
     parts = [p for p in parts if p is not None and len(p)]

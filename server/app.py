@@ -181,6 +181,7 @@ def main(grid: Grid, context: Context) -> None:
     if not Path(cfg.run_dir).is_absolute():
         raise ValueError(f"run_dir={cfg.run_dir!r} must be an absolute path for a federated run")
     run_dir = RunDirectory(cfg.run_dir, tensorboard=cfg.evaluation.tensorboard)
+    writer = run_dir.lock_for_writing()  # refuses while a killed run's process still writes
     checkpoint = run_dir.checkpoint_for_resume(cfg) if cfg.resume else None
     run_dir.initialise(cfg)
     node_alias = discover_sites(grid, cfg)
@@ -220,4 +221,5 @@ def main(grid: Grid, context: Context) -> None:
     np.savez(run_dir.path / "final_model.npz", **final)
     sites = final_evaluation(grid, recorder, final)
     write_results(recorder, sites, time.monotonic() - started)
+    writer.release()
     log.info("fedmsk run finished: %s", run_dir.path.name)

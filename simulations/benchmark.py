@@ -118,6 +118,8 @@ class Settings:
             "pooled~fp32", "cyclic~avgstats", "cyclic~groupnorm", "cyclic~freshopt"
         ]
     )  # fmt: skip
+    quality_budgets: list[str] = field(default_factory=lambda: ["recommended", "equal"])
+    quality_local: bool = True  # local-only baselines, one per training site
     quality_overrides: list[str] = field(default_factory=list)
     bench_fit_args: list[str] = field(default_factory=list)
     # finished federated runs by config hash (run_dir excluded): section 5 reuses section 4's
@@ -144,6 +146,13 @@ def settings(args: argparse.Namespace) -> Settings:
         s.quality_strategies = [x for x in args.quality_strategies.split(",") if x]
     if args.quality_seeds:
         s.quality_seeds = [int(x) for x in args.quality_seeds.split(",") if x.strip()]
+    if args.quality_variants is not None:
+        s.quality_variants = [x for x in args.quality_variants.split(",") if x]
+    if args.quality_budgets:
+        s.quality_budgets = [x for x in args.quality_budgets.split(",") if x]
+        if not set(s.quality_budgets) <= {"recommended", "equal"}:
+            raise SystemExit(f"--quality-budgets {args.quality_budgets!r}: recommended, equal")
+    s.quality_local = not args.skip_local
     if args.quick:
         s.threads, s.repeats = 1, 1
         s.image_size, s.batch_size, s.site_scale = 32, 8, 0.5
@@ -877,12 +886,13 @@ def quality_plan(s: Settings, training_sites: list[str]) -> list[QualityRun]:
         curve = seed == first and not s.quick
         plan.append(QualityRun("pooled", seed, "recommended", curve))
         plan.append(QualityRun(s.quality_recommended, seed, "recommended", curve))
-    budgets = ["recommended"] if s.quick else ["recommended", "equal"]
+    budgets = ["recommended"] if s.quick else s.quality_budgets
     for budget in budgets:
         if budget == "equal":
             plan.append(QualityRun("pooled", first, budget))
             plan.append(QualityRun(s.quality_recommended, first, budget))
-        plan += [QualityRun(f"local:{a}", first, budget) for a in training_sites]
+        if s.quality_local:
+            plan += [QualityRun(f"local:{a}", first, budget) for a in training_sites]
         plan += [QualityRun(m, first, budget) for m in s.quality_strategies]
     plan += [QualityRun(m, first, "recommended") for m in s.quality_variants]
     return plan
@@ -1217,6 +1227,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--quality-strategies", default="", help="e.g. fedavg,fedprox,fedbn,fedavg+eps8"
+    )
+    parser.add_argument(
+        "--quality-variants", default=None, help="section 5 METHOD~VARIANT runs ('' for none)"
+    )
+    parser.add_argument(
+        "--quality-budgets", default="", help="section 5 budgets: recommended,equal (default both)"
+    )
+    parser.add_argument(
+        "--skip-local", action="store_true", help="section 5 without the local-only baselines"
     )
     parser.add_argument(
         "--quality-override", action="append", help="extra Hydra override for section 5"

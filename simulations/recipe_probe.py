@@ -206,6 +206,8 @@ def run_federated(
     stats_images: int,
     keep_state: bool,
     cycle_average: bool = False,
+    averaged_tail: int = 0,
+    site_statistics: bool = False,
 ) -> list[dict[str, Any]]:
     model = new_model(cfg)
     global_arrays = get_arrays(model)
@@ -220,10 +222,11 @@ def run_federated(
     for rnd in range(1, rounds + 1):
         updates, weights, losses = [], [], []
         order = list(fed.training)
-        if mode == "cyclic":
+        sequential = mode == "cyclic" and rnd <= rounds - averaged_tail
+        if sequential:
             np.random.default_rng((cfg.seed, rnd)).shuffle(order)
         for alias in order:
-            if mode == "cyclic" and updates:
+            if sequential and updates:
                 global_arrays = updates[-1]  # the model travels on to the next site
             arrays = dict(global_arrays) | site_local.get(alias, {})
             set_arrays(model, arrays)
@@ -245,9 +248,9 @@ def run_federated(
             weights.append(result.num_examples)
             losses.append(result.mean_loss)
         w = np.asarray(weights, dtype=np.float64) / sum(weights)
-        if mode == "cyclic" and cycle_average:
+        if sequential and cycle_average:
             average = {k: sum(u[k] for u in updates) / len(updates) for k in updates[0]}
-        elif mode == "cyclic":
+        elif sequential:
             average = dict(updates[-1])
         else:
             average = {
@@ -273,10 +276,10 @@ def run_federated(
         global_arrays = new_global
         set_arrays(model, global_arrays)
         val, held = score(model, fed, cfg)
-        if norm == "global":
+        if site_statistics:
             site_val, site_held = score_site_statistics(model, fed, cfg, stats_images)
             print(f"# site statistics: val {site_val:.4f} held-out {site_held:.4f}", flush=True)
-        if mode == "cyclic" and cycle_average:
+        if sequential and cycle_average:
             global_arrays = updates[-1]  # the trajectory goes on; the average is evaluated
         loss = float(np.average(losses, weights=w))
         rows.append(row(rnd, rnd * max(steps_of.values()), loss, val, held, started))
@@ -299,6 +302,14 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="cyclic: evaluate the mean of the models after each visit of the round",
     )
+    parser.add_argument(
+        "--averaged-tail", type=int, default=0, help="cyclic: the last N rounds as FedAvg"
+    )
+    parser.add_argument(
+        "--site-statistics",
+        action="store_true",
+        help="also score each site with BatchNorm statistics of its own images",
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides")
     args = parser.parse_intermixed_args(argv)
     cfg = compose([f"data.root={args.root}", *args.overrides])
@@ -318,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
             args.stats_images,
             not args.fresh_optimizer,
             args.cycle_average,
+            args.averaged_tail,
+            args.site_statistics,
         )
     summary = {"args": vars(args), "rows": rows}
     print("RESULT " + json.dumps(summary), flush=True)

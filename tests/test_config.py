@@ -19,9 +19,12 @@ def test_default_composes_into_the_schema() -> None:
     cfg = compose([])
     assert isinstance(cfg, ExperimentConfig)
     assert cfg.task.classes == ["normal", "fracture"]
-    assert cfg.strategy.name == "fedavg"
+    assert cfg.strategy.name == "cyclic"  # the default that keeps up with pooled training
     assert cfg.privacy.enabled is False
     assert cfg.model.dp_compatible is False
+    assert cfg.model.timm_kwargs["output_stride"] == 16
+    assert cfg.train.local_steps == 10 and cfg.train.scheduler == "cosine"
+    assert cfg.data.synthetic_seed == 0 and cfg.data.root.endswith("-seed0")
 
 
 @pytest.mark.parametrize(
@@ -37,6 +40,7 @@ def test_default_composes_into_the_schema() -> None:
         "fedtrimmedavg",
         "krum",
         "fedbn",
+        "cyclic",
     ],
 )
 def test_every_strategy_group_composes(name: str) -> None:
@@ -76,3 +80,11 @@ def test_config_hash_ignores_where_results_go_but_not_what_is_run() -> None:
     base = config_hash(compose(["run_dir=/tmp/a"]))
     assert base == config_hash(compose(["run_dir=/tmp/b"]))
     assert base != config_hash(compose(["run_dir=/tmp/a", "seed=7"]))
+
+
+def test_secure_aggregation_selects_a_weighted_mean_strategy() -> None:
+    """SecAgg+ sums updates, so privacy=secagg moves off the default (cyclic) strategy."""
+    assert compose(["privacy=secagg"]).strategy.name == "fedavg"
+    assert compose(["privacy=secagg", "strategy=fedavgm"]).strategy.name == "fedavgm"
+    assert compose(["strategy=fedprox", "privacy=secagg"]).strategy.name == "fedprox"
+    assert compose(["privacy=secagg"]).privacy.secure_aggregation is True

@@ -155,6 +155,9 @@ def _overrides(fed_root: Path, run_dir: Path) -> list[str]:
         f"federation.sites=[{','.join(SITES)}]",
         f"federation.heldout_sites=[{HELDOUT}]",
         "federation.connect_timeout_s=120",
+        # every round validated and the held-out center scored (the defaults do it less often)
+        "evaluation.every_rounds=1",
+        "evaluation.heldout_each_round=true",
     ]
 
 

@@ -39,6 +39,9 @@ def _overrides(data_root: Path, run_dir: Path) -> list[str]:
         "data.image_size=32",
         "train.batch_size=16",
         f"run_dir={run_dir}",
+        # every round validated and the held-out center scored (the defaults do it less often)
+        "evaluation.every_rounds=1",
+        "evaluation.heldout_each_round=true",
     ]
 
 
@@ -127,13 +130,29 @@ def test_no_phi_in_run_directory_logs_or_report(reference_run: Path, federation:
     assert not [s for s in secrets if s != str(federation) and s in log_text]
 
 
+def _descendants(root: int) -> set[int]:
+    """Every live process below ``root`` (Linux /proc), detached sessions included."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = set(), {root}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
 def _kill_tree(process: subprocess.Popen, run_dir: Path) -> None:
+    """A crash of everything the run started: Flower's SuperLink detaches its SuperExec and
+    simulation processes into sessions of their own, so killing process groups is not enough."""
     pid_file = run_dir / ".flwr" / "superlink.pid"
-    for pid in [process.pid, int(pid_file.read_text()) if pid_file.is_file() else None]:
-        if pid is None:
-            continue
+    roots = [process.pid] + ([int(pid_file.read_text())] if pid_file.is_file() else [])
+    victims = set(roots).union(*(_descendants(pid) for pid in roots))
+    for pid in victims:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
     process.wait(timeout=30)
 
 

@@ -54,6 +54,8 @@ def _cfg(tmp_path: Path, *extra: str) -> ExperimentConfig:
             f"federation.sites=[{','.join(SITES)}]",
             f"federation.heldout_sites=[{HELDOUT}]",
             "federation.num_rounds=2",
+            "evaluation.every_rounds=1",
+            "evaluation.heldout_each_round=true",
             f"run_dir={tmp_path / 'run'}",
             *extra,
         ]
@@ -305,6 +307,10 @@ def _overrides(data_root: Path, run_dir: Path) -> list[str]:
         "data.synthetic=false",
         "federation=small",
         "federation.num_rounds=1",
+        "strategy=fedavg",
+        # fp32: bf16 autocast (train.precision=auto on a CPU with native bf16) rounds differently
+        # with the thread count, and the two runs here share the cores unevenly
+        "train.precision=fp32",
         "model=resnet18",
         "data.image_size=32",
         "train.batch_size=16",

@@ -104,6 +104,10 @@ def test_variant_config_travels_as_overrides_unchanged() -> None:
     remote = compose([*config_overrides(cfg), *extra])
     assert remote == local and config_hash(remote) == config_hash(local)
     assert remote.task.views == ["dorsal"] and remote.data.root == "/tmp/a b/it's"
+    # and the default (slim) model's timm_kwargs travel as they are, in both directions
+    default = compose([])
+    assert compose(config_overrides(default)) == default
+    assert default.model.timm_kwargs and not cfg.model.timm_kwargs
 
 
 # ----------------------------------------------------------------------------- helpers

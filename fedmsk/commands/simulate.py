@@ -170,6 +170,7 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
 
 
 def simulate_once(overrides: list[str], report: bool = True) -> Path:
+    from fedmsk.run_dir import ensure_not_in_use
     from fedmsk.simulation import SimulationPlan, run_simulation
 
     prepared = prepare(overrides)
@@ -181,6 +182,7 @@ def simulate_once(overrides: list[str], report: bool = True) -> Path:
         f"{cfg.federation.num_rounds} rounds -> {run_dir}",
         flush=True,
     )
+    ensure_not_in_use(run_dir)  # fail here, not in the ServerApp's log, if a run still writes
     plan = SimulationPlan(cfg, prepared.overrides, prepared.num_sites, run_dir / "flower.log")
     run_simulation(plan)
     if cfg.study:

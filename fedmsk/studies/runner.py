@@ -39,19 +39,29 @@ def _quote(value: Any) -> str:
     return f"'{text}'"
 
 
+_BARE_MODEL_GROUP = "resnet18"  # configs/model/resnet18.yaml sets no timm_kwargs
+_FREE_FORM_DICTS = {"model.timm_kwargs"}
+
+
 def config_overrides(cfg: ExperimentConfig) -> list[str]:
     """Every setting of ``cfg`` as a Hydra override (``study`` left out: it names a group)."""
     out: list[str] = []
 
-    def walk(prefix: str, node: Any) -> None:
+    def walk(prefix: str, node: Any, free_form: bool = False) -> None:
         if isinstance(node, dict):
             for key, value in node.items():
-                walk(f"{prefix}.{key}" if prefix else str(key), value)
+                path = f"{prefix}.{key}" if prefix else str(key)
+                walk(path, value, free_form or path in _FREE_FORM_DICTS)
         else:
-            out.append(f"{prefix}={_quote(node)}")
+            # keys of a free-form dict are not in the schema: Hydra wants them added (++)
+            out.append(f"{'++' if free_form else ''}{prefix}={_quote(node)}")
 
     content = to_dict(cfg)
     content.pop("study", None)
+    # Hydra merges a dict override into the group's dict instead of replacing it, so the
+    # recomposed config starts from a model group without timm_kwargs; every model field is
+    # then set explicitly below, and the kwargs end up exactly those of ``cfg``.
+    out.append(f"model={_BARE_MODEL_GROUP}")
     walk("", content)
     return out
 
