@@ -153,6 +153,8 @@ def settings(args: argparse.Namespace) -> Settings:
         if not set(s.quality_budgets) <= {"recommended", "equal"}:
             raise SystemExit(f"--quality-budgets {args.quality_budgets!r}: recommended, equal")
     s.quality_local = not args.skip_local
+    if args.quality_recommended:
+        s.quality_recommended = args.quality_recommended
     if args.quick:
         s.threads, s.repeats = 1, 1
         s.image_size, s.batch_size, s.site_scale = 32, 8, 0.5
@@ -869,11 +871,14 @@ def finished_run(run_dir: Path, cfg: Any) -> bool:
     """
     from fedmsk.config import config_hash
 
-    stamp = run_dir / "config_hash.txt"
+    stamp, results = run_dir / "config_hash.txt", run_dir / "results.json"
     return (
-        (run_dir / "results.json").is_file()
+        results.is_file()
         and stamp.is_file()
         and stamp.read_text().strip() == config_hash(cfg)
+        # a run writes its hash when it starts and its results when it ends: results older
+        # than the hash belong to an earlier configuration whose rerun was interrupted
+        and results.stat().st_mtime >= stamp.stat().st_mtime
     )
 
 
@@ -1236,6 +1241,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--skip-local", action="store_true", help="section 5 without the local-only baselines"
+    )
+    parser.add_argument(
+        "--quality-recommended",
+        default="",
+        help="section 5 strategy run on every seed and tested against pooled (default cyclic)",
     )
     parser.add_argument(
         "--quality-override", action="append", help="extra Hydra override for section 5"

@@ -76,6 +76,25 @@ def test_outputs_keep_rows_of_sections_not_run(tmp_path: Path) -> None:
     assert [r["name"] for r in data["rows"]] == ["again", "two"]
 
 
+def test_a_run_is_reused_only_when_its_results_came_after_its_configuration(
+    tmp_path: Path,
+) -> None:
+    import os
+
+    from fedmsk.config import compose, config_hash
+
+    cfg = compose([f"run_dir={tmp_path}"])
+    stamp, results = tmp_path / "config_hash.txt", tmp_path / "results.json"
+    stamp.write_text(config_hash(cfg) + "\n")
+    assert not bench.finished_run(tmp_path, cfg)  # started, never finished
+    results.write_text("{}")
+    os.utime(stamp, (1_000_000, 1_000_000))
+    assert bench.finished_run(tmp_path, cfg)
+    assert not bench.finished_run(tmp_path, compose([f"run_dir={tmp_path}", "seed=7"]))
+    os.utime(results, (999_000, 999_000))  # a rerun began after these results: not reusable
+    assert not bench.finished_run(tmp_path, cfg)
+
+
 def test_round_timings_from_time_stamped_metrics() -> None:
     lines = [
         (10.0, {"round": 1, "phase": "train", "site": "a", "train-seconds": 2.0}),
