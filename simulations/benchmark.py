@@ -835,7 +835,7 @@ def quality_overrides(s: Settings, run: QualityRun, run_dir: Path) -> list[str]:
     if run.curve:
         overrides.append("evaluation.heldout_each_round=true")
     base, _, variant = run.method.partition("~")
-    if not (base == "pooled" or base.startswith("local:")):
+    if is_federated(base):
         overrides += strategy_overrides(base)
     overrides += QUALITY_VARIANTS.get(variant, [])
     return [*overrides, *s.quality_overrides]

@@ -84,6 +84,7 @@ class SiteDataset(Dataset):
         classes: list[str],
         cache: PreprocessCache,
         transform: Transform | None = None,
+        standardize: bool = False,
     ) -> SiteDataset:
         """Validate ``rows`` through ``cache``; unreadable images are skipped and collected."""
         items: list[SiteItem] = []
@@ -99,7 +100,7 @@ class SiteDataset(Dataset):
                 continue
             label = classes.index(row.label)
             items.append(SiteItem(path, label, row.patient_id, digest, row.view))
-        return cls(items, cache, transform, skipped)
+        return cls(items, cache, transform, skipped, standardize)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -269,9 +270,8 @@ def build_site_loaders(
         transform = SeededAugment(seed=seed) if split == "train" and data.augment else None
         split_rows = [r for r in rows if r.split == split]
         datasets[split] = SiteDataset.from_rows(
-            site_dir, split_rows, task.classes, cache, transform
+            site_dir, split_rows, task.classes, cache, transform, data.standardize
         )
-        datasets[split].standardize = data.standardize
         skipped.extend(datasets[split].skipped)
     duplicates = _drop_duplicates(datasets, order)
     if duplicates:
