@@ -637,6 +637,7 @@ def _comparisons(raw: Any) -> list[Comparison]:
 
 
 HISTORY_FIELDS = ("loss", "auc", "accuracy", "top1_accuracy", "epsilon")
+LOSS_ALIASES = ("train-loss", "eval-loss")
 
 
 def _history(path: Path) -> list[MetricPoint]:
@@ -660,6 +661,10 @@ def _history(path: Path) -> list[MetricPoint]:
         site = record.get("site")
         site_name = None if site is None else (safe_label(site, "") or "(withheld)")
         values = {k: v for k in HISTORY_FIELDS if (v := number(record.get(k))) is not None}
+        # sites report their loss as train-loss (training) or eval-loss (evaluation)
+        for key in LOSS_ALIASES:
+            if "loss" not in values and (loss := number(record.get(key))) is not None:
+                values["loss"] = loss
         points.append(MetricPoint(int(round_), phase, site_name, values))
     return points
 

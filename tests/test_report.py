@@ -669,3 +669,19 @@ def test_study_table_and_figures_are_rendered(tmp_path: Path) -> None:
     assert "Study protocol" in markdown and "| single | 0.917 | -0.50 | 0.62 |" in markdown
     assert "study_roc.png" in markdown
     assert "0.917" in paths.html.read_text()
+
+
+def test_history_reads_the_loss_sites_report(tmp_path: Path) -> None:
+    """Sites write train-loss / eval-loss; the loss panel of training.png plots them."""
+    from fedmsk.report_data import _history
+
+    lines = [
+        {"round": 1, "phase": "train", "site": None, "train-loss": 0.7},
+        {"round": 1, "phase": "val", "site": "site00", "eval-loss": 0.65, "auc": 0.6},
+        {"round": 2, "phase": "train", "site": None, "loss": 0.5, "train-loss": 0.9},
+    ]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    points = _history(path)
+    assert [p.values.get("loss") for p in points] == [0.7, 0.65, 0.5]
+    assert points[1].values["auc"] == 0.6
