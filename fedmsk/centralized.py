@@ -13,13 +13,14 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 from torch.utils.data import ConcatDataset, DataLoader
 
 from fedmsk.config import ExperimentConfig, config_hash
 from fedmsk.data.federation import Federation, load_federation
+from fedmsk.progress import ProgressPrinter
 from fedmsk.run_dir import RunDirectory
 from fedmsk.site_runtime import all_images_loader, derive_seed, node_logger
 
@@ -106,8 +107,13 @@ def _log_heldout(
         )
 
 
-def run_centralized(cfg: ExperimentConfig, mode: str, site: str | None = None) -> Path:
-    """Train pooled or local-only and write results.json in the run directory."""
+def run_centralized(
+    cfg: ExperimentConfig, mode: str, site: str | None = None, progress: TextIO | None = None
+) -> Path:
+    """Train pooled or local-only and write results.json in the run directory.
+
+    With ``progress`` (a stream such as ``sys.stdout``) a line per epoch is printed there.
+    """
     from fedmsk.evaluation import locked_threshold, score_histogram, summarize
     from fedmsk.models import model_from_config
     from fedmsk.training import (
@@ -160,6 +166,7 @@ def run_centralized(cfg: ExperimentConfig, mode: str, site: str | None = None) -
     train_cfg = replace(cfg.train, local_steps=None, local_epochs=1)
     per_epoch = planned_steps(train_loader, train_cfg)
     state = None
+    printer = ProgressPrinter(total=epochs, unit="epoch", stream=progress) if progress else None
     for epoch in range(1, epochs + 1):
         result = fit(
             model,
@@ -171,15 +178,16 @@ def run_centralized(cfg: ExperimentConfig, mode: str, site: str | None = None) -
             optimizer_state=state,
         )
         state = result.optimizer_state
-        run_dir.append_metrics(
-            {
-                "round": epoch,
-                "phase": "train",
-                "site": None,
-                "train-loss": result.mean_loss,
-                "steps": epoch * per_epoch,
-            }
-        )
+        row = {
+            "round": epoch,
+            "phase": "train",
+            "site": None,
+            "train-loss": result.mean_loss,
+            "steps": epoch * per_epoch,
+        }
+        run_dir.append_metrics(row)
+        if printer:
+            printer.feed([row])
         if cfg.evaluation.heldout_each_round and epoch < epochs:
             _log_heldout(cfg, run_dir, model, loaders, heldout, trained_on, epoch, per_epoch)
     precise_statistics(cfg, model, loaders, trained_on)

@@ -21,11 +21,13 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 from fedmsk.config import ExperimentConfig, config_dir
 
 APP_DIR = Path(__file__).resolve().parent.parent
 CONNECTION = "fedmsk-sim"
+PROGRESS_POLL_S = 1.0
 
 
 class SimulationError(RuntimeError):
@@ -112,8 +114,11 @@ def _environment(home: Path) -> dict[str, str]:
     return env
 
 
-def run_simulation(plan: SimulationPlan) -> Path:
-    """Run the federation; return the run directory (it holds results.json)."""
+def run_simulation(plan: SimulationPlan, progress: TextIO | None = None) -> Path:
+    """Run the federation; return the run directory (it holds results.json).
+
+    With ``progress`` (a stream such as ``sys.stdout``) a line per round is printed there.
+    """
     run_dir = Path(plan.cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     home = run_dir / ".flwr"
@@ -150,7 +155,7 @@ def run_simulation(plan: SimulationPlan) -> Path:
         (home / "superlink.pid").write_text(f"{superlink.pid}\n", encoding="utf-8")
         try:
             _wait_for_health(port, superlink)
-            completed = subprocess.run(
+            runner = subprocess.Popen(
                 [
                     _bin("flwr"),
                     "run",
@@ -163,15 +168,41 @@ def run_simulation(plan: SimulationPlan) -> Path:
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                start_new_session=True,  # stopped with its children if this process is stopped
                 cwd=run_dir,
-                check=False,
             )
+            try:
+                returncode = _follow(runner, run_dir, plan, progress)
+            finally:
+                _stop(runner)
         finally:
             _stop(superlink)
     finished = results.is_file() and results.stat().st_mtime >= started
-    if completed.returncode != 0 or not finished:
+    if returncode != 0 or not finished:
         raise SimulationError(
             f"{plan.log_path}: the federated run did not finish (flwr run exit "
-            f"{completed.returncode}); see this log for the cause"
+            f"{returncode}); see this log for the cause"
         )
     return run_dir
+
+
+def _follow(
+    runner: subprocess.Popen, run_dir: Path, plan: SimulationPlan, progress: TextIO | None
+) -> int:
+    """Wait for ``flwr run``, printing a line per round from the run's metrics as it goes."""
+    from fedmsk.progress import MetricsFollower, ProgressPrinter
+
+    if progress is None:
+        return runner.wait()
+    cfg = plan.cfg
+    training = [s for s in cfg.federation.sites if s not in cfg.federation.heldout_sites]
+    follower = MetricsFollower(run_dir / "metrics.jsonl")
+    printer = ProgressPrinter(
+        total=cfg.federation.num_rounds, expected_sites=len(training), stream=progress
+    )
+    while True:
+        returncode = runner.poll()
+        printer.feed(follower.read_new())
+        if returncode is not None:
+            return returncode
+        time.sleep(PROGRESS_POLL_S)

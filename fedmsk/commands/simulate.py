@@ -184,7 +184,13 @@ def simulate_once(overrides: list[str], report: bool = True) -> Path:
     )
     ensure_not_in_use(run_dir)  # fail here, not in the ServerApp's log, if a run still writes
     plan = SimulationPlan(cfg, prepared.overrides, prepared.num_sites, run_dir / "flower.log")
-    run_simulation(plan)
+    print(
+        f"starting Flower's simulation engine ({prepared.num_sites} site nodes; its log: "
+        f"{plan.log_path}) ...",
+        flush=True,
+    )
+    run_simulation(plan, progress=sys.stdout)
+    print_final_results(run_dir)
     if cfg.study:
         _study_analysis(cfg, run_dir)
     if report:
@@ -192,6 +198,24 @@ def simulate_once(overrides: list[str], report: bool = True) -> Path:
             _heldout_cam(cfg, run_dir)
         _report(run_dir)
     return run_dir
+
+
+def print_final_results(run_dir: Path) -> None:
+    """The final model on each held-out center (the external test) and the validation mean."""
+    from fedmsk.progress import format_auc
+
+    results = json.loads((run_dir / "results.json").read_text())
+    for alias, site in sorted(results.get("sites", {}).items()):
+        summary = site.get("summary", {})
+        if site.get("role") != "heldout":
+            continue
+        if summary.get("auc") is not None:
+            score = format_auc(summary)
+        elif summary.get("top1_accuracy") is not None:
+            score = f"top-1 accuracy {summary['top1_accuracy']:.3f}"
+        else:
+            score = "no score (one class only?)"
+        print(f"held-out center {alias}: {score}, n={site.get('n')}", flush=True)
 
 
 def _study_analysis(cfg: Any, run_dir: Path) -> None:
@@ -273,10 +297,6 @@ def run_demo(args: argparse.Namespace) -> int:
     except Exception as exc:  # noqa: BLE001
         print(f"fedmsk demo: {exc}", file=sys.stderr)
         return 1
-    results = json.loads((run_dir / "results.json").read_text())
-    for alias, site in sorted(results["sites"].items()):
-        if site["role"] == "heldout":
-            print(f"held-out center {alias}: AUC {site['summary'].get('auc')}")
     print(f"demo finished: open {run_dir / 'report.html'}")
     return 0
 
@@ -292,7 +312,7 @@ def run_compare(args: argparse.Namespace) -> int:
         runs: dict[str, Path] = {}
         pooled = prepare([*base.overrides, f"run_dir={out / 'pooled'}"]).cfg
         print("pooled training ...", flush=True)
-        runs["pooled"] = run_centralized(pooled, "pooled")
+        runs["pooled"] = run_centralized(pooled, "pooled", progress=sys.stdout)
         if pooled.study:
             _study_analysis(pooled, runs["pooled"])
         if not args.skip_local:
@@ -301,7 +321,7 @@ def run_compare(args: argparse.Namespace) -> int:
                     continue
                 local = prepare([*base.overrides, f"run_dir={out / ('local-' + alias)}"]).cfg
                 print(f"local-only training at {alias} ...", flush=True)
-                runs[f"local:{alias}"] = run_centralized(local, "local", alias)
+                runs[f"local:{alias}"] = run_centralized(local, "local", alias, progress=sys.stdout)
         for name in [s for s in args.strategies.split(",") if s]:
             print(f"federated {name} ...", flush=True)
             runs[name] = simulate_once(

@@ -28,7 +28,7 @@ def run_train(args: argparse.Namespace) -> int:
         return 2
     try:
         cfg = prepare(args.overrides).cfg
-        run_dir = run_centralized(cfg, args.mode, args.site)
+        run_dir = run_centralized(cfg, args.mode, args.site, progress=sys.stdout)
         if not args.no_report:
             from fedmsk.report import build_report
 

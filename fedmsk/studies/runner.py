@@ -15,6 +15,7 @@ Variant runs live in ``RUN_DIR/variants/<name>/`` and are reused when their conf
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -110,11 +111,11 @@ def train_variant(main: RunHandle, variant: Variant, training_sites: list[str]) 
         return _handle(variant.name, cfg, out)
     mode = main.mode
     if mode == "pooled":
-        run_centralized(cfg, "pooled")
+        run_centralized(cfg, "pooled", progress=sys.stdout)
     elif mode == "local":
-        run_centralized(cfg, "local", _site_of_local_run(main, training_sites))
+        run_centralized(cfg, "local", _site_of_local_run(main, training_sites), progress=sys.stdout)
     elif len(training_sites) == 1:
-        run_centralized(cfg, "local", training_sites[0])
+        run_centralized(cfg, "local", training_sites[0], progress=sys.stdout)
     else:
         _run_federated(main.cfg, extra)
     if not (out / "results.json").is_file():
@@ -130,7 +131,7 @@ def _run_federated(main_cfg: ExperimentConfig, extra: list[str]) -> None:
     run_dir = Path(cfg.run_dir)
     print(f"study variant: federated run -> {run_dir}", flush=True)
     plan = SimulationPlan(cfg, overrides, len(cfg.federation.sites), run_dir / "flower.log")
-    run_simulation(plan)
+    run_simulation(plan, progress=sys.stdout)
 
 
 def _finished(out: Path, cfg: ExperimentConfig) -> bool:

@@ -1,0 +1,102 @@
+"""Progress lines read from metrics.jsonl: what a user sees while a run trains."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+from fedmsk.progress import (
+    MetricsFollower,
+    ProgressPrinter,
+    format_auc,
+    format_duration,
+)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _rows_for_round(number: int, sites: list[str], loss: float) -> list[dict]:
+    rows = [{"round": number, "phase": "train", "site": s, "train-loss": loss} for s in sites]
+    return [*rows, {"round": number, "phase": "train", "site": None, "train-loss": loss}]
+
+
+def test_round_lines_count_sites_and_estimate_time_left() -> None:
+    clock, out = FakeClock(), io.StringIO()
+    printer = ProgressPrinter(total=4, expected_sites=3, stream=out, clock=clock)
+    clock.now += 30  # start-up: not counted in the pace
+    printer.feed(_rows_for_round(1, ["a", "b", "c"], 0.7))
+    clock.now += 10
+    printer.feed(
+        [
+            {"round": 2, "phase": "train", "site": "a"},
+            {"round": 2, "phase": "train", "site": "b"},
+            {"round": 2, "phase": "train-failure", "site": "c", "error": "Timeout"},
+            {"round": 2, "phase": "train", "site": None, "train-loss": 0.61234},
+            {"round": 2, "phase": "val", "site": None, "auc": 0.6543, "n": 40},
+        ]
+    )
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "round 1/4  3/3 sites trained, train loss 0.700, 30s elapsed, ~1m30s left"
+    assert lines[1] == "round 2/4  c failed to train (Timeout)"
+    # pace after the first round: 10 s per round, two rounds left
+    assert lines[2] == "round 2/4  2/3 sites trained, train loss 0.612, 40s elapsed, ~20s left"
+    assert lines[3] == "round 2/4  validation AUC 0.654 (40 images)"
+
+
+def test_last_round_has_no_time_left_and_long_runs_are_thinned() -> None:
+    out = io.StringIO()
+    printer = ProgressPrinter(total=100, unit="epoch", stream=out, clock=FakeClock())
+    for epoch in range(1, 101):
+        printer.feed([{"round": epoch, "phase": "train", "site": None, "train-loss": 0.5}])
+    lines = out.getvalue().splitlines()
+    shown = [int(line.split()[1].split("/")[0]) for line in lines]
+    assert shown[0] == 1 and shown[-1] == 100
+    assert 20 <= len(lines) <= 30
+    assert "left" not in lines[-1]
+    assert lines[0].startswith("epoch   1/100  train loss 0.500")
+
+
+def test_follower_returns_each_complete_line_once_and_skips_history(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps({"round": 1, "phase": "train", "site": None}) + "\n")
+    follower = MetricsFollower(path)
+    assert follower.read_new() == []  # rows written before following are history
+    with path.open("a") as handle:
+        handle.write(json.dumps({"round": 2, "phase": "train", "site": None}) + "\n")
+        handle.write('{"round": 3, "pha')  # a line still being written
+    assert [r["round"] for r in follower.read_new()] == [2]
+    with path.open("a") as handle:
+        handle.write('se": "train", "site": null}\n')
+    assert [r["round"] for r in follower.read_new()] == [3]
+    assert follower.read_new() == []
+
+
+def test_follower_treats_a_cut_file_as_history(tmp_path: Path) -> None:
+    """A resumed run cuts metrics.jsonl back to its checkpoint before training again."""
+    path = tmp_path / "metrics.jsonl"
+    rows = [json.dumps({"round": r, "phase": "train", "site": None}) for r in (1, 2, 3)]
+    path.write_text("\n".join(rows) + "\n")
+    follower = MetricsFollower(path)
+    path.write_text(rows[0] + "\n")  # cut after round 1
+    assert follower.read_new() == []
+    with path.open("a") as handle:
+        handle.write(json.dumps({"round": 2, "phase": "train", "site": None}) + "\n")
+    assert [r["round"] for r in follower.read_new()] == [2]
+
+
+def test_formats_a_reader_wants() -> None:
+    assert format_duration(42) == "42s"
+    assert format_duration(185) == "3m05s"
+    assert format_duration(3720) == "1h02m"
+    assert format_auc({"auc": 0.75238, "auc_ci95": [0.6796, 0.8252]}) == (
+        "AUC 0.752 [0.680, 0.825]"
+    )
+    assert format_auc({"auc": 0.5}) == "AUC 0.500"
+    assert format_auc({}) == "AUC n/a"
