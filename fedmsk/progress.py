@@ -50,21 +50,31 @@ def format_auc(summary: dict[str, Any], digits: int = 3) -> str:
 class MetricsFollower:
     """New complete lines of a growing JSON-lines file, each read once.
 
-    Rows present when following starts are history and are not returned. When the file shrinks
-    (a resumed run cuts the rounds after its checkpoint), what remains is history too.
+    Rows present when following starts are history and are not returned. A run rewrites the
+    file when it starts (a resumed run keeps the rounds up to its checkpoint, ``resumed_after``):
+    the rewritten file is read from its start, and rows of rounds up to ``resumed_after`` are
+    history.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, resumed_after: int = 0) -> None:
         self.path = path
+        self.resumed_after = resumed_after
+        self.identity = self._identity()
         self.offset = path.stat().st_size if path.is_file() else 0
+
+    def _identity(self) -> tuple[int, int] | None:
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return (stat.st_dev, stat.st_ino)
 
     def read_new(self) -> list[dict[str, Any]]:
         if not self.path.is_file():
             return []
-        size = self.path.stat().st_size
-        if size < self.offset:
-            self.offset = size
-            return []
+        identity, size = self._identity(), self.path.stat().st_size
+        if identity != self.identity or size < self.offset:
+            self.identity, self.offset = identity, 0
         with self.path.open("rb") as handle:
             handle.seek(self.offset)
             chunk = handle.read(size - self.offset)
@@ -76,7 +86,7 @@ class MetricsFollower:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if isinstance(row, dict):
+            if isinstance(row, dict) and int(row.get("round") or 0) > self.resumed_after:
                 rows.append(row)
         return rows
 

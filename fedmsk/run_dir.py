@@ -106,6 +106,32 @@ def ensure_not_in_use(directory: Path | str) -> None:
         WriterLock(path).release()
 
 
+FAILURE_FILE = "run_failed.txt"
+
+
+def one_line_cause(exc: BaseException) -> str:
+    """``ValueError: what went wrong``, on one line, for the launcher to print."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def record_failure_cause(directory: Path | str, exc: BaseException) -> None:
+    """The ServerApp's error, where the launcher (another process) can read it back."""
+    path = Path(directory)
+    if not path.is_absolute():
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    _atomic_write_bytes(path / FAILURE_FILE, (one_line_cause(exc) + "\n").encode("utf-8"))
+
+
+def failure_cause(directory: Path | str, since: float) -> str | None:
+    """The cause a ServerApp recorded after ``since`` (a ``time.time()``), if any."""
+    path = Path(directory) / FAILURE_FILE
+    if not path.is_file() or path.stat().st_mtime < since:
+        return None
+    return path.read_text(encoding="utf-8").strip() or None
+
+
 class RunDirectory:
     """Reads and writes one run's files; with ``tensorboard`` it mirrors metrics as scalars."""
 

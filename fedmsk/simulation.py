@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TextIO
 
 from fedmsk.config import ExperimentConfig, config_dir
+from fedmsk.run_dir import failure_cause
 
 APP_DIR = Path(__file__).resolve().parent.parent
 CONNECTION = "fedmsk-sim"
@@ -179,11 +180,26 @@ def run_simulation(plan: SimulationPlan, progress: TextIO | None = None) -> Path
             _stop(superlink)
     finished = results.is_file() and results.stat().st_mtime >= started
     if returncode != 0 or not finished:
+        cause = failure_cause(run_dir, started)
+        if cause:
+            raise SimulationError(f"{cause} (details: {plan.log_path})")
         raise SimulationError(
             f"{plan.log_path}: the federated run did not finish (flwr run exit "
             f"{returncode}); see this log for the cause"
         )
     return run_dir
+
+
+def _resumed_round(cfg: ExperimentConfig) -> int:
+    """The round a resumed run starts after: its newest checkpoint's (``round_NNNN.ckpt``)."""
+    if not cfg.resume:
+        return 0
+    rounds = [
+        int(path.stem.split("_", 1)[1])
+        for path in (Path(cfg.resume) / "checkpoints").glob("round_*.ckpt")
+        if path.stem.split("_", 1)[1].isdigit()
+    ]
+    return max(rounds, default=0)
 
 
 def _follow(
@@ -196,7 +212,7 @@ def _follow(
         return runner.wait()
     cfg = plan.cfg
     training = [s for s in cfg.federation.sites if s not in cfg.federation.heldout_sites]
-    follower = MetricsFollower(run_dir / "metrics.jsonl")
+    follower = MetricsFollower(run_dir / "metrics.jsonl", resumed_after=_resumed_round(cfg))
     printer = ProgressPrinter(
         total=cfg.federation.num_rounds, expected_sites=len(training), stream=progress
     )

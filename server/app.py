@@ -20,7 +20,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedmsk.config import ExperimentConfig, compose, config_hash, overrides_from_run_config
-from fedmsk.run_dir import RunDirectory
+from fedmsk.run_dir import RunDirectory, record_failure_cause
 from server.cyclic import NAME as CYCLIC
 from server.cyclic import run_cyclic_rounds
 from server.global_statistics import update_global_statistics, wants_global_statistics
@@ -34,6 +34,10 @@ log = logging.getLogger("fedmsk.server")
 
 class SiteDiscoveryError(RuntimeError):
     """The expected sites did not all connect in time; names those missing."""
+
+
+class NoRoundAggregated(RuntimeError):
+    """Every round of this run ended without an aggregate; the checkpoint stays as it was."""
 
 
 def initial_arrays(cfg: ExperimentConfig) -> dict[str, np.ndarray]:
@@ -50,6 +54,7 @@ def discover_sites(grid: Grid, cfg: ExperimentConfig) -> dict[int, str]:
     expected = set(cfg.federation.sites)
     deadline = time.monotonic() + cfg.federation.connect_timeout_s
     node_alias: dict[int, str] = {}
+    silent: set[int] = set()
     while True:
         unknown = [n for n in grid.get_node_ids() if n not in node_alias]
         if unknown:
@@ -61,23 +66,47 @@ def discover_sites(grid: Grid, cfg: ExperimentConfig) -> dict[int, str]:
                 )
                 for n in unknown
             ]
-            for reply in grid.send_and_receive(messages, timeout=60):
+            replies = list(grid.send_and_receive(messages, timeout=60))
+            answered = set()
+            for reply in replies:
                 if not reply.has_error() and "detail" in reply.content:
+                    answered.add(reply.metadata.src_node_id)
                     node_alias[reply.metadata.src_node_id] = str(
                         reply.content["detail"]["site-alias"]
                     )
+            silent.update(n for n in unknown if n not in answered)
+            silent.difference_update(answered)
         seen = set(node_alias.values())
         if expected and expected <= seen:
             return {n: a for n, a in node_alias.items() if a in expected}
         if not expected and node_alias:
             return node_alias
         if time.monotonic() > deadline:
-            missing = ", ".join(sorted(expected - seen)) or "any site"
-            raise SiteDiscoveryError(
-                f"federation.sites: {missing} did not connect within "
-                f"{cfg.federation.connect_timeout_s:.0f} s (federation.connect_timeout_s)"
-            )
+            raise SiteDiscoveryError(discovery_failure(cfg, seen, len(silent)))
         time.sleep(1.0)
+
+
+def discovery_failure(cfg: ExperimentConfig, seen: set[str], silent: int) -> str:
+    """Which sites never connected, which aliases are not in the study, how many nodes did
+    not answer the alias query: three different things for hospital IT to look at."""
+    expected = set(cfg.federation.sites)
+    missing = ", ".join(sorted(expected - seen)) or "any site"
+    parts = [
+        f"federation.sites: {missing} did not connect within "
+        f"{cfg.federation.connect_timeout_s:.0f} s (federation.connect_timeout_s)"
+    ]
+    strangers = sorted(seen - expected) if expected else []
+    if strangers:
+        parts.append(
+            f"connected with an alias not in federation.sites: {', '.join(strangers)} "
+            "(check site-alias in that node's config)"
+        )
+    if silent:
+        parts.append(
+            f"{silent} connected node(s) did not answer the alias query "
+            "(see that node's log: its ClientApp may fail to start)"
+        )
+    return "; ".join(parts)
 
 
 def with_final_statistics(
@@ -175,9 +204,18 @@ def write_results(recorder: RoundRecorder, sites: dict[str, Any], seconds: float
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    cfg = compose(overrides_from_run_config(dict(context.run_config)))
+    try:
+        run_federation(grid, context, cfg)
+    except Exception as exc:
+        # the launcher prints this one line; Flower's log keeps the traceback
+        record_failure_cause(cfg.run_dir, exc)
+        raise
+
+
+def run_federation(grid: Grid, context: Context, cfg: ExperimentConfig) -> None:
     started = time.monotonic()
     grid = PromptGrid(grid)  # type: ignore[assignment]  # replies without Flower's 3-s polling
-    cfg = compose(overrides_from_run_config(dict(context.run_config)))
     if not Path(cfg.run_dir).is_absolute():
         raise ValueError(f"run_dir={cfg.run_dir!r} must be an absolute path for a federated run")
     run_dir = RunDirectory(cfg.run_dir, tensorboard=cfg.evaluation.tensorboard)
@@ -216,6 +254,8 @@ def main(grid: Grid, context: Context) -> None:
             timeout=cfg.federation.round_timeout_s,
             train_config=ConfigRecord({"num-rounds": cfg.federation.num_rounds}),
         )
+    if remaining > 0 and not recorder.aggregated_rounds:
+        raise NoRoundAggregated(recorder.no_aggregation_summary(remaining))
     final = recorder.last_arrays if recorder.last_arrays is not None else arrays
     final = with_final_statistics(grid, recorder, final)
     np.savez(run_dir.path / "final_model.npz", **final)

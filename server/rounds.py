@@ -65,6 +65,8 @@ class RoundRecorder:
     privacy: dict[str, dict[str, float]] = field(default_factory=dict)
     last_arrays: dict[str, np.ndarray] | None = None
     statistics_round: int | None = None
+    aggregated_rounds: int = 0
+    skipped_rounds: set[int] = field(default_factory=set)
     _last_checkpoint: Checkpoint | None = None
 
     # -- sites -----------------------------------------------------------------------------
@@ -173,6 +175,7 @@ class RoundRecorder:
         return len(accepted) >= needed
 
     def record_skipped_round(self, server_round: int, received: int) -> None:
+        self.skipped_rounds.add(server_round)
         self.run_dir.append_metrics(
             {
                 "round": self.absolute_round(server_round),
@@ -180,6 +183,23 @@ class RoundRecorder:
                 "site": None,
                 "accepted": received,
             }
+        )
+
+    def no_aggregation_summary(self, rounds: int) -> str:
+        """Why nothing was aggregated, in one line: what was needed and which sites failed."""
+        training = len(self.training_node_ids())
+        needed = max(1, math.ceil(self.cfg.federation.min_reply_fraction * training))
+        causes: dict[str, int] = {}
+        for entry in self.failures:
+            if entry["phase"] == "train":
+                key = f"{entry['site']} ({entry['error']})"
+                causes[key] = causes.get(key, 0) + 1
+        shown = ", ".join(f"{k} x{n}" if n > 1 else k for k, n in list(causes.items())[:6])
+        more = f" and {len(causes) - 6} more" if len(causes) > 6 else ""
+        return (
+            f"no round aggregated: {rounds} round(s) ran and none had the {needed} of "
+            f"{training} training sites' updates it needs (federation.min_reply_fraction="
+            f"{self.cfg.federation.min_reply_fraction}); failed: {shown or 'none recorded'}{more}"
         )
 
     # -- after aggregation -----------------------------------------------------------------
@@ -192,6 +212,8 @@ class RoundRecorder:
         strategy_state: dict[str, Any],
     ) -> None:
         absolute = self.absolute_round(server_round)
+        if arrays is not None and server_round not in self.skipped_rounds:
+            self.aggregated_rounds += 1
         if arrays is not None:
             self.last_arrays = arrays_to_numpy(arrays)
         numbers = {k: v for k, v in dict(metrics or {}).items() if isinstance(v, int | float)}

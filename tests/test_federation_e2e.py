@@ -157,7 +157,7 @@ def _kill_tree(process: subprocess.Popen, run_dir: Path) -> None:
 
 
 def test_killed_run_resumes_to_the_same_final_weights(
-    reference_run: Path, federation: Path, tmp_path: Path
+    reference_run: Path, federation: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run_dir = tmp_path / "killed"
     command = [
@@ -197,3 +197,30 @@ def test_killed_run_resumes_to_the_same_final_weights(
             np.testing.assert_allclose(got[key], ref[key], rtol=0, atol=1e-6, err_msg=key)
     rounds = [m["round"] for m in _metrics(run_dir) if m["phase"] == "train" and m["site"] is None]
     assert rounds == list(range(1, ROUNDS + 1))
+    # the resumed run's terminal: only the rounds it trained, then the external test with its CI
+    shown = capsys.readouterr().out
+    assert f"round {ROUNDS}/{ROUNDS}  " in shown and "sites trained" in shown
+    assert f"round 1/{ROUNDS}  " not in shown
+    assert "held-out center site03: AUC " in shown and "[" in shown
+
+
+def test_a_run_with_no_aggregated_round_fails_with_its_cause_in_one_line(
+    federation: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The broken site fails every round; with every site's update required nothing aggregates."""
+    run_dir = tmp_path / "none-aggregated"
+    overrides = [
+        *_overrides(federation, run_dir),
+        "strategy=fedavg",
+        "federation.num_rounds=1",
+        "federation.min_reply_fraction=1.0",
+    ]
+    assert main(["simulate", "--no-report", *overrides]) == 1
+    captured = capsys.readouterr()
+    error = captured.err.strip().splitlines()[-1]
+    assert error.startswith("fedmsk simulate: NoRoundAggregated: no round aggregated: 1 round(s)")
+    assert f"{BROKEN_SITE} (SiteUnavailableError)" in error
+    assert "federation.min_reply_fraction" in error
+    assert f"round 1/1  {BROKEN_SITE} failed to train (SiteUnavailableError)" in captured.out
+    assert "not aggregated: only 3 site(s) replied" in captured.out
+    assert not (run_dir / "results.json").exists()

@@ -78,17 +78,21 @@ def test_follower_returns_each_complete_line_once_and_skips_history(tmp_path: Pa
     assert follower.read_new() == []
 
 
-def test_follower_treats_a_cut_file_as_history(tmp_path: Path) -> None:
-    """A resumed run cuts metrics.jsonl back to its checkpoint before training again."""
+def test_follower_reads_a_rewritten_file_from_its_start_without_resumed_history(
+    tmp_path: Path,
+) -> None:
+    """A resumed run rewrites metrics.jsonl, keeping the rounds up to its checkpoint."""
     path = tmp_path / "metrics.jsonl"
     rows = [json.dumps({"round": r, "phase": "train", "site": None}) for r in (1, 2, 3)]
     path.write_text("\n".join(rows) + "\n")
-    follower = MetricsFollower(path)
-    path.write_text(rows[0] + "\n")  # cut after round 1
-    assert follower.read_new() == []
-    with path.open("a") as handle:
-        handle.write(json.dumps({"round": 2, "phase": "train", "site": None}) + "\n")
+    follower = MetricsFollower(path, resumed_after=1)
+    replacement = tmp_path / "new.jsonl"
+    replacement.write_text(rows[0] + "\n" + rows[1] + "\n")  # kept round 1, then round 2 again
+    replacement.replace(path)  # as RunDirectory rewrites it: a new file
     assert [r["round"] for r in follower.read_new()] == [2]
+    with path.open("a") as handle:
+        handle.write(json.dumps({"round": 3, "phase": "train", "site": None}) + "\n")
+    assert [r["round"] for r in follower.read_new()] == [3]
 
 
 def test_formats_a_reader_wants() -> None:

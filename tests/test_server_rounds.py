@@ -12,6 +12,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 
 from fedmsk.config import compose
 from fedmsk.run_dir import RunDirectory
+from server.messages import to_record
 from server.rounds import RoundRecorder, describe_error
 
 SHAPES = {"w": (2, 3), "b": (3,)}
@@ -93,3 +94,31 @@ def test_error_text_is_reduced_to_its_class() -> None:
     flower = "<class 'FileNotFoundError'>:<'/data/PATIENT123/img.dcm'>"
     assert describe_error(flower) == "FileNotFoundError"
     assert describe_error("something /secret/path") == "ClientAppError"
+
+
+def test_only_rounds_that_aggregated_count_and_the_summary_names_failed_sites(
+    tmp_path: Path,
+) -> None:
+    recorder = _recorder(tmp_path)
+    recorder.record_failure(1, "b", "train", "Timeout")
+    recorder.record_failure(2, "b", "train", "Timeout")
+    recorder.record_failure(2, "c", "train", "SiteUnavailableError")
+    recorder.record_skipped_round(1, 1)
+    recorder.on_train_aggregated(1, to_record(_good()), None, {})  # cyclic keeps its model
+    assert recorder.aggregated_rounds == 0
+    summary = recorder.no_aggregation_summary(2)
+    assert summary.startswith("no round aggregated: 2 round(s) ran")
+    assert "b (Timeout) x2" in summary and "c (SiteUnavailableError)" in summary
+    recorder.on_train_aggregated(2, to_record(_good()), None, {})
+    assert recorder.aggregated_rounds == 1
+
+
+def test_discovery_failure_tells_missing_strange_and_silent_nodes_apart() -> None:
+    from server.app import discovery_failure
+
+    cfg = compose(["federation.sites=[a,b,c]", "federation.connect_timeout_s=30"])
+    text = discovery_failure(cfg, seen={"a", "x"}, silent=1)
+    assert text.startswith("federation.sites: b, c did not connect within 30 s")
+    assert "alias not in federation.sites: x" in text
+    assert "1 connected node(s) did not answer" in text
+    assert ";" not in discovery_failure(cfg, seen={"a"}, silent=0)
