@@ -33,6 +33,7 @@ from fedmsk.report_data import (
     SummaryView,
     load_run,
 )
+from fedmsk.report_summary import build_summary
 
 __all__ = ["ReportError", "ReportPaths", "build_report"]
 
@@ -67,6 +68,7 @@ class Heading:
 @dataclass
 class Paragraph:
     text: str
+    warning: bool = False
 
 
 @dataclass
@@ -406,6 +408,15 @@ def _failures_section(doc: Document, data: RunData) -> None:
     )
 
 
+def _summary_section(doc: Document, data: RunData) -> None:
+    """The result first, then the reasons for caution (fedmsk.report_summary)."""
+    summary = build_summary(data)
+    if not summary.headline and not summary.warnings:
+        return
+    doc.add(Heading("Summary"), *[Paragraph(line) for line in summary.headline])
+    doc.add(*[Paragraph(line, warning=True) for line in summary.warnings])
+
+
 def _run_section(doc: Document, data: RunData) -> None:
     labels = {
         "mode": "Mode",
@@ -507,6 +518,7 @@ def build_document(data: RunData, made: dict[str, Path]) -> Document:
     title_bits = [data.run.fields.get(k) for k in ("task", "model", "mode", "strategy")]
     subtitle = " / ".join(b for b in title_bits if b)
     doc = Document(title="fedmsk study report" + (f": {subtitle}" if subtitle else ""))
+    _summary_section(doc, data)
     _run_section(doc, data)
     _results_section(doc, data)
     _per_class_section(doc, data)
@@ -535,6 +547,8 @@ tr:nth-child(even) td { background: #fafbfd; }
 figure { margin: 1em 0 1.6em; }
 figure img { max-width: 100%; border: 1px solid #dde; }
 figcaption { font-size: .85em; color: #555; }
+p.warning { background: #fff4e5; border-left: 4px solid #d98200; padding: .4em .8em; }
+ul.headline { font-size: 1.02em; }
 """
 
 
@@ -556,6 +570,8 @@ def _html_block(block: Heading | Paragraph | Table | Image, run_dir: Path) -> st
     if isinstance(block, Heading):
         return f"<h{block.level}>{html.escape(block.text)}</h{block.level}>"
     if isinstance(block, Paragraph):
+        if block.warning:
+            return f'<p class="warning"><strong>Warning:</strong> {html.escape(block.text)}</p>'
         return f"<p>{html.escape(block.text)}</p>"
     if isinstance(block, Table):
         head = "".join(f"<th>{html.escape(h)}</th>" for h in block.headers)
@@ -582,7 +598,7 @@ def render_markdown(doc: Document, run_dir: Path) -> str:
         if isinstance(block, Heading):
             lines += ["#" * block.level + " " + block.text, ""]
         elif isinstance(block, Paragraph):
-            lines += [block.text, ""]
+            lines += [("**Warning:** " if block.warning else "") + block.text, ""]
         elif isinstance(block, Table):
             lines.append("| " + " | ".join(_md_cell(h) for h in block.headers) + " |")
             lines.append("|" + "|".join("---" for _ in block.headers) + "|")

@@ -327,8 +327,8 @@ def test_binary_report_tables_files_and_figures(tmp_path: Path) -> None:
 
     html = paths.html.read_text()
     md = paths.markdown.read_text()
-    held_out = _section(html, "Held-out centers", "</table>")
-    training = _section(html, "Training centers", "</table>")
+    held_out = _section(html, "<h3>Held-out centers", "</table>")
+    training = _section(html, "<h3>Training centers", "</table>")
     for alias, section in (("site00", training), ("site01", training), ("site09", held_out)):
         summary = results["sites"][alias]["summary"]
         auc = Metric(summary["auc"], *summary["auc_ci95"])
@@ -342,7 +342,7 @@ def test_binary_report_tables_files_and_figures(tmp_path: Path) -> None:
     assert "pooled" in html
     assert "data:image/png;base64," in html
     assert "](figures/roc.png)" in md
-    for absent in ("Model versus readers", "Differential privacy", "Failed center rounds"):
+    for absent in ("Model versus readers", "<h2>Differential privacy", "Failed center rounds"):
         assert absent not in html
     cam_b64 = base64.b64encode((figures / "cam_outcomes.png").read_bytes()).decode()
     notcam_b64 = base64.b64encode((figures / "notcam.png").read_bytes()).decode()
@@ -371,7 +371,7 @@ def test_report_with_readers_failures_privacy(tmp_path: Path) -> None:
     assert "<td>0.032</td>" in readers  # McNemar p at the locked threshold
     failures = _section(html, "Failed center rounds", "</table>")
     assert "<td>3</td><td>site01</td><td>CorruptPixelDataError</td>" in failures
-    privacy = _section(html, "Differential privacy", "</table>")
+    privacy = _section(html, "<h2>Differential privacy", "</table>")
     assert "<td>site01</td><td>8.00</td><td>1.0e-04</td><td>yes</td>" in privacy
     flat = json.loads(paths.metrics.read_text())
     assert flat["failures.count"] == 1
@@ -392,7 +392,7 @@ def test_multiclass_report(tmp_path: Path) -> None:
     assert "Top-1 accuracy" in html
     summary = results["sites"]["site09"]["summary"]
     top1 = summary["top1_accuracy"]
-    held_out = _section(html, "Held-out centers", "</table>")
+    held_out = _section(html, "<h3>Held-out centers", "</table>")
     assert fmt_metric(Metric(top1["value"], *top1["ci95"])) in held_out
     per_class = _section(html, "site09 (held-out center", "</table>")
     for name in ("none", "mild", "severe"):
@@ -623,7 +623,7 @@ def test_real_evaluation_summaries_are_rendered(tmp_path: Path) -> None:
         (run_dir / "results.json").write_text(json.dumps(results))
         paths = build_report(run_dir)
         html = paths.html.read_text()
-        held_out = _section(html, "Held-out centers", "</table>")
+        held_out = _section(html, "<h3>Held-out centers", "</table>")
         assert f"<td>{summary['n']}</td>" in held_out
         if name == "bin":
             auc = Metric(summary["auc"], *summary["auc_ci95"])
@@ -685,3 +685,60 @@ def test_history_reads_the_loss_sites_report(tmp_path: Path) -> None:
     points = _history(path)
     assert [p.values.get("loss") for p in points] == [0.7, 0.65, 0.5]
     assert points[1].values["auc"] == 0.6
+
+
+# ----------------------------------------------------------------------------- summary on top
+
+
+def _set_point(summary: dict, sensitivity: float, specificity: float) -> None:
+    summary["at_threshold"]["sensitivity"] = {"value": sensitivity, "ci95": [0.0, 1.0]}
+    summary["at_threshold"]["specificity"] = {"value": specificity, "ci95": [0.0, 1.0]}
+
+
+def test_summary_leads_with_the_heldout_result_and_warns_in_plain_words(tmp_path: Path) -> None:
+    from fedmsk.report_summary import build_summary
+
+    results = write_run(tmp_path, failures=True, privacy=True)
+    for alias in ("site00", "site01"):
+        _set_point(results["sites"][alias]["summary"], 0.80, 0.85)
+    heldout = results["sites"]["site09"]["summary"]
+    _set_point(heldout, 0.99, 0.03)  # the locked threshold calls nearly everyone positive
+    heldout["auc_ci95"] = [0.45, 0.66]
+    results["sites"]["site01"]["summary"]["n_per_class"] = [90, 0]
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    summary = build_summary(load_run(tmp_path))
+    first = summary.headline[0]
+    assert first.startswith("Held-out center site09 (external test, never trained on, n=150): AUC")
+    assert "[0.450, 0.660] (DeLong 95% CI)" in first and "specificity 0.030" in first
+    assert any("largest epsilon spent 8.00 (at site01)" in line for line in summary.headline)
+    assert any(
+        line.startswith("site01 failed 1 time(s) (CorruptPixelDataError)")
+        for line in (summary.headline)
+    )
+    text = "\n".join(summary.warnings)
+    assert "operating point did not transfer to site09" in text and "0.99/0.03" in text
+    assert "site01's val images are all of one class (normal)" in text
+    assert "not distinguishable from chance" in text
+    assert "did not converge" not in text  # the loss fell from 0.7 to 0.14
+
+    html_text = (build_report(tmp_path).html).read_text()
+    assert html_text.index("<h2>Summary</h2>") < html_text.index("<h2>Run</h2>")
+    assert '<p class="warning"><strong>Warning:</strong> The operating point' in html_text
+
+
+def test_summary_is_quiet_when_nothing_is_wrong_and_flags_a_flat_loss(tmp_path: Path) -> None:
+    from fedmsk.report_summary import build_summary
+
+    results = write_run(tmp_path)
+    for alias in ("site00", "site01", "site09"):
+        _set_point(results["sites"][alias]["summary"], 0.80, 0.85)
+    results["sites"]["site09"]["summary"]["auc_ci95"] = [0.70, 0.86]
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    assert build_summary(load_run(tmp_path)).warnings == []
+    flat = [
+        {"round": r, "phase": "train", "site": None, "train-loss": 0.69 - 0.001 * r}
+        for r in range(1, 6)
+    ]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in flat) + "\n")
+    warnings = build_summary(load_run(tmp_path)).warnings
+    assert len(warnings) == 1 and warnings[0].startswith("Training did not converge")
