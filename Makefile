@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedmsk-installed
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install browser clean
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "make: $(PYTHON) not found; set PYTHON=/path/to/python3.11"; exit 1; }
@@ -20,8 +20,22 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/fedmsk demo
 
+# The report's browser test opens report.html in Debian's headless Chromium: installed here when
+# missing and this machine allows it (root with apt, as in CI); elsewhere that test is skipped.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "make: installing Debian's chromium for the report's browser test"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends chromium >/dev/null; } || \
+		echo "make: could not install chromium; the browser test will be skipped"; \
+	else \
+		echo "make: no chromium (install Debian's chromium package); the browser test will be skipped"; \
+	fi
+
 # pytest exits 5 when it collects no tests: fail loudly rather than by accident.
-test: $(STAMP)
+test: $(STAMP) browser
 	@$(BIN)/python -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests"; exit 1; fi; exit $$rc
 
