@@ -190,6 +190,7 @@ class EvaluationConfig:
     patient_aggregation: str = "mean"
     gradcam: bool = True
     gradcam_images: int = 4
+    cam_method: str = "layercam"
     tensorboard: bool = False
     every_rounds: int = 1
     heldout_each_round: bool = False

@@ -22,7 +22,11 @@ import numpy as np
 import torch
 from torch import nn
 
-CAM_METHODS = ("gradcam", "gradcam++")
+CAM_METHODS = ("gradcam", "gradcam++", "layercam")
+# LayerCAM weighs each position by its own gradient, so it stays meaningful on a shallower,
+# finer feature map; it is used on the last map at least this many cells wide (8 x 8 for a
+# ResNet at 64 px, where the last stage is 2 x 2 and cannot show a fracture line).
+DETAIL_MIN_SIDE = 8
 
 
 @dataclass
@@ -78,6 +82,34 @@ def _record_outputs(
     return seen, result
 
 
+def find_detail_layer(
+    model: nn.Module, example: torch.Tensor, min_side: int = DETAIL_MIN_SIDE
+) -> tuple[str, nn.Module]:
+    """The last module whose output is a feature map at least ``min_side`` cells on each side
+    (completion order, so a whole stage wins over its last block's parts); the usual Grad-CAM
+    layer when the final map is already that fine."""
+    final_name, final_module = find_target_layer(model, example)
+    named = [(name, module) for name, module in model.named_modules() if name]
+    was_training = model.training
+    model.eval()
+    try:
+        seen, _ = _record_outputs(model, named, lambda: model(example))
+    finally:
+        model.train(was_training)
+    final = [out for name, _, out in seen if name == final_name]
+    if final and min(final[-1].shape[-2:]) >= min_side:
+        return final_name, final_module
+    fine = [
+        (name, module)
+        for name, module, output in seen
+        if isinstance(output, torch.Tensor)
+        and output.ndim == 4
+        and min(output.shape[-2:]) >= min_side
+        and output.shape[-1] < example.shape[-1]  # a feature map, not the input resolution
+    ]
+    return fine[-1] if fine else (final_name, final_module)
+
+
 def _layer_producing_features(
     model: nn.Module, named: list[tuple[str, nn.Module]], example: torch.Tensor
 ) -> tuple[str, nn.Module] | None:
@@ -122,7 +154,7 @@ def gradcam(
     can be called on a node between rounds. An image with no positive evidence for its class
     gets an all-zero map (that is what Grad-CAM's ReLU means, not an error).
     """
-    from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
+    from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, LayerCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     if method not in CAM_METHODS:
@@ -132,9 +164,10 @@ def gradcam(
     device = next(model.parameters()).device
     images = images.detach().to(device=device, dtype=torch.float32)
     if target_layer is None:
-        _, target_layer = find_target_layer(model, images[:1])
+        finder = find_detail_layer if method == "layercam" else find_target_layer
+        _, target_layer = finder(model, images[:1])
     targets = _targets(target_classes, len(images), ClassifierOutputTarget)
-    cam_class = GradCAM if method == "gradcam" else GradCAMPlusPlus
+    cam_class = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "layercam": LayerCAM}[method]
     was_training = model.training
     saved_grads = [(param, param.grad) for param in model.parameters()]
     try:

@@ -33,7 +33,7 @@ from fedmsk.report_data import (
     SummaryView,
     load_run,
 )
-from fedmsk.report_summary import build_summary
+from fedmsk.report_summary import build_summary, pointing_sentence
 
 __all__ = ["ReportError", "ReportPaths", "build_report"]
 
@@ -495,6 +495,7 @@ def _figures_section(doc: Document, made: dict[str, Path], data: RunData) -> Non
                 "These figures show patient images: share this report only where the images "
                 "themselves may go."
             ),
+            *[Paragraph(pointing_sentence(row)) for row in data.pointing],
             *[Image(path, "Grad-CAM overlays") for path in data.cam_figures],
         )
 

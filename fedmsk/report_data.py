@@ -310,6 +310,26 @@ class PrivacyRow:
 
 
 @dataclass
+class PointingRow:
+    """The pointing game of one center's heatmaps (fedmsk.pointing): counts only."""
+
+    site: str
+    method: str
+    n: int
+    hits: int
+    chance: float
+    p_value: float | None
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.hits / self.n if self.n else None
+
+    @property
+    def beats_chance(self) -> bool:
+        return self.n > 0 and self.p_value is not None and self.p_value < 0.05
+
+
+@dataclass
 class ReaderRow:
     label: str
     experience: str
@@ -391,6 +411,7 @@ class RunData:
     comparisons: list[Comparison]
     history: list[MetricPoint]
     cam_figures: list[Path]
+    pointing: list[PointingRow] = field(default_factory=list)
 
     @property
     def task_type(self) -> str:
@@ -429,6 +450,7 @@ def load_run(run_dir: Path) -> RunData:
         comparisons=_comparisons(results.get("comparisons")),
         history=_history(metrics_path) if metrics_path.is_file() else [],
         cam_figures=_cam_figures(run_dir / "figures"),
+        pointing=_pointing(run_dir / "pointing_game.json"),
     )
 
 
@@ -515,6 +537,35 @@ def _privacy(raw: Any) -> list[PrivacyRow]:
                     stopped=stopped if isinstance(stopped, bool) else None,
                 )
             )
+    return rows
+
+
+def _pointing(path: Path) -> list[PointingRow]:
+    if not path.is_file():
+        return []
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return []
+    if not isinstance(raw, dict):
+        return []
+    rows = []
+    for index, (alias, entry) in enumerate(sorted(raw.items(), key=lambda kv: str(kv[0]))):
+        if not isinstance(entry, dict):
+            continue
+        n, hits, chance = (number(entry.get(k)) for k in ("n", "hits", "chance"))
+        if n is None or hits is None or chance is None:
+            continue
+        rows.append(
+            PointingRow(
+                site=_site_name(alias, index),
+                method=safe_label(entry.get("method"), "cam"),
+                n=int(n),
+                hits=int(hits),
+                chance=chance,
+                p_value=number(entry.get("p_value")),
+            )
+        )
     return rows
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fedmsk.report_data import Metric, RunData, SiteResult, SummaryView
+from fedmsk.report_data import Metric, PointingRow, RunData, SiteResult, SummaryView
 
 # An operating point "did not transfer" when the held-out sensitivity or specificity at the
 # locked threshold differs from the training centers' validation by more than this.
@@ -170,6 +170,32 @@ def _privacy_line(data: RunData) -> str:
     return f"Differential privacy: largest epsilon spent {epsilon:.2f} (at {site}){delta}."
 
 
+def pointing_sentence(row: PointingRow) -> str:
+    """The pointing game in words, with chance beside it."""
+    if not row.n:
+        return f"Pointing game on {row.site}: no true positive with a known lesion box to score."
+    p = (
+        "n/a"
+        if row.p_value is None
+        else ("<0.001" if row.p_value < 0.001 else f"{row.p_value:.3f}")
+    )
+    return (
+        f"Pointing game on {row.site} ({row.method}): the map's peak falls on the lesion in "
+        f"{row.hits} of {row.n} true positives ({row.hits / row.n:.2f}; a random peak would "
+        f"score {row.chance:.2f}; one-sided binomial p {p})."
+    )
+
+
+def _pointing_warnings(data: RunData) -> list[str]:
+    return [
+        f"The heatmaps on {row.site} do not point at the lesions more often than chance "
+        f"({row.hits} of {row.n} against {row.chance:.2f}): do not read them as showing where "
+        "the finding is."
+        for row in data.pointing
+        if row.n and not row.beats_chance
+    ]
+
+
 def build_summary(data: RunData) -> Summary:
     summary = Summary()
     heldout = [s for s in data.sites if s.role == "heldout"]
@@ -199,10 +225,12 @@ def build_summary(data: RunData) -> Summary:
             summary.headline.append(
                 f"{comparison.label}: AUC difference {comparison.difference:+.3f} (DeLong p {p})."
             )
+    summary.headline.extend(pointing_sentence(row) for row in data.pointing if row.n)
     summary.headline.append(_privacy_line(data))
     summary.headline.extend(_failure_lines(data))
     summary.warnings.extend(_transfer_warnings(data))
     summary.warnings.extend(_one_class_warnings(data))
     summary.warnings.extend(_chance_warnings(data))
     summary.warnings.extend(_convergence_warnings(data))
+    summary.warnings.extend(_pointing_warnings(data))
     return summary

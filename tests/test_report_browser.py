@@ -91,6 +91,8 @@ def _demo_sized_run(run_dir: Path) -> None:
             rows.append({"round": r, "phase": "val", "site": None, "auc": 0.6 + r / 100, "n": 215})
     (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in rows) + "\n")
     _figure(run_dir / "figures" / "cam_site12.png")
+    pointing = {"site12": {"n": 52, "hits": 27, "chance": 0.054, "p_value": 1e-20}}
+    (run_dir / "pointing_game.json").write_text(json.dumps(pointing))
 
 
 def _study_run(run_dir: Path) -> None:
@@ -136,7 +138,9 @@ def _assert_page_is_whole(page: Path, name: str) -> None:
 def test_demo_sized_report_opens_whole_in_a_browser(tmp_path: Path) -> None:
     run_dir = tmp_path / "demo-run"
     _demo_sized_run(run_dir)
-    _assert_page_is_whole(build_report(run_dir).html, "demo-report")
+    page = build_report(run_dir).html
+    _assert_page_is_whole(page, "demo-report")
+    assert "the map&#x27;s peak falls on the lesion in 27 of 52" in page.read_text()
 
 
 def test_study_report_opens_whole_in_a_browser(tmp_path: Path) -> None:

@@ -239,6 +239,7 @@ def _heldout_cam(cfg: Any, run_dir: Path) -> None:
     from fedmsk.data.federation import load_federation
     from fedmsk.explain import cam_grid_by_outcome
     from fedmsk.models import model_from_config, set_arrays
+    from fedmsk.pointing import POINTING_FILE, score_site
     from fedmsk.site_runtime import all_images_loader
 
     federation = load_federation(Path(cfg.data.root))
@@ -246,6 +247,7 @@ def _heldout_cam(cfg: Any, run_dir: Path) -> None:
     model = model_from_config(cfg, initial_weights=False)
     with np.load(run_dir / "final_model.npz") as arrays:
         set_arrays(model, {k: arrays[k] for k in arrays.files})
+    pointing = {}
     for alias in cfg.federation.heldout_sites:
         loaders = build_site_loaders(
             federation.site_dir(alias), cfg.task, cfg.data, cfg.train, seed=cfg.seed
@@ -253,6 +255,21 @@ def _heldout_cam(cfg: Any, run_dir: Path) -> None:
         loader = all_images_loader(loaders, cfg)
         if loader is None:
             continue
+        if cfg.task.is_binary:
+            scored = score_site(
+                model,
+                loader.dataset,
+                federation.site_dir(alias),
+                float(results["threshold"]["value"]),
+                method=cfg.evaluation.cam_method,
+            )
+            if scored is not None:
+                pointing[alias] = scored.as_dict()
+                print(
+                    f"{cfg.evaluation.cam_method} on {alias}: peak on the lesion in "
+                    f"{scored.hits} of {scored.n} true positives (chance {scored.chance:.2f})",
+                    flush=True,
+                )
         cam_grid_by_outcome(
             model,
             loader,
@@ -260,7 +277,11 @@ def _heldout_cam(cfg: Any, run_dir: Path) -> None:
             list(cfg.task.classes),
             per_group=cfg.evaluation.gradcam_images,
             out_path=run_dir / "figures" / f"cam_{alias}.png",
+            method=cfg.evaluation.cam_method,
         )
+    (run_dir / POINTING_FILE).unlink(missing_ok=True)
+    if pointing:
+        (run_dir / POINTING_FILE).write_text(json.dumps(pointing, indent=2, sort_keys=True))
 
 
 def _report(run_dir: Path) -> None:

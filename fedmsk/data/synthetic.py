@@ -44,7 +44,7 @@ from fedmsk.data.synthetic_phi import (
 from fedmsk.data.synthetic_sites import (
     SiteProfile,
     acquire_us,
-    acquire_xray,
+    acquire_xray_with_lesion,
     make_site_profile,
     to_stored_grey,
     web_variant,
@@ -264,6 +264,25 @@ def _canvas_size(profile: SiteProfile) -> int:
     return int(np.clip(max(profile.rows, profile.cols), 64, 256))
 
 
+LESIONS_FILE = "lesions.csv"
+Box = tuple[float, float, float, float]
+
+
+def lesion_box(mask: np.ndarray | None) -> Box | None:
+    """(top, left, bottom, right) of a placed lesion mask as fractions of the image's height
+    and width, so the box survives any later resize; None when the finding left the field."""
+    if mask is None or float(mask.max()) < 0.25:
+        return None
+    rows, cols = np.nonzero(mask >= 0.5 * float(mask.max()))
+    height, width = mask.shape
+    return (
+        rows.min() / height,
+        cols.min() / width,
+        (rows.max() + 1) / height,
+        (cols.max() + 1) / width,
+    )
+
+
 def _render_pixels(
     spec: TaskSpec,
     plan: _SitePlan,
@@ -271,8 +290,9 @@ def _render_pixels(
     image: _PlannedImage,
     seed: int,
     anatomy: dict[str, Any],
-) -> tuple[np.ndarray, float, np.random.Generator]:
-    """Draw and acquire one image: float brightness (grey) or uint8 RGB (ultrasound)."""
+) -> tuple[np.ndarray, float, np.random.Generator, Box | None]:
+    """Draw and acquire one image: float brightness (grey) or uint8 RGB (ultrasound), and
+    where its finding is when the renderer knows it."""
     profile = plan.profile
     rng = _rng(
         seed, _task_code(spec.name), profile.index, patient.index, image.image_index, _STREAM_IMAGE
@@ -280,12 +300,13 @@ def _render_pixels(
     _, render = _RENDERERS[spec.renderer]
     drawn = render(anatomy, patient.label, image.view, rng, _canvas_size(profile))
     if spec.modality == "us":
-        return acquire_us(drawn.signal, profile, rng), drawn.visibility, rng
-    return (
-        acquire_xray(drawn.signal, profile, rng, laterality=image.laterality),
-        drawn.visibility,
-        rng,
+        return acquire_us(drawn.signal, profile, rng), drawn.visibility, rng, None
+    pixels, lesion = acquire_xray_with_lesion(
+        drawn.signal, drawn.lesion, profile, rng, laterality=image.laterality
     )
+    # a web picture is rescaled and framed at random: its box is not kept
+    box = lesion_box(lesion) if profile.kind != "web" else None
+    return pixels, drawn.visibility, rng, box
 
 
 def _write_image(
@@ -366,6 +387,7 @@ class _SiteResult:
     rows: list[ManifestRow]
     visibility: list[float]
     labels: list[int]
+    lesions: dict[str, Box] = field(default_factory=dict)
 
 
 def _generate_site(root: Path, spec: TaskSpec, plan: _SitePlan, seed: int) -> _SiteResult:
@@ -378,8 +400,10 @@ def _generate_site(root: Path, spec: TaskSpec, plan: _SitePlan, seed: int) -> _S
         )
         anatomy = anatomy_fn(arng, patient.label)
         for image in patient.images:
-            pixels, visibility, rng = _render_pixels(spec, plan, patient, image, seed, anatomy)
+            pixels, visibility, rng, box = _render_pixels(spec, plan, patient, image, seed, anatomy)
             rel = _write_image(site_dir, spec, plan, patient, image, pixels, rng)
+            if box is not None:
+                result.lesions[rel] = box
             result.rows.append(
                 ManifestRow(
                     image=rel,
@@ -393,7 +417,34 @@ def _generate_site(root: Path, spec: TaskSpec, plan: _SitePlan, seed: int) -> _S
             result.visibility.append(visibility)
             result.labels.append(patient.label)
     write_manifest(site_dir, result.rows)
+    if result.lesions:
+        write_lesions(site_dir, result.lesions)
     return result
+
+
+def write_lesions(site_dir: Path, boxes: dict[str, Box]) -> Path:
+    """``SITE/lesions.csv``: the generator's ground truth of where each finding is (image path
+    as in the manifest, box as fractions), used only to score explanations (pointing game)."""
+    path = site_dir / LESIONS_FILE
+    lines = ["image,top,left,bottom,right"]
+    lines += [
+        f"{image},{t:.4f},{left:.4f},{b:.4f},{r:.4f}" for image, (t, left, b, r) in boxes.items()
+    ]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def read_lesions(site_dir: Path) -> dict[str, Box]:
+    """The boxes :func:`write_lesions` wrote (empty when the site has none)."""
+    path = site_dir / LESIONS_FILE
+    if not path.is_file():
+        return {}
+    boxes: dict[str, Box] = {}
+    for line in path.read_text(encoding="utf-8").splitlines()[1:]:
+        image, *numbers = line.rsplit(",", 4)
+        top, left, bottom, right = (float(x) for x in numbers)
+        boxes[image] = (top, left, bottom, right)
+    return boxes
 
 
 # --------------------------------------------------------------------------- reader studies

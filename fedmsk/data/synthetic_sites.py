@@ -239,13 +239,29 @@ def acquire_xray(
     shape: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """Attenuation canvas -> displayed brightness in [0, 1] (bone bright) at this center."""
+    return acquire_xray_with_lesion(
+        attenuation, None, profile, rng, laterality=laterality, shape=shape
+    )[0]
+
+
+def acquire_xray_with_lesion(
+    attenuation: np.ndarray,
+    lesion: np.ndarray | None,
+    profile: SiteProfile,
+    rng: np.random.Generator,
+    *,
+    laterality: str,
+    shape: tuple[int, int] | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`acquire_xray`, plus the canvas ``lesion`` mask carried through the same field of
+    view, rotation, shift and mirror (it draws nothing from ``rng``: the image is unchanged)."""
     shape = shape or (profile.rows, profile.cols)
     rotation = rng.uniform(-profile.rotation_deg, profile.rotation_deg)
     shift = (rng.uniform(-0.08, 0.08), rng.uniform(-0.08, 0.08))
     zoom = profile.zoom * rng.uniform(0.93, 1.07)
-    att = resample(
-        attenuation, shape, zoom=zoom, rotation_deg=rotation, shift=shift, flip=laterality == "L"
-    )
+    geometry = {"zoom": zoom, "rotation_deg": rotation, "shift": shift, "flip": laterality == "L"}
+    att = resample(attenuation, shape, **geometry)
+    placed = resample(lesion, shape, **geometry) if lesion is not None else None
     bright = 1.0 - np.exp(-profile.exposure * np.clip(att, 0, None))
     ramp = np.linspace(-1.0, 1.0, shape[0], dtype=np.float32)[:, None]
     bright = bright * (1.0 + profile.heel * ramp)
@@ -261,7 +277,7 @@ def acquire_xray(
     bright = np.clip(bright, 0, 1)
     if profile.marker and laterality:
         _burn_marker(bright, laterality, 1.0)
-    return bright.astype(np.float32)
+    return bright.astype(np.float32), placed
 
 
 @dataclass(frozen=True)

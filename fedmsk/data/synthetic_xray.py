@@ -27,10 +27,13 @@ class Rendered:
     ``signal``: attenuation (X-ray) or echogenicity (ultrasound), float32 square canvas.
     ``visibility``: how conspicuous the class finding is (positives), or how strongly a
     look-alike shows (negatives), in [0, 1]; the reader-study model uses it.
+    ``lesion``: where the finding is drawn (canvas mask in [0, 1]) for renderers that know it,
+    so explanations can be scored against it; None for negatives and other renderers.
     """
 
     signal: np.ndarray
     visibility: float
+    lesion: np.ndarray | None = None
 
 
 # --------------------------------------------------------------------------- long-bone fracture
@@ -105,6 +108,7 @@ def fracture_render(
         cut = d.sigmoid((0.12 - np.abs(along)) / 0.02)
         bone = bone * (1.0 - 0.35 * prof * cut * ((outer - inner) > 0))
         visibility = max(visibility, 0.35)
+    lesion = None
     if label == 1:
         depth = a["frac_depth"] * vis_factor * rng.uniform(0.75, 1.0)
         wobble = 0.006 * np.sin(20 * v + rng.uniform(0, 6))
@@ -112,6 +116,7 @@ def fracture_render(
         extent = a["frac_extent"] * half
         cut = d.sigmoid((extent - np.abs(along + 0.5 * extent * (a["frac_extent"] < 0.9))) / 0.01)
         bone = bone * (1.0 - depth * prof * cut)
+        lesion = (prof * cut * (outer > 0)).astype(np.float32)  # the fracture line in the bone
         visibility = float(np.clip(depth + 2.0 * a["frac_step"] + 0.1 * a["frac_extent"], 0, 1))
     signal = soft + bone
     if a["skin_fold"]:
@@ -123,7 +128,7 @@ def fracture_render(
         prof, _ = d.line_profile(u, v, (a["x0"] + soft_half * 0.6, 0.0), np.pi / 2 + 0.05, 0.006)
         dots = (np.sin(v * 60 + rng.uniform(0, 6)) > 0.3).astype(np.float32)
         signal = signal + 0.08 * prof * dots
-    return Rendered(signal.astype(np.float32), visibility)
+    return Rendered(signal.astype(np.float32), visibility, lesion)
 
 
 # --------------------------------------------------------------------------- hip implants

@@ -179,6 +179,7 @@ def _cam(ctx: StudyContext, run: RunHandle, model: Any, joint: str, threshold: f
         list(cfg.task.classes),
         per_group=max(1, ctx.cfg.evaluation.gradcam_images),
         out_path=path,
+        method=cfg.evaluation.cam_method,
     )
     return path.name
 

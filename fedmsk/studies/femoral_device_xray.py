@@ -54,6 +54,7 @@ def _cam(ctx: StudyContext, model: Any, scores_sites: list[str], name: str) -> s
         list(cfg.task.classes),
         per_group=max(1, cfg.evaluation.gradcam_images),
         out_path=path,
+        method=cfg.evaluation.cam_method,
     )
     return path.name
 
