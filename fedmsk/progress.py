@@ -13,6 +13,7 @@ One line per event rather than a redrawn bar: it reads the same in a terminal, i
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 import time
@@ -117,6 +118,9 @@ class ProgressPrinter:
         for row in rows:
             self._one(row)
 
+    def feed_one(self, row: dict[str, Any]) -> None:
+        self._one(row)
+
     def _one(self, row: dict[str, Any]) -> None:
         phase = str(row.get("phase", ""))
         site = row.get("site")
@@ -187,3 +191,22 @@ def _validation_text(row: dict[str, Any]) -> str:
     if row.get("top1_accuracy") is not None:
         return f"validation top-1 {float(row['top1_accuracy']):.3f}{images}"
     return f"validation{images}"
+
+
+class LogLines:
+    """A text stream that hands each complete line to a logger: the ServerApp's progress lines
+    reach the coordinator's terminal through ``flwr run --stream`` in a deployment."""
+
+    def __init__(self, logger: logging.Logger, level: int = logging.INFO) -> None:
+        self.logger, self.level, self.pending = logger, level, ""
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            if line:
+                self.logger.log(self.level, "%s", line)
+        return len(text)
+
+    def flush(self) -> None:
+        return None

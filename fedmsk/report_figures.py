@@ -239,9 +239,19 @@ def calibration_curves(sites: Sequence[SiteResult], path: Path) -> Path | None:
             drawable.append((site, cal, points))
     if not drawable:
         return None
+    title = "Calibration (reliability curve); dashed = held-out"
+    training = [item for item in drawable if item[0].role != "heldout"]
+    pooled = _pooled_bins([cal for _, cal, _ in training]) if len(training) > 6 else None
+    if pooled:
+        drawable = [item for item in drawable if item[0].role == "heldout"]
+        title = "Calibration: training centers pooled (solid), held-out (dashed)"
     fig = Figure(figsize=(5.2, 5.0))
     ax = fig.subplots()
     ax.plot([0, 1], [0, 1], color="0.6", linestyle=":", linewidth=1, label="perfect calibration")
+    if pooled:
+        xs, ys = zip(*pooled, strict=True)
+        label = f"{len(training)} training centers, validation images pooled"
+        ax.plot(xs, ys, "-", color="black", marker="o", markersize=3, linewidth=1.4, label=label)
     for site, cal, points in drawable:
         xs, ys = zip(*points, strict=True)
         extra = []
@@ -258,9 +268,24 @@ def calibration_curves(sites: Sequence[SiteResult], path: Path) -> Path | None:
     ax.set_xlabel("mean predicted probability", fontsize=8)
     ax.set_ylabel("observed fraction positive", fontsize=8)
     ax.tick_params(labelsize=7)
-    ax.set_title("Calibration (reliability curve); dashed = held-out", fontsize=9)
+    ax.set_title(title, fontsize=9)
     ax.legend(loc="upper left", fontsize=6.5)
     return _save(fig, path)
+
+
+def _pooled_bins(calibrations: Sequence) -> list[tuple[float, float]]:
+    """Count-weighted bins of several centers' reliability curves (same bin edges), so a
+    figure with many small centers shows one readable curve instead of a dozen noisy ones."""
+    totals: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])
+    for cal in calibrations:
+        rows = zip(cal.mean_predicted, cal.fraction_positive, cal.count, strict=False)
+        for index, (x, y, n) in enumerate(rows):
+            if x is None or y is None or not n:
+                continue
+            totals[index][0] += x * n
+            totals[index][1] += y * n
+            totals[index][2] += n
+    return [(sx / n, sy / n) for _, (sx, sy, n) in sorted(totals.items()) if n]
 
 
 def _series(
@@ -276,8 +301,22 @@ def _series(
     }
 
 
-def _plot_series(ax: Axes, series: dict, phase_label: str, style: str, many: bool) -> int:
-    drawn = 0
+PHASE_NAMES = {
+    "train": "train",
+    "val": "validation",
+    "heldout": "held-out (not for choosing a round)",
+}
+
+
+SCORE_TITLES = {"auc": "AUC per round", "top1_accuracy": "Top-1 accuracy per round"}
+
+
+def _plot_series(
+    ax: Axes, series: dict, phase: str, style: str, colours: dict[str, tuple]
+) -> tuple[int, bool]:
+    """All centers' curves of one phase (thin, coloured per center) and the all-centers curve
+    (thick, black). Returns how many were drawn and whether any was a center's."""
+    drawn, per_center = 0, False
     for site, (rounds, values) in sorted(series.items(), key=lambda kv: str(kv[0])):
         if site is None:
             ax.plot(
@@ -288,44 +327,85 @@ def _plot_series(ax: Axes, series: dict, phase_label: str, style: str, many: boo
                 linewidth=2,
                 marker="o",
                 markersize=3,
-                label=f"{phase_label} (all centers)",
+                label=f"{PHASE_NAMES.get(phase, phase)} (all centers)",
             )
         else:
             ax.plot(
                 rounds,
                 values,
                 style,
+                color=colours.get(site, "grey"),
                 linewidth=1,
-                alpha=0.55 if many else 0.9,
+                alpha=0.7,
                 marker=".",
-                label=None if many else f"{phase_label} {site}",
             )
+            per_center = True
         drawn += 1
-    return drawn
+    return drawn, per_center
+
+
+def _style_key(ax: Axes, phases: list[tuple[str, str]]) -> None:
+    """Legend of the axes: the thick all-centers curves, and what a thin line's style means."""
+    from matplotlib.lines import Line2D
+
+    handles, labels = ax.get_legend_handles_labels()
+    for phase, style in phases:
+        handles.append(Line2D([], [], color="grey", linestyle=style, linewidth=1))
+        labels.append(f"{PHASE_NAMES.get(phase, phase)}, one center")
+    if handles:
+        ax.legend(handles, labels, fontsize=6.5)
 
 
 def training_curves(history: Sequence[MetricPoint], path: Path) -> Path | None:
-    """Loss per round (training) and AUC (or top-1 accuracy) per round on val / held-out."""
+    """Loss per round (training) and AUC (or top-1 accuracy) per round on val / held-out.
+
+    Each center keeps one colour in both panels, named in the legend under the figure."""
+    from matplotlib import colormaps
+    from matplotlib.lines import Line2D
+
     if not history:
         return None
     score_key = "auc" if any("auc" in p.values for p in history) else "top1_accuracy"
-    fig = Figure(figsize=(10, 4.0))
+    sites = sorted({p.site for p in history if p.site is not None})
+    palette = colormaps["tab20"] if len(sites) > 10 else colormaps["tab10"]
+    colours = {site: palette(i % palette.N) for i, site in enumerate(sites)}
+    fig = Figure(figsize=(10, 4.6 if sites else 4.0))
     loss_ax, score_ax = fig.subplots(1, 2)
-    sites = {p.site for p in history if p.site is not None}
-    many = len(sites) > 6
+    panels = (
+        (loss_ax, "loss", (("train", "-"), ("val", "--")), "Loss per round"),
+        (score_ax, score_key, (("val", "-"), ("heldout", "--")), SCORE_TITLES[score_key]),
+    )
     drawn = 0
-    for phase, style in (("train", "-"), ("val", "--")):
-        drawn += _plot_series(loss_ax, _series(history, phase, "loss"), phase, style, many)
-    for phase, style in (("val", "-"), ("heldout", "--")):
-        drawn += _plot_series(score_ax, _series(history, phase, score_key), phase, style, many)
-    if drawn == 0:
-        return None
-    for ax, title in ((loss_ax, "Loss per round"), (score_ax, f"{score_key} per round")):
+    for ax, key, phases, title in panels:
+        thin = []
+        for phase, style in phases:
+            count, per_center = _plot_series(
+                ax, _series(history, phase, key), phase, style, colours
+            )
+            drawn += count
+            if per_center:
+                thin.append((phase, style))
         ax.set_xlabel("round", fontsize=8)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(title + (" (thin lines: centers)" if many else ""), fontsize=9)
+        ax.set_title(title, fontsize=9)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=6.5)
+        _style_key(ax, thin)
+    if drawn == 0:
+        return None
+    if sites:
+        fig.legend(
+            [Line2D([], [], color=colours[s], linewidth=2) for s in sites],
+            sites,
+            loc="lower center",
+            ncol=min(len(sites), 12),
+            fontsize=6.5,
+            title="center colours",
+            title_fontsize=7,
+            frameon=False,
+        )
+        fig.tight_layout(rect=(0, 0.12, 1, 1))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=DPI, metadata={"Software": None})
+        return path
     return _save(fig, path)

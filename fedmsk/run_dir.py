@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,8 @@ class RunDirectory:
         self.path = Path(path).resolve()
         self.tensorboard = tensorboard
         self._writer: Any = None
+        # called with every metrics line after it is written (progress display)
+        self.observers: list[Callable[[dict[str, Any]], None]] = []
 
     def lock_for_writing(self) -> WriterLock:
         """Hold the directory's writer lock until ``release`` (or this process ends)."""
@@ -164,6 +167,8 @@ class RunDirectory:
             handle.flush()
         if self.tensorboard:
             self._write_scalars(record)
+        for observer in self.observers:
+            observer(record)
 
     def _write_scalars(self, record: dict[str, Any]) -> None:
         """Metric lines as TensorBoard scalars tagged phase/site/name, stepped by round."""

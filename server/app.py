@@ -20,6 +20,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedmsk.config import ExperimentConfig, compose, config_hash, overrides_from_run_config
+from fedmsk.progress import LogLines, ProgressPrinter
 from fedmsk.run_dir import RunDirectory, record_failure_cause
 from server.cyclic import NAME as CYCLIC
 from server.cyclic import run_cyclic_rounds
@@ -236,6 +237,10 @@ def run_federation(grid: Grid, context: Context, cfg: ExperimentConfig) -> None:
     run_dir.truncate_metrics_after(checkpoint.round if checkpoint else 0)
     training = recorder.training_node_ids()
     remaining = cfg.federation.num_rounds - recorder.round_offset
+    progress = ProgressPrinter(
+        total=cfg.federation.num_rounds, expected_sites=len(training), stream=LogLines(log)
+    )
+    run_dir.observers.append(progress.feed_one)  # round lines in `flwr run --stream`
     if cfg.privacy.secure_aggregation:
         from server.secagg import run_secagg_rounds  # here: server.secagg imports this module
 

@@ -104,3 +104,32 @@ def test_formats_a_reader_wants() -> None:
     )
     assert format_auc({"auc": 0.5}) == "AUC 0.500"
     assert format_auc({}) == "AUC n/a"
+
+
+def test_the_server_logs_a_line_per_round_through_the_run_directory(tmp_path: Path, caplog) -> None:
+    """In a deployment the coordinator sees the ServerApp's log (`flwr run --stream`)."""
+    import logging
+
+    from fedmsk.progress import LogLines
+    from fedmsk.run_dir import RunDirectory
+
+    logger = logging.getLogger("fedmsk.test-progress")
+    run_dir = RunDirectory(tmp_path)
+    printer = ProgressPrinter(total=2, expected_sites=1, stream=LogLines(logger))
+    run_dir.observers.append(printer.feed_one)
+    with caplog.at_level(logging.INFO, logger="fedmsk.test-progress"):
+        run_dir.append_metrics({"round": 1, "phase": "train", "site": "a", "train-loss": 0.5})
+        run_dir.append_metrics({"round": 1, "phase": "train", "site": None, "train-loss": 0.5})
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 1
+    assert messages[0].startswith("round 1/2  1/1 sites trained, train loss 0.500")
+    assert len(run_dir.read_metrics()) == 2
+
+
+def test_calibration_of_many_centers_is_pooled_by_count() -> None:
+    from fedmsk.report_data import CalibrationView
+    from fedmsk.report_figures import _pooled_bins
+
+    a = CalibrationView(None, None, [0.1, 0.5], [0.0, 1.0], [10, 0])
+    b = CalibrationView(None, None, [0.3, 0.6], [0.5, 0.5], [30, 4])
+    assert _pooled_bins([a, b]) == [(0.25, 0.375), (0.6, 0.5)]
