@@ -8,7 +8,6 @@ answered with an error reply that carries only the site alias and the error clas
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import time
@@ -22,66 +21,18 @@ from flwr.app import (
     ArrayRecord,
     ConfigRecord,
     Context,
-    Error,
     Message,
     MetricRecord,
     RecordDict,
 )
 from flwr.clientapp import ClientApp
 
+from client.node import MODEL_POOL, config_for, failure_reply, resolve_site
 from client.secagg import secagg_train_mod
-from fedmsk.config import ExperimentConfig, compose, overrides_from_run_config
 from fedmsk.protocol import NORM_STATS_ACTION, NORM_STATS_RECORD, ROUND_KEY, THRESHOLD_KEY
-from fedmsk.site_runtime import ModelPool, SiteRuntime, derive_seed, node_logger
+from fedmsk.site_runtime import SiteRuntime, derive_seed, node_logger
 
 app = ClientApp()
-
-SITE_FAILURE_CODE = 9001
-NODE_CONFIG_DATA_DIR = "data-dir"
-NODE_CONFIG_ALIAS = "site-alias"
-
-
-# -- where this node's data is ---------------------------------------------------------------
-
-
-def resolve_site(cfg: ExperimentConfig, node_config: dict[str, Any]) -> tuple[Path, str]:
-    """The site directory and alias: from the node config (deployment) or partition id.
-
-    In deployment the hospital's own node config names its data directory; the server never
-    tells a node where data is. In simulation, ``partition-id`` picks the n-th site of the
-    federation under ``data.root`` (sites in alias order).
-    """
-    if NODE_CONFIG_DATA_DIR in node_config:
-        site_dir = Path(str(node_config[NODE_CONFIG_DATA_DIR])).expanduser()
-        alias = str(node_config.get(NODE_CONFIG_ALIAS, site_dir.name))
-        return site_dir, alias
-    from fedmsk.data.federation import load_federation
-
-    federation = load_federation(Path(cfg.data.root))
-    sites = sorted(federation.sites, key=lambda s: s.alias)
-    index = int(node_config["partition-id"])
-    if index >= len(sites):
-        raise IndexError(f"partition {index} has no site ({len(sites)} sites)")
-    site = sites[index]
-    return Path(cfg.data.root) / site.dir, site.alias
-
-
-# A node process answers many messages of the same run: composing the Hydra config (~0.2 s)
-# and building the model (~0.2 s for resnet18) once per process instead of once per message is
-# a measurable share of a small site's round (docs/benchmarks.md, section 4).
-_COMPOSED: dict[str, ExperimentConfig] = {}
-MODEL_POOL = ModelPool()
-
-
-def _config(context: Context) -> ExperimentConfig:
-    """The run's configuration; a private copy, so nothing a handler does leaks to the next."""
-    run_config = dict(context.run_config)
-    key = json.dumps(run_config, sort_keys=True, default=str)
-    if key not in _COMPOSED:
-        _COMPOSED.clear()  # one run at a time per process
-        _COMPOSED[key] = compose(overrides_from_run_config(run_config))
-    return copy.deepcopy(_COMPOSED[key])
-
 
 # -- what leaves the node --------------------------------------------------------------------
 
@@ -135,12 +86,6 @@ def _json_number(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} may not leave a node")
 
 
-def failure_reply(msg: Message, alias: str, error: BaseException) -> Message:
-    """An error reply naming only the site alias and the error class."""
-    reason = f"site={alias} error={type(error).__name__}"
-    return Message(Error(code=SITE_FAILURE_CODE, reason=reason), reply_to=msg)
-
-
 # -- handlers --------------------------------------------------------------------------------
 
 
@@ -149,7 +94,7 @@ def _handle(msg: Message, context: Context, action: str) -> Message:
     alias = "unknown"
     site_dir: Path | None = None
     try:
-        cfg = _config(context)
+        cfg = config_for(context)
         site_dir, alias = resolve_site(cfg, dict(context.node_config))
         if action == "query":
             return Message(

@@ -34,18 +34,16 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
-from fedmsk.config import ExperimentConfig
+from client.node import MODEL_POOL, config_for, failure_reply, resolve_site
+from fedmsk.protocol import (
+    ARRAY_NAMES_KEY,
+    CLIPPED_METRIC,
+    CLIPPING_RANGE_KEY,
+    MAX_WEIGHT_KEY,
+    QUANTIZATION_RANGE_KEY,
+    ROUND_KEY,
+)
 from fedmsk.site_runtime import SiteRuntime, derive_seed, node_logger
-
-# Keys of the legacy fit config the server (server/secagg.py) sends with the global model. The
-# legacy config holds scalars only, so the array names travel as one JSON string.
-ARRAY_NAMES_KEY = "fedmsk-array-names"
-ROUND_KEY = "fedmsk-round"
-CLIPPING_RANGE_KEY = "secagg-clipping-range"
-MAX_WEIGHT_KEY = "secagg-max-weight"
-QUANTIZATION_RANGE_KEY = "secagg-quantization-range"
-# Metric a node reports: how many of its scaled values fall outside ±clipping_range.
-CLIPPED_METRIC = "secagg-clipped"
 
 
 def carries_secagg(msg: Message) -> bool:
@@ -69,11 +67,10 @@ def secagg_train_mod(msg: Message, context: Context, call_next: ClientAppCallabl
 
 def _failure(msg: Message, context: Context, error: BaseException) -> Message:
     """Log the traceback to the site's own log; reply with the alias and error class only."""
-    from client.app import failure_reply, resolve_site  # here: client.app imports this module
 
     alias = "unknown"
     try:
-        site_dir, alias = resolve_site(_config(context), dict(context.node_config))
+        site_dir, alias = resolve_site(config_for(context), dict(context.node_config))
         node_logger(site_dir, alias).error(
             "secure aggregation stage failed", exc_info=(type(error), error, error.__traceback__)
         )
@@ -82,21 +79,13 @@ def _failure(msg: Message, context: Context, error: BaseException) -> Message:
     return failure_reply(msg, alias, error)
 
 
-def _config(context: Context) -> ExperimentConfig:
-    from client.app import _config as cached_config  # client.app imports this module
-
-    return cached_config(context)
-
-
 def legacy_fit(msg: Message, context: Context) -> Message:
     """Train on this site's data and answer in the legacy ``fitres`` form the mod expects.
 
     Raises on any problem (held-out site, unusable data, non-finite weights): the mod then
     fails this stage and SecAgg+ treats the node as dropped out.
     """
-    from client.app import MODEL_POOL, resolve_site
-
-    cfg = _config(context)
+    cfg = config_for(context)
     site_dir, alias = resolve_site(cfg, dict(context.node_config))
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     config = dict(fitins.config)

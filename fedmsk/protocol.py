@@ -17,3 +17,12 @@ NORM_STATS_ACTION = "norm_stats"
 
 NORM_STATS_RECORD = "stats"
 """Reply record holding the per-layer ``.count``/``.mean``/``.var`` arrays."""
+
+# SecAgg+ (server/secagg.py sends, client/secagg.py reads): keys of the legacy fit config that
+# travels with the global model. It holds scalars only, so the array names are one JSON string.
+ARRAY_NAMES_KEY = "fedmsk-array-names"
+CLIPPING_RANGE_KEY = "secagg-clipping-range"
+MAX_WEIGHT_KEY = "secagg-max-weight"
+QUANTIZATION_RANGE_KEY = "secagg-quantization-range"
+CLIPPED_METRIC = "secagg-clipped"
+"""Metric a node reports: how many of its scaled values fall outside +-clipping_range."""

@@ -27,6 +27,7 @@ from server.cyclic import run_cyclic_rounds
 from server.global_statistics import update_global_statistics, wants_global_statistics
 from server.messages import PromptGrid, to_record
 from server.rounds import RoundRecorder, SiteEvaluation, arrays_to_numpy
+from server.secagg import run_secagg_rounds
 from server.strategies import build_strategy
 
 app = ServerApp()
@@ -242,8 +243,6 @@ def run_federation(grid: Grid, context: Context, cfg: ExperimentConfig) -> None:
     )
     run_dir.observers.append(progress.feed_one)  # round lines in `flwr run --stream`
     if cfg.privacy.secure_aggregation:
-        from server.secagg import run_secagg_rounds  # here: server.secagg imports this module
-
         run_secagg_rounds(grid, context, recorder, arrays)
     elif cfg.strategy.name == CYCLIC and remaining > 0:
         run_cyclic_rounds(grid, recorder, arrays)

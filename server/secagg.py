@@ -56,7 +56,8 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid
 
-from client.secagg import (
+from fedmsk.config import ExperimentConfig
+from fedmsk.protocol import (
     ARRAY_NAMES_KEY,
     CLIPPED_METRIC,
     CLIPPING_RANGE_KEY,
@@ -64,7 +65,6 @@ from client.secagg import (
     QUANTIZATION_RANGE_KEY,
     ROUND_KEY,
 )
-from fedmsk.config import ExperimentConfig
 from server.messages import to_record
 from server.round_evaluation import evaluate_round
 from server.rounds import RoundRecorder, arrays_to_numpy, describe_error

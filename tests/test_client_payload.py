@@ -171,3 +171,16 @@ def test_failure_reply_names_site_and_error_class_only(site: Path, tmp_path: Pat
     assert reply.has_error()
     assert reply.error.reason.startswith("site=hospital-a error=")
     _assert_no_phi(reply.error.reason, site)
+
+
+def test_a_node_without_data_dir_is_told_what_to_set(tmp_path: Path) -> None:
+    from client.node import NodeConfigError, resolve_site
+    from fedmsk.config import compose
+
+    cfg = compose([])
+    with pytest.raises(NodeConfigError, match="node config has no 'data-dir'.*--node-config"):
+        resolve_site(cfg, {"site-alias": "site01"})
+    assert resolve_site(cfg, {"data-dir": str(tmp_path), "site-alias": "site01"}) == (
+        tmp_path,
+        "site01",
+    )

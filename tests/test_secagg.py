@@ -175,10 +175,10 @@ def protocol(
 
     def run(*overrides: str) -> tuple[RoundRecorder, FakeGrid, dict[str, np.ndarray]]:
         cfg = _cfg(tmp_path, *overrides)
-        monkeypatch.setattr(client_secagg, "_config", lambda context: cfg)
+        monkeypatch.setattr(client_secagg, "config_for", lambda context: cfg)
         monkeypatch.setattr(client_secagg, "SiteRuntime", FakeRuntime)
         monkeypatch.setattr(
-            client_app,
+            client_secagg,
             "resolve_site",
             lambda cfg, node_config: (
                 tmp_path / "sites" / node_config["alias"],
