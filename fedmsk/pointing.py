@@ -111,20 +111,26 @@ def pointing_game(
     model: nn.Module,
     images: torch.Tensor,
     boxes: Sequence[Box],
-    target_class: int = 1,
+    target_class: int | Sequence[int] = 1,
     method: str = "layercam",
     batch_size: int = 16,
 ) -> PointingResult:
     """Play the pointing game for ``images`` (N, C, S, S) whose lesion boxes are given in
-    input pixels (:func:`box_in_input`)."""
+    input pixels (:func:`box_in_input`); the map explains ``target_class`` (one for all, or
+    one per image)."""
     if len(images) != len(boxes):
         raise ValueError(f"{len(images)} images but {len(boxes)} boxes")
+    targets = (
+        [int(target_class)] * len(images)
+        if isinstance(target_class, int)
+        else [int(t) for t in target_class]
+    )
     size = int(images.shape[-1])
     tolerance = tolerance_for(size)
     hits: list[bool] = []
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size]
-        maps = gradcam(model, batch, target_class, method=method)
+        maps = gradcam(model, batch, targets[start : start + batch_size], method=method)
         hits += peak_hits(maps, boxes[start : start + batch_size], tolerance)
     chance = chance_rate(boxes, size, tolerance)
     count = int(sum(hits))
@@ -141,8 +147,10 @@ def score_site(
     threshold: float,
     method: str = "layercam",
 ) -> PointingResult | None:
-    """The pointing game on a site's true positives at ``threshold`` (binary tasks), for the
-    images the generator left a lesion box for; None when the site has no boxes.
+    """The pointing game on a site's correctly found images, for those the generator left a
+    lesion box for; None when the site has no boxes. Binary tasks: the true positives at
+    ``threshold``, explaining the positive class. Multi-class: the images whose argmax is their
+    class, explaining that class.
 
     ``dataset`` is an unaugmented :class:`fedmsk.data.dataset.SiteDataset` of the site.
     """
@@ -157,24 +165,65 @@ def score_site(
         return None
     chosen: list[torch.Tensor] = []
     placed: list[Box] = []
+    targets: list[int] = []
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     try:
         for index, item in enumerate(dataset.items):
             key = item.path.relative_to(site_dir).as_posix()
-            if item.label != 1 or key not in boxes:
+            if key not in boxes:
                 continue
             image, _ = dataset[index]
             with torch.no_grad():
-                logits = model(image[None].to(device).float())
-            if float(torch.softmax(logits, dim=1)[0, 1]) < threshold:
+                probs = torch.softmax(model(image[None].to(device).float()), dim=1)[0]
+            if len(probs) == 2:
+                found = item.label == 1 and float(probs[1]) >= threshold
+            else:
+                found = int(torch.argmax(probs)) == item.label
+            if not found:
                 continue
             height, width = np.asarray(load_image(item.path).pixels).shape[:2]
             chosen.append(image)
+            targets.append(int(item.label))
             placed.append(box_in_input(boxes[key], height, width, int(image.shape[-1])))
     finally:
         model.train(was_training)
     if not chosen:
         return PointingResult(0, 0, 0.0, 1.0, method)
-    return pointing_game(model, torch.stack(chosen).float(), placed, method=method)
+    return pointing_game(model, torch.stack(chosen).float(), placed, targets, method=method)
+
+
+def combine(results: Sequence[PointingResult]) -> PointingResult | None:
+    """One game over several sites' images: hits and counts add, chance is the image-weighted
+    mean, the binomial test is redone on the totals."""
+    played = [r for r in results if r.n]
+    if not played:
+        return results[0] if results else None
+    n = sum(r.n for r in played)
+    hits = sum(r.hits for r in played)
+    chance = sum(r.chance * r.n for r in played) / n
+    return PointingResult(n, hits, chance, binomial_tail(hits, n, chance), played[0].method)
+
+
+def write_pointing(run_dir: Any, games: dict[str, PointingResult]) -> None:
+    """Add ``games`` (label -> result) to ``RUN_DIR/pointing_game.json`` for the report."""
+    import json
+    from pathlib import Path
+
+    path = Path(run_dir) / POINTING_FILE
+    known = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    known.update({label: game.as_dict() for label, game in games.items()})
+    path.write_text(json.dumps(known, indent=2, sort_keys=True), encoding="utf-8")
+
+
+def score_sites(
+    model: nn.Module, datasets: dict[str, tuple[Any, Any]], threshold: float, method: str
+) -> PointingResult | None:
+    """:func:`score_site` over several sites (alias -> (dataset, site dir)), combined."""
+    played = [
+        result
+        for dataset, site_dir in datasets.values()
+        if (result := score_site(model, dataset, site_dir, threshold, method)) is not None
+    ]
+    return combine(played) if played else None

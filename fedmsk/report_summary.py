@@ -173,22 +173,22 @@ def _privacy_line(data: RunData) -> str:
 def pointing_sentence(row: PointingRow) -> str:
     """The pointing game in words, with chance beside it."""
     if not row.n:
-        return f"Pointing game on {row.site}: no true positive with a known lesion box to score."
+        return f"Pointing game on {row.site}: no correctly found image with a known box to score."
     p = (
         "n/a"
         if row.p_value is None
         else ("<0.001" if row.p_value < 0.001 else f"{row.p_value:.3f}")
     )
     return (
-        f"Pointing game on {row.site} ({row.method}): the map's peak falls on the lesion in "
-        f"{row.hits} of {row.n} true positives ({row.hits / row.n:.2f}; a random peak would "
-        f"score {row.chance:.2f}; one-sided binomial p {p})."
+        f"Pointing game on {row.site} ({row.method}): the map's peak falls on the finding in "
+        f"{row.hits} of {row.n} correctly found images ({row.hits / row.n:.2f}; a random peak "
+        f"would score {row.chance:.2f}; one-sided binomial p {p})."
     )
 
 
 def _pointing_warnings(data: RunData) -> list[str]:
     return [
-        f"The heatmaps on {row.site} do not point at the lesions more often than chance "
+        f"The heatmaps on {row.site} do not point at the findings more often than chance "
         f"({row.hits} of {row.n} against {row.chance:.2f}): do not read them as showing where "
         "the finding is."
         for row in data.pointing

@@ -209,3 +209,35 @@ def test_detail_layer_is_finer_than_the_last_stage_of_a_resnet() -> None:
         model(example)
     handle.remove()
     assert min(seen["shape"][-2:]) >= 8, (name, seen["shape"])
+
+
+def test_device_and_dislocation_renderers_say_where_the_finding_is() -> None:
+    from fedmsk.data.synthetic_xray import (
+        dislocation_anatomy,
+        dislocation_render,
+        implant_anatomy,
+        implant_render,
+    )
+
+    for label in range(6):
+        anatomy = implant_anatomy(np.random.default_rng(label), label)
+        drawn = implant_render(anatomy, label, "ap", np.random.default_rng(9), 96)
+        assert drawn.lesion is not None and 0.005 < (drawn.lesion > 0.5).mean() < 0.5
+    dislocated = dislocation_render(
+        dislocation_anatomy(np.random.default_rng(1), 1), 1, "hip", np.random.default_rng(2), 96
+    )
+    normal = dislocation_render(
+        dislocation_anatomy(np.random.default_rng(1), 0), 0, "hip", np.random.default_rng(2), 96
+    )
+    assert dislocated.lesion is not None and normal.lesion is None
+
+
+def test_games_over_several_sites_add_up() -> None:
+    from fedmsk.pointing import PointingResult, combine
+
+    first = PointingResult(10, 6, 0.1, 0.0, "layercam")
+    second = PointingResult(30, 6, 0.2, 0.0, "layercam")
+    total = combine([first, PointingResult(0, 0, 0.0, 1.0, "layercam"), second])
+    assert total is not None and (total.n, total.hits) == (40, 12)
+    assert total.chance == pytest.approx(0.175)
+    assert total.p_value == pytest.approx(binomial_tail(12, 40, 0.175))

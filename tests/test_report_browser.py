@@ -140,7 +140,7 @@ def test_demo_sized_report_opens_whole_in_a_browser(tmp_path: Path) -> None:
     _demo_sized_run(run_dir)
     page = build_report(run_dir).html
     _assert_page_is_whole(page, "demo-report")
-    assert "the map&#x27;s peak falls on the lesion in 27 of 52" in page.read_text()
+    assert "the map&#x27;s peak falls on the finding in 27 of 52" in page.read_text()
 
 
 def test_study_report_opens_whole_in_a_browser(tmp_path: Path) -> None:

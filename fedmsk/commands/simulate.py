@@ -170,6 +170,7 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
 
 
 def simulate_once(overrides: list[str], report: bool = True) -> Path:
+    from fedmsk.pointing import POINTING_FILE
     from fedmsk.run_dir import ensure_not_in_use
     from fedmsk.simulation import SimulationPlan, run_simulation
 
@@ -183,6 +184,7 @@ def simulate_once(overrides: list[str], report: bool = True) -> Path:
         flush=True,
     )
     ensure_not_in_use(run_dir)  # fail here, not in the ServerApp's log, if a run still writes
+    (run_dir / POINTING_FILE).unlink(missing_ok=True)  # written again for this run's model
     plan = SimulationPlan(cfg, prepared.overrides, prepared.num_sites, run_dir / "flower.log")
     print(
         f"starting Flower's simulation engine ({prepared.num_sites} site nodes; its log: "
@@ -239,7 +241,7 @@ def _heldout_cam(cfg: Any, run_dir: Path) -> None:
     from fedmsk.data.federation import load_federation
     from fedmsk.explain import cam_grid_by_outcome
     from fedmsk.models import model_from_config, set_arrays
-    from fedmsk.pointing import POINTING_FILE, score_site
+    from fedmsk.pointing import score_site, write_pointing
     from fedmsk.site_runtime import all_images_loader
 
     federation = load_federation(Path(cfg.data.root))
@@ -255,21 +257,20 @@ def _heldout_cam(cfg: Any, run_dir: Path) -> None:
         loader = all_images_loader(loaders, cfg)
         if loader is None:
             continue
-        if cfg.task.is_binary:
-            scored = score_site(
-                model,
-                loader.dataset,
-                federation.site_dir(alias),
-                float(results["threshold"]["value"]),
-                method=cfg.evaluation.cam_method,
+        scored = score_site(
+            model,
+            loader.dataset,
+            federation.site_dir(alias),
+            float(results["threshold"]["value"]),
+            method=cfg.evaluation.cam_method,
+        )
+        if scored is not None:
+            pointing[alias] = scored
+            print(
+                f"{cfg.evaluation.cam_method} on {alias}: peak on the lesion in "
+                f"{scored.hits} of {scored.n} correctly found images (chance {scored.chance:.2f})",
+                flush=True,
             )
-            if scored is not None:
-                pointing[alias] = scored.as_dict()
-                print(
-                    f"{cfg.evaluation.cam_method} on {alias}: peak on the lesion in "
-                    f"{scored.hits} of {scored.n} true positives (chance {scored.chance:.2f})",
-                    flush=True,
-                )
         cam_grid_by_outcome(
             model,
             loader,
@@ -279,9 +280,8 @@ def _heldout_cam(cfg: Any, run_dir: Path) -> None:
             out_path=run_dir / "figures" / f"cam_{alias}.png",
             method=cfg.evaluation.cam_method,
         )
-    (run_dir / POINTING_FILE).unlink(missing_ok=True)
     if pointing:
-        (run_dir / POINTING_FILE).write_text(json.dumps(pointing, indent=2, sort_keys=True))
+        write_pointing(run_dir, pointing)
 
 
 def _report(run_dir: Path) -> None:

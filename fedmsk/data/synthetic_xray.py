@@ -278,7 +278,8 @@ def implant_render(
             prof, _ = d.line_profile(u, v, (xs, top[1] + 0.4), 0.5, 0.015)
             signal = signal * (1.0 - 0.5 * prof * (np.abs(u - xs) < half))
     signal = signal + a["metal"] * metal
-    return Rendered(signal.astype(np.float32), 1.0 if not lateral else 0.7)
+    device = (metal > 0.05 * max(float(metal.max()), 1e-6)).astype(np.float32)  # all metal
+    return Rendered(signal.astype(np.float32), 1.0 if not lateral else 0.7, device)
 
 
 # --------------------------------------------------------------------------- vertebral fracture
@@ -435,4 +436,9 @@ def dislocation_render(
             u, v, radius_start, d.add(radius_start, (0.3, 1.0), 1.2), 0.06
         )
     visibility = float(np.clip(amount / 1.2, 0, 1)) if label == 1 else float(a["normal_disp"] * 3)
-    return Rendered(signal.astype(np.float32), visibility)
+    lesion = None
+    if label == 1:  # the empty socket and the displaced head: where a reader sees it
+        on_head = np.hypot(u - head[0], v - head[1]) <= r
+        on_socket = np.hypot(u - socket[0], v - socket[1]) <= r * socket_f
+        lesion = (on_head | on_socket).astype(np.float32)
+    return Rendered(signal.astype(np.float32), visibility, lesion)

@@ -161,16 +161,23 @@ def _cam(ctx: StudyContext, run: RunHandle, model: Any, joint: str, threshold: f
     from torch.utils.data import ConcatDataset
 
     from fedmsk.explain import cam_grid_by_outcome
+    from fedmsk.pointing import score_sites, write_pointing
 
     cfg = run.cfg
     parts = []
+    by_site = {}
     for alias in ctx.heldout_sites:
         loaders = site_loaders(cfg, ctx.site_dir(alias), alias)
         items = [item for split in ALL_SPLITS if (d := loaders.dataset(split)) for item in d.items]
         if items:
             parts.append(loaders.dataset(ALL_SPLITS[0]).unaugmented(items))
+            by_site[alias] = (parts[-1], ctx.site_dir(alias))
     if not parts:
         return None
+    cut = 0.5 if threshold is None else threshold
+    game = score_sites(model, by_site, cut, cfg.evaluation.cam_method)
+    if game is not None:  # does the map point at the joint? (the generator knows where it is)
+        write_pointing(ctx.main.path, {f"external {joint}": game})
     path = ctx.figures / f"cam_dislocation_{joint}.png"
     cam_grid_by_outcome(
         model,

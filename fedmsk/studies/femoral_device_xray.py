@@ -36,16 +36,22 @@ def _cam(ctx: StudyContext, model: Any, scores_sites: list[str], name: str) -> s
     from torch.utils.data import ConcatDataset
 
     from fedmsk.explain import cam_grid_by_outcome
+    from fedmsk.pointing import score_sites, write_pointing
 
     cfg = ctx.cfg
     parts = []
+    by_site = {}
     for alias in scores_sites:
         loaders = site_loaders(cfg, ctx.site_dir(alias), alias)
         test = loaders.dataset("test")
         if test is not None and len(test):
             parts.append(test.unaugmented())
+            by_site[alias] = (parts[-1], ctx.site_dir(alias))
     if not parts:
         return None
+    game = score_sites(model, by_site, 0.5, cfg.evaluation.cam_method)
+    if game is not None:  # does the map point at the device? (the generator knows where it is)
+        write_pointing(ctx.main.path, {name.replace("_", " "): game})
     path = ctx.figures / f"cam_{name}.png"
     cam_grid_by_outcome(
         model,
