@@ -247,7 +247,9 @@ def run_federation(grid: Grid, context: Context, cfg: ExperimentConfig) -> None:
     elif cfg.strategy.name == CYCLIC and remaining > 0:
         run_cyclic_rounds(grid, recorder, arrays)
     elif remaining > 0:
-        strategy = build_strategy(cfg.strategy, len(training), len(node_alias))
+        strategy = build_strategy(
+            cfg.strategy, len(training), len(node_alias), recorder.replies_needed()
+        )
         strategy.attach(recorder)
         if checkpoint:
             strategy.import_state(checkpoint.strategy_state)

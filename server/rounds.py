@@ -168,11 +168,13 @@ class RoundRecorder:
                 return f"non-finite values in {key}"
         return None
 
+    def replies_needed(self) -> int:
+        """Training sites a round must aggregate (federation.min_reply_fraction, at least 1)."""
+        fraction = self.cfg.federation.min_reply_fraction
+        return max(1, math.ceil(fraction * len(self.training_node_ids())))
+
     def enough_replies(self, accepted: list[Message]) -> bool:
-        needed = max(
-            1, math.ceil(self.cfg.federation.min_reply_fraction * len(self.training_node_ids()))
-        )
-        return len(accepted) >= needed
+        return len(accepted) >= self.replies_needed()
 
     def record_skipped_round(self, server_round: int, received: int) -> None:
         self.skipped_rounds.add(server_round)
@@ -188,7 +190,7 @@ class RoundRecorder:
     def no_aggregation_summary(self, rounds: int) -> str:
         """Why nothing was aggregated, in one line: what was needed and which sites failed."""
         training = len(self.training_node_ids())
-        needed = max(1, math.ceil(self.cfg.federation.min_reply_fraction * training))
+        needed = self.replies_needed()
         causes: dict[str, int] = {}
         for entry in self.failures:
             if entry["phase"] == "train":

@@ -8,7 +8,9 @@ after every round the :class:`server.rounds.RoundRecorder` writes metrics and a 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -31,6 +33,8 @@ from fedmsk.config import StrategyConfig
 from fedmsk.protocol import ROUND_KEY
 from server.round_evaluation import round_evaluation_messages
 from server.rounds import RoundRecorder
+
+log = logging.getLogger("fedmsk.server")
 
 STRATEGY_STATE_ATTRIBUTES = ("current_arrays", "m_t", "v_t", "momentum_vector")
 
@@ -59,16 +63,66 @@ def plain_average_of_statistics(arrays: ArrayRecord, replies: list[Message]) -> 
         arrays[key] = Array(np.asarray(mean, dtype=arrays[key].numpy().dtype))
 
 
-class NodeSubsetGrid:
-    """A view of a Grid that offers only some node IDs to a strategy's sampler."""
+class TooFewSites(RuntimeError):
+    """Fewer training sites stayed connected than a round needs, for longer than allowed."""
 
-    def __init__(self, grid: Grid, node_ids: list[int]) -> None:
+
+class NodeSubsetGrid:
+    """A view of a Grid that offers only some node IDs to a strategy's sampler.
+
+    Flower's sampler waits, without a bound, until ``min_available_nodes`` are connected. With
+    ``needed`` and ``wait_s`` the wait is bounded: after ``wait_s`` seconds with fewer than
+    ``needed`` of the listed nodes connected, :class:`TooFewSites` names the missing sites and
+    the run stops (its last checkpoint stays resumable).
+    """
+
+    def __init__(
+        self,
+        grid: Grid,
+        node_ids: list[int],
+        needed: int | None = None,
+        wait_s: float = 0.0,
+        alias_of: Callable[[int], str] = str,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._grid = grid
         self._node_ids = list(node_ids)
+        self._needed = needed
+        self._wait_s = wait_s
+        self._alias_of = alias_of
+        self._clock = clock
+        self._short_since: float | None = None
 
     def get_node_ids(self) -> list[int]:
-        connected = set(self._grid.get_node_ids())
-        return [n for n in self._node_ids if n in connected]
+        online = set(self._grid.get_node_ids())
+        connected = [n for n in self._node_ids if n in online]
+        if self._needed is None or len(connected) >= self._needed:
+            self._short_since = None
+            return connected
+        now = self._clock()
+        if self._short_since is None:
+            self._short_since = now
+            log.warning(
+                "waiting up to %.0f s for training sites: %d of %d connected, %d needed "
+                "(missing: %s)",
+                self._wait_s,
+                len(connected),
+                len(self._node_ids),
+                self._needed,
+                ", ".join(self.missing(connected)),
+            )
+        if now - self._short_since > self._wait_s:
+            raise TooFewSites(
+                f"only {len(connected)} of {len(self._node_ids)} training sites stayed "
+                f"connected for {self._wait_s:.0f} s (federation.connect_timeout_s) and a round "
+                f"needs {self._needed} (federation.min_reply_fraction); missing: "
+                f"{', '.join(self.missing(connected))}. Resume with resume=RUN_DIR once they are "
+                "back."
+            )
+        return connected
+
+    def missing(self, connected: list[int]) -> list[str]:
+        return sorted(self._alias_of(n) for n in self._node_ids if n not in connected)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
@@ -86,9 +140,23 @@ class FedMskMixin:
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         config[ROUND_KEY] = self.recorder.absolute_round(server_round)
-        view = NodeSubsetGrid(grid, self.recorder.training_node_ids())
+        training = self.recorder.training_node_ids()
+        view = NodeSubsetGrid(
+            grid,
+            training,
+            needed=self.recorder.replies_needed(),
+            wait_s=self.recorder.cfg.federation.connect_timeout_s,
+            alias_of=self.recorder.alias_of,
+        )
         messages = list(super().configure_train(server_round, arrays, config, view))  # type: ignore[misc]
-        self.recorder.expect("train", server_round, [m.metadata.dst_node_id for m in messages])
+        sent = [m.metadata.dst_node_id for m in messages]
+        for node in training:
+            if node not in sent and node not in view.get_node_ids():
+                # a site that is offline this round: recorded, the round goes on without it
+                self.recorder.record_failure(
+                    server_round, self.recorder.alias_of(node), "train", "Unreachable"
+                )
+        self.recorder.expect("train", server_round, sent)
         return messages
 
     def aggregate_train(
@@ -153,8 +221,14 @@ STRATEGIES: dict[str, type[Strategy]] = {
 }
 
 
-def build_strategy(cfg: StrategyConfig, num_training_sites: int, num_sites: int) -> Any:
-    """The configured Flower strategy, sampling every training site each round."""
+def build_strategy(
+    cfg: StrategyConfig, num_training_sites: int, num_sites: int, needed: int | None = None
+) -> Any:
+    """The configured Flower strategy, sampling every connected training site each round.
+
+    ``needed``: how many training sites a round needs (federation.min_reply_fraction); the
+    sampler starts a round once that many are connected rather than waiting for all."""
+    needed = num_training_sites if needed is None else max(1, min(needed, num_training_sites))
     if cfg.name not in STRATEGIES:
         known = ", ".join(sorted(STRATEGIES))
         raise ValueError(f"strategy.name={cfg.name!r} is not known; choose one of {known}")
@@ -162,9 +236,9 @@ def build_strategy(cfg: StrategyConfig, num_training_sites: int, num_sites: int)
     common: dict[str, Any] = {
         "fraction_train": cfg.fraction_train,
         "fraction_evaluate": 1.0,
-        "min_train_nodes": min(cfg.min_train_nodes, num_training_sites),
+        "min_train_nodes": min(cfg.min_train_nodes, needed),
         "min_evaluate_nodes": num_sites,
-        "min_available_nodes": num_training_sites,
+        "min_available_nodes": needed,
     }
     extra: dict[str, Any] = {}
     if base is FedProx:

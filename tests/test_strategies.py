@@ -140,3 +140,51 @@ def test_server_optimisers_average_normalisation_statistics(name: str, tmp_path:
     expected = sum(10 * n * 0.5 * n for n in range(1, 6)) / sum(10 * n for n in range(1, 6))
     np.testing.assert_allclose(arrays["bn.running_var"].numpy(), expected, rtol=1e-6)
     assert not np.allclose(arrays["w"].numpy(), 3.667, atol=1e-2), "weights keep the optimiser"
+
+
+def test_waiting_for_training_sites_is_bounded_and_names_the_missing(tmp_path: Path) -> None:
+    from server.strategies import TooFewSites
+
+    online = [1, 2, 6]
+
+    class FakeGrid:
+        def get_node_ids(self) -> list[int]:
+            return list(online)
+
+    now = [0.0]
+    recorder = _recorder(tmp_path, "fedavg")
+    view = NodeSubsetGrid(
+        FakeGrid(),  # type: ignore[arg-type]
+        recorder.training_node_ids(),
+        needed=3,
+        wait_s=30.0,
+        alias_of=recorder.alias_of,
+        clock=lambda: now[0],
+    )
+    assert view.get_node_ids() == [1, 2]  # short, but still within the wait
+    now[0] = 20.0
+    online.append(3)
+    assert view.get_node_ids() == [1, 2, 3]  # enough again: the clock resets
+    online.remove(3)
+    now[0] = 40.0
+    assert view.get_node_ids() == [1, 2]
+    now[0] = 71.0
+    with pytest.raises(TooFewSites, match=r"only 2 of 5 .* needs 3 .*missing: c, d, e"):
+        view.get_node_ids()
+
+
+def test_a_round_goes_ahead_without_an_offline_site_and_records_it(tmp_path: Path) -> None:
+    class FakeGrid:
+        def get_node_ids(self) -> list[int]:
+            return [1, 2, 4, 5, 6]  # site c (node 3) is offline
+
+    recorder = _recorder(tmp_path, "fedavg")
+    strategy = build_strategy(recorder.cfg.strategy, 5, 6, recorder.replies_needed())
+    strategy.attach(recorder)
+    arrays = ArrayRecord(
+        OrderedDict((k, Array(np.zeros(s, np.float32))) for k, s in (("w", (4,)), ("b", (2,))))
+    )
+    messages = list(strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid()))
+    assert sorted(m.metadata.dst_node_id for m in messages) == [1, 2, 4, 5]
+    assert [(f["site"], f["error"]) for f in recorder.failures] == [("c", "Unreachable")]
+    assert any(m.get("phase") == "train-failure" for m in recorder.run_dir.read_metrics())
