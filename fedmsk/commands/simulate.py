@@ -267,7 +267,7 @@ def _heldout_cam(cfg: Any, run_dir: Path) -> None:
         if scored is not None:
             pointing[alias] = scored
             print(
-                f"{cfg.evaluation.cam_method} on {alias}: peak on the lesion in "
+                f"{cfg.evaluation.cam_method} on {alias}: peak on the finding in "
                 f"{scored.hits} of {scored.n} correctly found images (chance {scored.chance:.2f})",
                 flush=True,
             )
