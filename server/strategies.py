@@ -167,7 +167,10 @@ class FedMskMixin:
             self.recorder.record_skipped_round(server_round, len(accepted))
             arrays, metrics = None, None
         else:
-            arrays, metrics = super().aggregate_train(server_round, accepted)  # type: ignore[misc]
+            # the absolute round: FedAdam/FedYogi/FedAdagrad correct their bias by it, and a
+            # resumed run's Flower loop counts from 1 again
+            absolute = self.recorder.absolute_round(server_round)
+            arrays, metrics = super().aggregate_train(absolute, accepted)  # type: ignore[misc]
             if arrays is not None and isinstance(self, SERVER_OPTIMISERS):
                 # in place: FedAvgM keeps this same record as the next round's start
                 plain_average_of_statistics(arrays, accepted)

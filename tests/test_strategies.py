@@ -188,3 +188,40 @@ def test_a_round_goes_ahead_without_an_offline_site_and_records_it(tmp_path: Pat
     assert sorted(m.metadata.dst_node_id for m in messages) == [1, 2, 4, 5]
     assert [(f["site"], f["error"]) for f in recorder.failures] == [("c", "Unreachable")]
     assert any(m.get("phase") == "train-failure" for m in recorder.run_dir.read_metrics())
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi", "fedadagrad", "fedavgm"])
+def test_resumed_server_optimiser_ends_where_an_uninterrupted_run_ends(
+    name: str, tmp_path: Path
+) -> None:
+    """4 rounds in one go equal 2 rounds, a checkpoint, a new strategy and 2 more rounds."""
+
+    def start(folder: Path, offset: int = 0) -> tuple[RoundRecorder, object]:
+        folder.mkdir(exist_ok=True)
+        recorder = _recorder(folder, name)
+        recorder.round_offset = offset
+        strategy = build_strategy(recorder.cfg.strategy, 5, 6)
+        strategy.attach(recorder)
+        zeros = {"w": np.zeros(4, np.float32), "b": np.zeros(2, np.float32)}
+        strategy.current_arrays = (
+            ArrayRecord(OrderedDict((k, Array(v)) for k, v in zeros.items()))
+            if name == "fedavgm"
+            else zeros
+        )
+        return recorder, strategy
+
+    def replies(absolute_round: int) -> list[Message]:
+        return [_reply(n, float(n) + 0.5 * absolute_round) for n in (1, 2, 3)]
+
+    _, continuous = start(tmp_path / "continuous")
+    for r in range(1, 5):
+        final, _ = continuous.aggregate_train(r, replies(r))
+    recorder, first = start(tmp_path / "killed")
+    for r in (1, 2):
+        first.aggregate_train(r, replies(r))
+    state = recorder.run_dir.latest_checkpoint().strategy_state
+    _, resumed = start(tmp_path / "killed", offset=2)
+    resumed.import_state(state)
+    for r in (1, 2):  # Flower's loop counts the remaining rounds from 1
+        again, _ = resumed.aggregate_train(r, replies(r + 2))
+    np.testing.assert_allclose(again["w"].numpy(), final["w"].numpy(), rtol=1e-6)
