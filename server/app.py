@@ -26,12 +26,16 @@ from server.cyclic import NAME as CYCLIC
 from server.cyclic import run_cyclic_rounds
 from server.global_statistics import update_global_statistics, wants_global_statistics
 from server.messages import PromptGrid, to_record
-from server.rounds import RoundRecorder, SiteEvaluation, arrays_to_numpy
+from server.rounds import RoundRecorder, SiteEvaluation, arrays_to_numpy, describe_error
 from server.secagg import run_secagg_rounds
 from server.strategies import build_strategy
 
 app = ServerApp()
 log = logging.getLogger("fedmsk.server")
+
+
+DISCOVERY_ERRORS = 3
+"""Error replies to the alias query after which a node's ClientApp is taken as broken."""
 
 
 class SiteDiscoveryError(RuntimeError):
@@ -57,6 +61,7 @@ def discover_sites(grid: Grid, cfg: ExperimentConfig) -> dict[int, str]:
     deadline = time.monotonic() + cfg.federation.connect_timeout_s
     node_alias: dict[int, str] = {}
     silent: set[int] = set()
+    errors: dict[int, tuple[int, str]] = {}
     while True:
         unknown = [n for n in grid.get_node_ids() if n not in node_alias]
         if unknown:
@@ -71,13 +76,23 @@ def discover_sites(grid: Grid, cfg: ExperimentConfig) -> dict[int, str]:
             replies = list(grid.send_and_receive(messages, timeout=60))
             answered = set()
             for reply in replies:
+                node = reply.metadata.src_node_id
                 if not reply.has_error() and "detail" in reply.content:
-                    answered.add(reply.metadata.src_node_id)
-                    node_alias[reply.metadata.src_node_id] = str(
-                        reply.content["detail"]["site-alias"]
-                    )
+                    answered.add(node)
+                    node_alias[node] = str(reply.content["detail"]["site-alias"])
+                    errors.pop(node, None)
+                elif reply.has_error():
+                    count, _ = errors.get(node, (0, ""))
+                    errors[node] = (count + 1, describe_error(reply.error.reason))
             silent.update(n for n in unknown if n not in answered)
             silent.difference_update(answered)
+            broken = sorted({name for count, name in errors.values() if count >= DISCOVERY_ERRORS})
+            if broken:  # a ClientApp that cannot start answers every query with an error
+                raise SiteDiscoveryError(
+                    f"{len(errors)} connected node(s) answered the alias query with an error "
+                    f"{DISCOVERY_ERRORS} times ({', '.join(broken)}): the ClientApp fails on the "
+                    "node; its log (or flower.log in a simulation) has the traceback"
+                )
         seen = set(node_alias.values())
         if expected and expected <= seen:
             return {n: a for n, a in node_alias.items() if a in expected}

@@ -122,3 +122,24 @@ def test_discovery_failure_tells_missing_strange_and_silent_nodes_apart() -> Non
     assert "alias not in federation.sites: x" in text
     assert "1 connected node(s) did not answer" in text
     assert ";" not in discovery_failure(cfg, seen={"a"}, silent=0)
+
+
+def test_discovery_stops_early_when_every_query_fails_on_the_node() -> None:
+    """A ClientApp that cannot start answers with an error: say so, do not wait 300 s."""
+    import time
+
+    from server.app import SiteDiscoveryError, discover_sites
+
+    class BrokenNodes:
+        def get_node_ids(self) -> list[int]:
+            return [1, 2]
+
+        def send_and_receive(self, messages: list[Message], timeout: float) -> list[Message]:
+            reason = "<class 'ImportError'>:<'cannot import name x'>"
+            return [Message(Error(code=0, reason=reason), reply_to=m) for m in messages]
+
+    cfg = compose(["federation.sites=[a,b]", "federation.connect_timeout_s=300"])
+    started = time.monotonic()
+    with pytest.raises(SiteDiscoveryError, match=r"2 connected node\(s\) answered .*ImportError"):
+        discover_sites(BrokenNodes(), cfg)  # type: ignore[arg-type]
+    assert time.monotonic() - started < 30
