@@ -241,3 +241,40 @@ def test_games_over_several_sites_add_up() -> None:
     assert total is not None and (total.n, total.hits) == (40, 12)
     assert total.chance == pytest.approx(0.175)
     assert total.p_value == pytest.approx(binomial_tail(12, 40, 0.175))
+
+
+def test_multiclass_sites_score_the_correctly_classified_images(tmp_path: Path) -> None:
+    """Femoral devices: every image has a box (the implant); a model that always says class 0
+    is right exactly on the class-0 images, and those are the ones scored."""
+    root = tmp_path / "fed"
+    generate_federation(root, "femoral_device_xray", centers=2, seed=3, scale=0.3)
+    cfg = compose(
+        [
+            "task=femoral_device_xray",
+            f"data.root={root}",
+            "data.synthetic=false",
+            "data.image_size=32",
+        ]
+    )
+    federation = load_federation(root)
+    folder = federation.site_dir(federation.sites[0].alias)
+    loader = all_images_loader(build_site_loaders(folder, cfg.task, cfg.data, cfg.train, 0), cfg)
+    head = nn.Linear(4, 6)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(torch.tensor([5.0, 0, 0, 0, 0, 0]))
+    model = nn.Sequential(
+        nn.Conv2d(cfg.data.in_chans, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        head,
+    )
+    result = score_site(model, loader.dataset, folder, threshold=0.5)
+    boxes = read_lesions(folder)
+    class_zero = [
+        item
+        for item in loader.dataset.items
+        if item.label == 0 and item.path.relative_to(folder).as_posix() in boxes
+    ]
+    assert result is not None and result.n == len(class_zero) > 0

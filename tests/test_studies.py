@@ -186,7 +186,11 @@ def test_femoral_device_analysis(tmp_path: Path) -> None:
     assert "cam_internal_test.png" in section["figures"]
     assert (run_dir / "figures" / "cam_internal_test.png").stat().st_size > 0
     assert "| overall (top-1 / macro)" in (run_dir / "study_table.md").read_text()
-    build_report(run_dir)
+    # the CAMs are scored against where the generator drew each implant
+    game = json.loads((run_dir / "pointing_game.json").read_text())["internal test"]
+    assert 0 <= game["hits"] <= game["n"] and (game["n"] == 0 or 0 < game["chance"] < 1)
+    report = build_report(run_dir)
+    assert "Pointing game on internal test" in report.markdown.read_text()
     _assert_no_phi(Path(cfg.data.root), run_dir)
 
 
@@ -253,6 +257,8 @@ def test_dislocation_per_joint_and_static_augmentation(tmp_path: Path) -> None:
     results = json.loads((Path(cfg.run_dir) / "results.json").read_text())
     assert {c["name"].split()[0] for c in results["comparisons"]} <= set(section["joints"])
     assert any((Path(cfg.run_dir) / "figures").glob("cam_dislocation_*.png"))
+    games = json.loads((Path(cfg.run_dir) / "pointing_game.json").read_text())
+    assert {label.split()[0] for label in games} == {"external"}
 
 
 def test_compare_table_collects_headlines(tmp_path: Path) -> None:
