@@ -484,8 +484,11 @@ def _figures_section(doc: Document, made: dict[str, Path], data: RunData) -> Non
         ("training", "Training curves from metrics.jsonl."),
     ]
     images = [Image(made[key], caption) for key, caption in captions if key in made]
-    if images:
+    missing = _missing_figures(made, data)
+    if images or missing:
         doc.add(Heading("Figures"), *images)
+        if missing:
+            doc.add(Paragraph("Not drawn: " + " ".join(missing)))
     if data.cam_figures:
         doc.add(
             Heading("Grad-CAM"),
@@ -498,6 +501,27 @@ def _figures_section(doc: Document, made: dict[str, Path], data: RunData) -> Non
             *[Paragraph(pointing_sentence(row)) for row in data.pointing],
             *[Image(path, "Grad-CAM overlays") for path in data.cam_figures],
         )
+
+
+def _missing_figures(made: dict[str, Path], data: RunData) -> list[str]:
+    """A sentence for each figure this kind of run should have and does not, saying why."""
+    if not data.sites and not data.history:
+        return []
+    binary = data.task_type == "binary"
+    expected = {
+        "roc": (binary, "ROC curves: no center's results carry a ROC curve."),
+        "roc_per_class": (not binary, "ROC per class: no center carries per-class curves."),
+        "confusion": (bool(data.sites), "Confusion matrices: no center's results carry one."),
+        "calibration": (binary, "Calibration: no center's results carry calibration bins."),
+        "training": (True, "Training curves: metrics.jsonl has no per-round loss or score."),
+    }
+    sentences = [why for key, (applies, why) in expected.items() if applies and key not in made]
+    if not data.cam_figures:
+        sentences.append(
+            "Grad-CAM: not computed for this run (evaluation.gradcam=false, a run without a "
+            "held-out center, or a deployment, where heatmaps stay at each hospital)."
+        )
+    return sentences
 
 
 def _methods_notes(doc: Document, data: RunData, made: dict[str, Path]) -> None:

@@ -742,3 +742,15 @@ def test_summary_is_quiet_when_nothing_is_wrong_and_flags_a_flat_loss(tmp_path: 
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in flat) + "\n")
     warnings = build_summary(load_run(tmp_path)).warnings
     assert len(warnings) == 1 and warnings[0].startswith("Training did not converge")
+
+
+def test_a_figure_that_cannot_be_drawn_is_named_with_the_reason(tmp_path: Path) -> None:
+    minimal_run(tmp_path)  # one center, no ROC curve, no metrics.jsonl, no Grad-CAM
+    markdown = build_report(tmp_path).markdown.read_text()
+    line = next(x for x in markdown.splitlines() if x.startswith("Not drawn: "))
+    assert "ROC curves: no center's results carry a ROC curve." in line
+    assert "Training curves: metrics.jsonl has no per-round loss or score." in line
+    assert "Grad-CAM: not computed for this run" in line
+    write_run(tmp_path / "full")
+    (tmp_path / "full" / "figures").mkdir(exist_ok=True)
+    assert "ROC curves:" not in build_report(tmp_path / "full").markdown.read_text()
