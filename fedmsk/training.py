@@ -295,23 +295,6 @@ def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
     return int(round(max(0.0, cfg.warmup_fraction) * total_steps))
 
 
-class _PerSampleWeightedLoss(nn.Module):
-    """Class-weighted cross-entropy averaged over the batch size, not the batch's weights.
-
-    PyTorch's weighted mean divides by the sum of the batch's weights, which couples every
-    image's gradient to the other images in the batch: under DP-SGD one image's influence
-    would then not be bounded by the clipping norm alone. Dividing by the batch size keeps
-    the loss a plain sum of per-image terms.
-    """
-
-    def __init__(self, weight: torch.Tensor) -> None:
-        super().__init__()
-        self.criterion = nn.CrossEntropyLoss(weight=weight, reduction="none")
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self.criterion(logits, target).sum() / max(1, target.shape[0])
-
-
 def _loss_fn(
     cfg: TrainConfig,
     num_classes: int,
@@ -325,7 +308,9 @@ def _loss_fn(
             f"train.class_weighting={cfg.class_weighting!r} is not one of "
             f"{', '.join(CLASS_WEIGHTINGS)}"
         )
-    if mode != "loss":
+    if mode != "loss" or private:
+        # Under DP-SGD the loss must not depend on the site's private class counts (weights
+        # computed from them are a release outside the accountant): plain cross-entropy.
         return nn.CrossEntropyLoss()
     if class_counts is None:
         raise ValueError(
@@ -333,7 +318,7 @@ def _loss_fn(
             "(e.g. SiteLoaders.counts) to fit(), or set train.class_weighting=none"
         )
     weights = class_weights(class_counts, num_classes).to(device)
-    return _PerSampleWeightedLoss(weights) if private else nn.CrossEntropyLoss(weight=weights)
+    return nn.CrossEntropyLoss(weight=weights)
 
 
 class _Proximal:

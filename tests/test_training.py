@@ -366,3 +366,17 @@ def test_private_class_weighted_loss_is_a_sum_of_per_image_terms() -> None:
     torch.testing.assert_close(whole, parts)
     plain = _loss_fn(cfg, 2, [30, 10], torch.device("cpu"), private=False)
     assert not torch.allclose(plain(logits, target), whole)
+
+
+def test_under_dp_the_loss_does_not_depend_on_the_private_class_counts() -> None:
+    from fedmsk.training import _loss_fn
+
+    cfg = TrainConfig(class_weighting="loss")
+    logits, target = torch.tensor([[2.0, -1.0], [0.5, 0.3]]), torch.tensor([1, 0])
+    private = [
+        _loss_fn(cfg, 2, counts, torch.device("cpu"), private=True)
+        for counts in ([90, 10], [10, 90])
+    ]
+    assert float(private[0](logits, target)) == float(private[1](logits, target))
+    weighted = _loss_fn(cfg, 2, [90, 10], torch.device("cpu"), private=False)
+    assert float(weighted(logits, target)) != float(private[0](logits, target))
