@@ -113,6 +113,13 @@ def legacy_fit(msg: Message, context: Context) -> Message:
     metrics: dict[str, Any] = {
         k: float(v) for k, v in outcome.metrics.items() if math.isfinite(float(v))
     }
+    max_weight = float(config[MAX_WEIGHT_KEY])  # type: ignore[arg-type]
+    if outcome.num_examples > max_weight:
+        # a weight factor above 1 can wrap the masked sum: drop out rather than corrupt it
+        raise SecAggWeightOverflow(
+            f"{outcome.num_examples} training examples exceed privacy.secagg_max_weight="
+            f"{max_weight:g}; the coordinator must raise it"
+        )
     metrics[CLIPPED_METRIC] = count_clipped(
         ordered,
         outcome.num_examples,
@@ -131,6 +138,10 @@ def legacy_fit(msg: Message, context: Context) -> Message:
         metrics=metrics,
     )
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
+
+
+class SecAggWeightOverflow(ValueError):
+    """This site has more training examples than the SecAgg+ weight factor can represent."""
 
 
 def count_clipped(

@@ -357,15 +357,16 @@ def secagg_round(
     contributors = {alias for alias, _, _ in outcome.sites}
     _record_dropouts(recorder, server_round, watched, contributors)
     clipped = int(sum(float(m.get(CLIPPED_METRIC, 0.0)) for _, _, m in outcome.sites))
-    usable = completed and outcome.arrays is not None and _aggregate_problem(outcome) is None
+    problem = _aggregate_problem(outcome, settings)
+    usable = completed and outcome.arrays is not None and problem is None
     if usable and recorder.enough_replies(outcome.sites):  # type: ignore[arg-type]
         _record_sites(recorder, server_round, outcome)
         recorder.on_train_aggregated(
             server_round, to_record(outcome.arrays), _mean_metrics(outcome), {}
         )
     else:
-        if completed and outcome.arrays is not None and _aggregate_problem(outcome):
-            log.warning("round %s: %s", absolute, _aggregate_problem(outcome))
+        if completed and outcome.arrays is not None and problem:
+            log.warning("round %s: %s", absolute, problem)
         recorder.record_skipped_round(server_round, len(outcome.sites))
         recorder.on_train_aggregated(server_round, None, None, {})
     max_abs = (
@@ -413,11 +414,26 @@ def _record_dropouts(
         recorder.record_failure(server_round, alias, "train", error)
 
 
-def _aggregate_problem(outcome: RoundOutcome) -> str | None:
+def _aggregate_problem(outcome: RoundOutcome, settings: SecAggSettings) -> str | None:
+    """Why the unmasked aggregate must not be used, if it must not. A weight factor above 1
+    (a site with more examples than max_weight) can wrap the masked sum of the factors: the
+    mean then comes out finite and wrongly scaled (3x the true mean was reproduced), so such a
+    round is refused rather than trusted."""
+    for alias, num_examples, _ in outcome.sites:
+        if num_examples > settings.max_weight:
+            return weight_overflow(alias, num_examples, settings.max_weight)
     for name, value in (outcome.arrays or {}).items():
         if not np.isfinite(value).all():
             return f"non-finite values in the secure aggregate of {name}"
     return None
+
+
+def weight_overflow(alias: str, num_examples: int, max_weight: float) -> str:
+    return (
+        f"{alias} trained on {num_examples} examples, above privacy.secagg_max_weight="
+        f"{max_weight:g}: its SecAgg+ weight factor exceeds 1 and can overflow the masked sum; "
+        f"set privacy.secagg_max_weight to at least the largest site's training set"
+    )
 
 
 def _record_sites(recorder: RoundRecorder, server_round: int, outcome: RoundOutcome) -> None:

@@ -366,3 +366,41 @@ def test_simulated_secagg_run_matches_plain_fedavg(tmp_path: Path) -> None:
     print(f"max |secagg - fedavg| = {worst:.2e}; max |fedavg - initial| = {moved:.2e}")
     assert worst < 1e-3
     assert moved > 20 * worst and moved_secure > 1e-2
+
+
+def test_a_site_above_max_weight_drops_out_instead_of_corrupting_the_sum(protocol: Any) -> None:
+    """A weight factor above 1 can wrap the masked sum (a finite mean at the wrong scale):
+    the site refuses to contribute and names the setting; the others aggregate as usual."""
+    biggest = max(EXAMPLES.values())
+    largest = max(EXAMPLES, key=EXAMPLES.get)
+    recorder, _, initial = protocol(
+        "federation.num_rounds=1", f"privacy.secagg_max_weight={biggest - 1}"
+    )
+    others = [s for s in ("site00", "site01", "site02") if s != largest]
+    expected = _fedavg(initial, others)
+    secagg = [m for m in _lines(recorder) if m["phase"] == "secagg"]
+    bound = _quantisation_bound(secagg, others)
+    for key, value in expected.items():
+        np.testing.assert_allclose(recorder.last_arrays[key], value, rtol=0, atol=bound)
+    assert {(f["site"], f["error"]) for f in recorder.failures} == {
+        (largest, "SecAggWeightOverflow")
+    }
+
+
+def test_the_server_refuses_an_aggregate_whose_weights_overflow() -> None:
+    from server.secagg import RoundOutcome, SecAggSettings, _aggregate_problem
+
+    settings = SecAggSettings(
+        num_shares=3,
+        reconstruction_threshold=2,
+        clipping_range=1.0,
+        quantization_range=2**20,
+        max_weight=100.0,
+    )
+    outcome = RoundOutcome()
+    outcome.arrays = {"w": np.ones(3, np.float32)}
+    outcome.sites = [("site00", 50, {}), ("site01", 20_000, {})]
+    problem = _aggregate_problem(outcome, settings)
+    assert problem is not None and problem.startswith("site01 trained on 20000 examples")
+    outcome.sites = [("site00", 50, {}), ("site01", 100, {})]
+    assert _aggregate_problem(outcome, settings) is None
