@@ -27,7 +27,7 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
-from client.node import MODEL_POOL, config_for, failure_reply, resolve_site
+from client.node import DATASET_POOL, MODEL_POOL, config_for, failure_reply, resolve_site
 from client.secagg import secagg_train_mod
 from fedmsk.protocol import NORM_STATS_ACTION, NORM_STATS_RECORD, ROUND_KEY, THRESHOLD_KEY
 from fedmsk.site_runtime import SiteRuntime, derive_seed, node_logger
@@ -105,7 +105,13 @@ def _handle(msg: Message, context: Context, action: str) -> Message:
         server_round = int(config.get(ROUND_KEY, config.get("server-round", 0)))
         seed = derive_seed(cfg.seed, "loader", server_round, alias)
         runtime = SiteRuntime(
-            cfg, site_dir, alias, heldout=heldout, seed=seed, model_pool=MODEL_POOL
+            cfg,
+            site_dir,
+            alias,
+            heldout=heldout,
+            seed=seed,
+            model_pool=MODEL_POOL,
+            dataset_pool=DATASET_POOL,
         )
         setup_seconds = time.perf_counter() - started
         arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}

@@ -15,6 +15,7 @@ from typing import Any
 from flwr.app import Context, Error, Message
 
 from fedmsk.config import ExperimentConfig, compose, overrides_from_run_config
+from fedmsk.data.dataset import DatasetPool
 from fedmsk.site_runtime import ModelPool
 
 SITE_FAILURE_CODE = 9001
@@ -62,6 +63,9 @@ def resolve_site(cfg: ExperimentConfig, node_config: dict[str, Any]) -> tuple[Pa
 # a measurable share of a small site's round (docs/benchmarks.md, section 4).
 _COMPOSED: dict[str, ExperimentConfig] = {}
 MODEL_POOL = ModelPool()
+# and validating the site's images (hash + cached array of each) once per process instead of
+# once per message keeps a message's cost from growing with the hospital's data set
+DATASET_POOL = DatasetPool()
 
 
 def config_for(context: Context) -> ExperimentConfig:

@@ -34,7 +34,7 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
-from client.node import MODEL_POOL, config_for, failure_reply, resolve_site
+from client.node import DATASET_POOL, MODEL_POOL, config_for, failure_reply, resolve_site
 from fedmsk.protocol import (
     ARRAY_NAMES_KEY,
     CLIPPED_METRIC,
@@ -101,6 +101,7 @@ def legacy_fit(msg: Message, context: Context) -> Message:
         heldout=alias in cfg.federation.heldout_sites,
         seed=derive_seed(cfg.seed, "loader", server_round, alias),
         model_pool=MODEL_POOL,
+        dataset_pool=DATASET_POOL,
     )
     outcome = runtime.train(dict(zip(names, values, strict=True)), server_round)
     # float64: the mod adds the clipping range before quantising; in float32 that sum keeps only

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from fedmsk.config import ExperimentConfig, config_hash
+from fedmsk.data.dataset import DatasetPool
 from fedmsk.node_state import RoundFiles
 
 STATE_DIR_NAME = ".fedmsk"
@@ -107,7 +108,8 @@ class ModelPool:
 
 
 class SiteRuntime:
-    """One site's data and model for one message (the model may come from a :class:`ModelPool`)."""
+    """One site's data and model for one message (the model may come from a :class:`ModelPool`
+    and the validated datasets from a :class:`fedmsk.data.dataset.DatasetPool`)."""
 
     def __init__(
         self,
@@ -117,6 +119,7 @@ class SiteRuntime:
         heldout: bool,
         seed: int,
         model_pool: ModelPool | None = None,
+        dataset_pool: DatasetPool | None = None,
     ) -> None:
         from fedmsk.data.dataset import build_site_loaders
 
@@ -127,7 +130,9 @@ class SiteRuntime:
         self.state_dir = self.site_dir / STATE_DIR_NAME / "runs" / run_key(cfg)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.log = node_logger(self.site_dir, alias)
-        self.loaders = build_site_loaders(self.site_dir, cfg.task, cfg.data, cfg.train, seed=seed)
+        self.loaders = build_site_loaders(
+            self.site_dir, cfg.task, cfg.data, cfg.train, seed=seed, pool=dataset_pool
+        )
         if self.loaders.skipped:
             self.log.warning("%d unreadable image(s) left out", len(self.loaders.skipped))
         self.model = (model_pool or ModelPool()).get(cfg)

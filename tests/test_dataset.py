@@ -338,3 +338,33 @@ def test_standardized_images_have_zero_mean_and_unit_variance(tmp_path: Path) ->
     assert plain.transform is None and plain.standardize and plain.items == train.items
     again, _ = plain[0]
     assert torch.allclose(again, plain[0][0])  # unaugmented reads repeat exactly
+
+
+def test_a_dataset_pool_validates_a_site_once_and_gives_the_same_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node process answers many messages: the images are validated on the first only."""
+    from fedmsk.data import dataset as dataset_module
+    from fedmsk.data.dataset import DatasetPool
+
+    site = _site(tmp_path, patients=8)
+    train = TrainConfig(batch_size=6)
+    validated: list[int] = []
+    original = dataset_module.SiteDataset.from_rows.__func__
+
+    def counting(cls, site_dir, rows, *args, **kwargs):  # type: ignore[no-untyped-def]
+        validated.append(len(rows))
+        return original(cls, site_dir, rows, *args, **kwargs)
+
+    monkeypatch.setattr(dataset_module.SiteDataset, "from_rows", classmethod(counting))
+    pool = DatasetPool()
+    for seed in (3, 4, 3):
+        pooled = next(iter(build_site_loaders(site, TASK, _data(), train, seed, pool=pool).train))
+        fresh = next(iter(build_site_loaders(site, TASK, _data(), train, seed).train))
+        assert torch.equal(pooled[0], fresh[0]) and torch.equal(pooled[1], fresh[1])
+    # three fresh builds validate 3 splits each; the pool validated its 3 splits once
+    assert len(validated) == 3 * 3 + 3
+    rows = read_manifest(site)
+    write_manifest(site, rows[:-1])  # the hospital edits its manifest: built again
+    build_site_loaders(site, TASK, _data(), train, 0, pool=pool)
+    assert len(validated) == 3 * 3 + 3 + 3

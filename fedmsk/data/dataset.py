@@ -20,6 +20,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ from fedmsk.config import DataConfig, TaskConfig, TrainConfig
 from fedmsk.data.augment import SeededAugment, worker_init_fn
 from fedmsk.data.cache import PreprocessCache, PreprocessParams, default_cache_dir, to_float
 from fedmsk.data.errors import ImageReadError
-from fedmsk.data.manifest import ManifestRow, read_manifest
+from fedmsk.data.manifest import ManifestRow, manifest_path, read_manifest
 from fedmsk.data.splits import assign_splits, find_split_issues
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,10 @@ class SiteDataset(Dataset):
         self.transform = transform
         self.skipped = list(skipped or [])
         self.standardize = standardize
+
+    def with_transform(self, transform: Transform | None) -> SiteDataset:
+        """The same validated images with another augmentation (a new seed each round)."""
+        return SiteDataset(self.items, self.cache, transform, self.skipped, self.standardize)
 
     def unaugmented(self, items: list[SiteItem] | None = None) -> SiteDataset:
         """The same images (or ``items`` read through the same cache) without augmentation,
@@ -248,15 +253,20 @@ def _make_loader(
     )
 
 
-def build_site_loaders(
-    site_dir: Path, task: TaskConfig, data: DataConfig, train: TrainConfig, seed: int
-) -> SiteLoaders:
-    """Loaders for one site's train/val/test splits (``None`` where a split is empty).
+@dataclass
+class SiteDatasets:
+    """A site's validated train/val/test datasets: the costly part of building its loaders
+    (every image is hashed and its cached array read once), kept by a :class:`DatasetPool`."""
 
-    ``train`` is shuffled with a generator seeded by ``seed`` (or class-balanced by a
-    WeightedRandomSampler when ``train.class_weighting == "sampler"``) and augmented when
-    ``data.augment``; ``val`` and ``test`` are in manifest order, unaugmented.
-    """
+    datasets: dict[str, SiteDataset]
+    skipped: list[ImageReadError]
+    dropped: dict[str, int]
+
+
+def build_site_datasets(
+    site_dir: Path, task: TaskConfig, data: DataConfig, train: TrainConfig
+) -> SiteDatasets:
+    """Validate a site's manifest rows through its preprocessing cache, split by patient."""
     site_dir = Path(site_dir)
     params = PreprocessParams(data.image_size, data.in_chans, str(data.frame))
     cache = PreprocessCache(default_cache_dir(site_dir, data.cache_dir), params)
@@ -267,10 +277,9 @@ def build_site_loaders(
     datasets: dict[str, SiteDataset] = {}
     skipped: list[ImageReadError] = []
     for split in order:
-        transform = SeededAugment(seed=seed) if split == "train" and data.augment else None
         split_rows = [r for r in rows if r.split == split]
         datasets[split] = SiteDataset.from_rows(
-            site_dir, split_rows, task.classes, cache, transform, data.standardize
+            site_dir, split_rows, task.classes, cache, None, data.standardize
         )
         skipped.extend(datasets[split].skipped)
     duplicates = _drop_duplicates(datasets, order)
@@ -278,6 +287,70 @@ def build_site_loaders(
         dropped["duplicate_content"] = duplicates
     if skipped:
         dropped["unreadable_image"] = len(skipped)
+    return SiteDatasets(datasets, skipped, dropped)
+
+
+class DatasetPool:
+    """Validated datasets kept for the life of a node process, so a message does not re-read
+    every image of the site: its cost no longer grows with the data set. Rebuilt when the
+    manifest file or a setting that shapes the datasets changes; one entry per site."""
+
+    def __init__(self) -> None:
+        self._entries: dict[Path, tuple[tuple[Any, ...], SiteDatasets]] = {}
+
+    def get(
+        self, site_dir: Path, task: TaskConfig, data: DataConfig, train: TrainConfig
+    ) -> SiteDatasets:
+        site_dir = Path(site_dir).resolve()
+        key = _datasets_key(site_dir, task, data)
+        entry = self._entries.get(site_dir)
+        if entry is None or entry[0] != key:
+            entry = (key, build_site_datasets(site_dir, task, data, train))
+            self._entries[site_dir] = entry
+        return entry[1]
+
+
+def _datasets_key(site_dir: Path, task: TaskConfig, data: DataConfig) -> tuple[Any, ...]:
+    manifest = manifest_path(site_dir)
+    stat = manifest.stat() if manifest.is_file() else None
+    return (
+        (stat.st_mtime_ns, stat.st_size) if stat else None,
+        tuple(task.classes),
+        tuple(task.views or ()),
+        data.image_size,
+        data.in_chans,
+        str(data.frame),
+        tuple(data.split_ratios),
+        data.split_seed,
+        data.standardize,
+        data.cache_dir,
+    )
+
+
+def build_site_loaders(
+    site_dir: Path,
+    task: TaskConfig,
+    data: DataConfig,
+    train: TrainConfig,
+    seed: int,
+    pool: DatasetPool | None = None,
+) -> SiteLoaders:
+    """Loaders for one site's train/val/test splits (``None`` where a split is empty).
+
+    ``train`` is shuffled with a generator seeded by ``seed`` (or class-balanced by a
+    WeightedRandomSampler when ``train.class_weighting == "sampler"``) and augmented when
+    ``data.augment``; ``val`` and ``test`` are in manifest order, unaugmented. With ``pool``
+    the validated datasets are reused across calls; the loaders and augmentation are new.
+    """
+    built = (
+        pool.get(site_dir, task, data, train)
+        if pool is not None
+        else build_site_datasets(site_dir, task, data, train)
+    )
+    order = ("train", "val", "test")
+    datasets = dict(built.datasets)
+    if data.augment and datasets["train"] is not None:
+        datasets["train"] = datasets["train"].with_transform(SeededAugment(seed=seed))
     generator = torch.Generator().manual_seed(seed)
     loaders = {
         split: _make_loader(
@@ -295,4 +368,6 @@ def build_site_loaders(
         split: dict(zip(task.classes, datasets[split].class_counts(task.num_classes), strict=True))
         for split in order
     }
-    return SiteLoaders(loaders["train"], loaders["val"], loaders["test"], counts, skipped, dropped)
+    return SiteLoaders(
+        loaders["train"], loaders["val"], loaders["test"], counts, built.skipped, built.dropped
+    )
