@@ -251,6 +251,8 @@ def run_federation(grid: Grid, context: Context, cfg: ExperimentConfig) -> None:
         last_arrays=arrays,
     )
     run_dir.truncate_metrics_after(checkpoint.round if checkpoint else 0)
+    if checkpoint:
+        recorder.restore_history(run_dir.read_metrics())
     training = recorder.training_node_ids()
     remaining = cfg.federation.num_rounds - recorder.round_offset
     progress = ProgressPrinter(

@@ -98,6 +98,30 @@ class RoundRecorder:
             return sorted(self.node_alias, key=self.alias_of)
         return self.training_node_ids()
 
+    def restore_history(self, rows: list[dict[str, Any]]) -> None:
+        """A resumed run continues the record of the rounds before its checkpoint: their
+        failures and each site's latest privacy figures, read back from metrics.jsonl."""
+        for row in sorted(rows, key=lambda r: int(r.get("round") or 0)):
+            phase, site = str(row.get("phase", "")), row.get("site")
+            if phase.endswith("-failure") and site is not None:
+                self.failures.append(
+                    {
+                        "round": int(row.get("round") or 0),
+                        "phase": phase.removesuffix("-failure"),
+                        "site": str(site),
+                        "error": str(row.get("error", "")),
+                    }
+                )
+            elif site is not None and "epsilon" in row:
+                self.privacy.setdefault(str(site), {}).update(
+                    {
+                        k: v
+                        for k, v in row.items()
+                        if k.startswith(("epsilon", "delta", "budget"))
+                        and isinstance(v, int | float)
+                    }
+                )
+
     # -- replies ---------------------------------------------------------------------------
 
     def expect(self, phase: str, server_round: int, node_ids: list[int]) -> None:

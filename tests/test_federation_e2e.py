@@ -197,6 +197,17 @@ def test_killed_run_resumes_to_the_same_final_weights(
             np.testing.assert_allclose(got[key], ref[key], rtol=0, atol=1e-6, err_msg=key)
     rounds = [m["round"] for m in _metrics(run_dir) if m["phase"] == "train" and m["site"] is None]
     assert rounds == list(range(1, ROUNDS + 1))
+    # the record of the rounds before the checkpoint survives the resume (train failures are
+    # recorded before a round's checkpoint; its evaluation may not have happened before the kill)
+    trained = [
+        sorted(
+            (f["round"], f["site"], f["error"])
+            for f in json.loads((d / "results.json").read_text())["failures"]
+            if f["phase"] == "train"
+        )
+        for d in (reference_run, run_dir)
+    ]
+    assert trained[1] == trained[0] and trained[0]
     # the resumed run's terminal: only the rounds it trained, then the external test with its CI
     shown = capsys.readouterr().out
     assert f"round {ROUNDS}/{ROUNDS}  " in shown and "sites trained" in shown

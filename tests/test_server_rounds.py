@@ -143,3 +143,16 @@ def test_discovery_stops_early_when_every_query_fails_on_the_node() -> None:
     with pytest.raises(SiteDiscoveryError, match=r"2 connected node\(s\) answered .*ImportError"):
         discover_sites(BrokenNodes(), cfg)  # type: ignore[arg-type]
     assert time.monotonic() - started < 30
+
+
+def test_a_resumed_run_keeps_the_failures_and_privacy_of_earlier_rounds(tmp_path: Path) -> None:
+    first = _recorder(tmp_path)
+    first.record_failure(1, "b", "train", "Timeout")
+    first.run_dir.append_metrics(
+        {"round": 1, "phase": "train", "site": "a", "epsilon": 1.5, "delta": 1e-5}
+    )
+    first.run_dir.append_metrics({"round": 2, "phase": "train", "site": "a", "epsilon": 2.25})
+    resumed = _recorder(tmp_path)
+    resumed.restore_history(resumed.run_dir.read_metrics())
+    assert resumed.failures == first.failures
+    assert resumed.privacy == {"a": {"epsilon": 2.25, "delta": 1e-5}}
