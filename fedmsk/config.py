@@ -175,6 +175,9 @@ class FederationConfig:
     client_num_cpus: int = 1
     client_num_gpus: float = 0.0
     min_reply_fraction: float = 0.5
+    # A study needs an external test: a run without a held-out center is refused unless this
+    # is set to false on purpose (a simulated federation without one sets it itself).
+    require_heldout: bool = True
 
 
 @dataclass

@@ -55,6 +55,17 @@ def initial_arrays(cfg: ExperimentConfig) -> dict[str, np.ndarray]:
     return get_arrays(model)
 
 
+def check_heldout(cfg: ExperimentConfig) -> None:
+    """A study without an external center reports only internal validation: refuse it unless
+    the coordinator says so on purpose."""
+    if cfg.federation.heldout_sites or not cfg.federation.require_heldout:
+        return
+    raise ValueError(
+        "federation.heldout_sites is empty: name the held-out (external test) center, or set "
+        "federation.require_heldout=false to run without an external test on purpose"
+    )
+
+
 def discover_sites(grid: Grid, cfg: ExperimentConfig) -> dict[int, str]:
     """Wait for the expected sites, then ask each node its alias (nothing else)."""
     expected = set(cfg.federation.sites)
@@ -235,6 +246,7 @@ def run_federation(grid: Grid, context: Context, cfg: ExperimentConfig) -> None:
     grid = PromptGrid(grid)  # type: ignore[assignment]  # replies without Flower's 3-s polling
     if not Path(cfg.run_dir).is_absolute():
         raise ValueError(f"run_dir={cfg.run_dir!r} must be an absolute path for a federated run")
+    check_heldout(cfg)
     run_dir = RunDirectory(cfg.run_dir, tensorboard=cfg.evaluation.tensorboard)
     writer = run_dir.lock_for_writing()  # refuses while a killed run's process still writes
     checkpoint = run_dir.checkpoint_for_resume(cfg) if cfg.resume else None

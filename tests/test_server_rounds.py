@@ -156,3 +156,12 @@ def test_a_resumed_run_keeps_the_failures_and_privacy_of_earlier_rounds(tmp_path
     resumed.restore_history(resumed.run_dir.read_metrics())
     assert resumed.failures == first.failures
     assert resumed.privacy == {"a": {"epsilon": 2.25, "delta": 1e-5}}
+
+
+def test_a_run_without_an_external_center_is_refused_unless_asked_for() -> None:
+    from server.app import check_heldout
+
+    with pytest.raises(ValueError, match="federation.heldout_sites is empty.*require_heldout"):
+        check_heldout(compose(["federation.sites=[a,b]"]))
+    check_heldout(compose(["federation.sites=[a,b]", "federation.require_heldout=false"]))
+    check_heldout(compose(["federation.sites=[a,b]", "federation.heldout_sites=[b]"]))

@@ -121,6 +121,9 @@ def prepare(overrides: list[str]) -> PreparedRun:
     if not cfg.federation.heldout_sites:
         heldout = [s.alias for s in federation.heldout_sites]
         fixed.append("federation.heldout_sites=[" + ",".join(heldout) + "]")
+        if not heldout:  # this federation has no external center: say so, do not refuse
+            print(f"note: {root / FEDERATION_FILE} marks no held-out center", flush=True)
+            fixed.append("federation.require_heldout=false")
     unknown = set(cfg.federation.heldout_sites) - set(aliases)
     if unknown:
         raise ValueError(
