@@ -108,6 +108,7 @@ class FakeRuntime:
         heldout: bool,
         seed: int,
         model_pool: Any = None,
+        dataset_pool: Any = None,
     ) -> None:
         self.alias, self.heldout = alias, heldout
         self.log = logging.getLogger("test.secagg")
