@@ -77,13 +77,16 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     """A timm model by name; ``timm_kwargs`` go to ``timm.create_model`` (e.g. the channel
-    widths of configs/model/resnet18_slim.yaml)."""
+    widths of configs/model/resnet18_slim.yaml). ``timm_kwargs_for``: the architecture those
+    arguments were written for; with another ``name`` (``model.name=resnet50`` set by value over
+    the slim group) they are left out rather than given to a network they do not fit."""
 
     name: str = "resnet18"
     pretrained: str | None = None
     dp_compatible: bool = False
     drop_rate: float = 0.0
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
+    timm_kwargs_for: str | None = None
 
 
 @dataclass

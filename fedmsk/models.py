@@ -63,8 +63,16 @@ def model_arguments(cfg: Any) -> dict[str, Any]:
         "pretrained": cfg.model.pretrained,
         "dp_compatible": cfg.model.dp_compatible or cfg.privacy.enabled,
         "drop_rate": cfg.model.drop_rate,
-        "timm_kwargs": tuple(sorted((k, _frozen(v)) for k, v in cfg.model.timm_kwargs.items())),
+        "timm_kwargs": tuple(sorted((k, _frozen(v)) for k, v in _timm_kwargs(cfg.model).items())),
     }
+
+
+def _timm_kwargs(model: Any) -> dict[str, Any]:
+    """The model group's timm arguments, unless they were written for another architecture."""
+    written_for = getattr(model, "timm_kwargs_for", None)
+    if written_for and written_for != model.name:
+        return {}
+    return dict(model.timm_kwargs)
 
 
 def _frozen(value: Any) -> Any:
