@@ -166,17 +166,15 @@ class ProgressPrinter:
         return number <= 1 or number >= self.total or number % every == 0
 
     def _time_left(self, number: int, now: float) -> float | None:
-        """From the pace since the first finished round (start-up excluded), once there is one."""
+        """From the pace since the first finished round (start-up excluded), from round 2 on."""
         remaining = self.total - number
         if remaining <= 0:
             return None
         assert self.first_done is not None
         first_number, first_time = self.first_done
-        if number > first_number:
-            per_round = (now - first_time) / (number - first_number)
-        else:
-            per_round = now - self.started
-        return per_round * remaining
+        if number <= first_number:
+            return None  # the first round carries the start-up: no pace to judge by yet
+        return (now - first_time) / (number - first_number) * remaining
 
     def _print(self, number: int, text: str) -> None:
         width = len(str(self.total))

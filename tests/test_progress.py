@@ -43,7 +43,7 @@ def test_round_lines_count_sites_and_estimate_time_left() -> None:
         ]
     )
     lines = out.getvalue().splitlines()
-    assert lines[0] == "round 1/4  3/3 sites trained, train loss 0.700, 30s elapsed, ~1m30s left"
+    assert lines[0] == "round 1/4  3/3 sites trained, train loss 0.700, 30s elapsed"
     assert lines[1] == "round 2/4  c failed to train (Timeout)"
     # pace after the first round: 10 s per round, two rounds left
     assert lines[2] == "round 2/4  2/3 sites trained, train loss 0.612, 40s elapsed, ~20s left"
