@@ -206,7 +206,7 @@ def simulate_once(overrides: list[str], report: bool = True) -> Path:
 
 
 def print_final_results(run_dir: Path) -> None:
-    """The final model on each held-out center (the external test) and the validation mean."""
+    """The final model on each held-out center (the external test), as a reader wants it."""
     from fedmsk.progress import format_auc
 
     results = json.loads((run_dir / "results.json").read_text())
