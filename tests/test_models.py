@@ -269,3 +269,35 @@ def test_model_config_passes_timm_kwargs_and_keys_the_pool() -> None:
     full = model_arguments(compose(["model=resnet18"]))
     assert tuple(model_arguments(slim).items()) != tuple(full.items())
     hash(tuple(model_arguments(slim).items()))  # usable as a ModelPool key
+
+
+@pytest.mark.parametrize("name", ["efficientnet_b0", "mobilenetv3_large_100", "mnasnet_100"])
+def test_wide_classifier_init_is_bounded_and_the_first_loss_is_near_chance(name: str) -> None:
+    """timm's TF-style heads draw from U(+-1/sqrt(classes)): with 2 classes the first loss was
+    2.7 (EfficientNet-B0), 1.1 (MobileNetV3) and 5.0 (MnasNet) on this batch."""
+    import math
+
+    import timm
+
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 1, 64, 64), torch.arange(16) % 2
+    model = create_model(name, num_classes=2, in_chans=1).train()
+    head = model.get_classifier()
+    assert float(head.weight.abs().max()) <= 1 / math.sqrt(head.in_features)
+    with torch.no_grad():
+        loss = float(nn.functional.cross_entropy(model(x), y))
+    assert loss < 0.9  # ln 2 = 0.69
+    torch.manual_seed(0)
+    raw = timm.create_model(name, num_classes=2, in_chans=1).train()
+    assert models.bound_classifier_init(raw) is True
+
+
+def test_resnet_classifier_init_is_left_as_timm_draws_it() -> None:
+    import timm
+
+    torch.manual_seed(0)
+    ours = create_model("resnet18", num_classes=2, in_chans=1)
+    torch.manual_seed(0)
+    raw = timm.create_model("resnet18", num_classes=2, in_chans=1)
+    assert models.bound_classifier_init(raw) is False
+    assert torch.equal(ours.get_classifier().weight, raw.get_classifier().weight)
