@@ -20,6 +20,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 
 from fedmsk.config import ExperimentConfig, config_hash
 from fedmsk.data.federation import Federation, load_federation
+from fedmsk.models import model_label
 from fedmsk.progress import ProgressPrinter
 from fedmsk.run_dir import RunDirectory
 from fedmsk.site_runtime import all_images_loader, derive_seed, node_logger
@@ -239,7 +240,7 @@ def run_centralized(
             "run": {
                 "mode": mode,
                 "strategy": mode if mode == "pooled" else f"local:{site}",
-                "model": cfg.model.name,
+                "model": model_label(cfg.model),
                 "task": cfg.task.name,
                 "classes": list(cfg.task.classes),
                 "rounds": epochs,

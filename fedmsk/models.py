@@ -76,6 +76,25 @@ def _timm_kwargs(model: Any) -> dict[str, Any]:
     return dict(model.timm_kwargs)
 
 
+def model_label(model: Any) -> str:
+    """The architecture as a reader should see it in the terminal and the report.
+
+    Why: the default model is timm's ``resnet18`` built at half width with a stride-16 last
+    stage; the name alone told a user (and a report) it was the standard ResNet-18.
+    """
+    kwargs = _timm_kwargs(model)
+    if not kwargs:
+        return str(model.name)
+
+    def show(value: Any) -> str:
+        if isinstance(value, list | tuple):
+            return "-".join(str(v) for v in value)
+        return str(value)
+
+    settings = ", ".join(f"{key}={show(value)}" for key, value in sorted(kwargs.items()))
+    return f"{model.name} ({settings})"
+
+
 def _frozen(value: Any) -> Any:
     return tuple(value) if isinstance(value, list | tuple) else value
 

@@ -200,6 +200,8 @@ def final_evaluation(
 
 
 def write_results(recorder: RoundRecorder, sites: dict[str, Any], seconds: float) -> None:
+    from fedmsk.models import model_label
+
     cfg = recorder.cfg
     recorder.run_dir.write_json(
         "results.json",
@@ -207,7 +209,7 @@ def write_results(recorder: RoundRecorder, sites: dict[str, Any], seconds: float
             "run": {
                 "mode": "federated",
                 "strategy": cfg.strategy.name,
-                "model": cfg.model.name,
+                "model": model_label(cfg.model),
                 "task": cfg.task.name,
                 "classes": list(cfg.task.classes),
                 "rounds": cfg.federation.num_rounds,

@@ -301,3 +301,15 @@ def test_resnet_classifier_init_is_left_as_timm_draws_it() -> None:
     raw = timm.create_model("resnet18", num_classes=2, in_chans=1)
     assert models.bound_classifier_init(raw) is False
     assert torch.equal(ours.get_classifier().weight, raw.get_classifier().weight)
+
+
+def test_model_label_names_the_slim_widths_and_not_dropped_ones() -> None:
+    from fedmsk.config import compose
+
+    slim = compose([]).model  # the default group: half-width ResNet-18
+    label = models.model_label(slim)
+    assert label.startswith("resnet18 (") and "channels=32-64-128-256" in label
+    assert "output_stride=16" in label
+    assert models.model_label(compose(["model=resnet18"]).model) == "resnet18"
+    # slim kwargs given to another architecture are dropped, so the label does not show them
+    assert models.model_label(compose(["model.name=resnet50"]).model) == "resnet50"

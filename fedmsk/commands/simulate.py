@@ -173,6 +173,7 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
 
 
 def simulate_once(overrides: list[str], report: bool = True) -> Path:
+    from fedmsk.models import model_label
     from fedmsk.pointing import POINTING_FILE
     from fedmsk.run_dir import ensure_not_in_use
     from fedmsk.simulation import SimulationPlan, run_simulation
@@ -181,7 +182,7 @@ def simulate_once(overrides: list[str], report: bool = True) -> Path:
     cfg = prepared.cfg
     run_dir = Path(cfg.run_dir)
     print(
-        f"federated run: {cfg.task.name}, {cfg.strategy.name}, {cfg.model.name}, "
+        f"federated run: {cfg.task.name}, {cfg.strategy.name}, {model_label(cfg.model)}, "
         f"{len(cfg.federation.sites)} sites ({', '.join(cfg.federation.heldout_sites)} held out), "
         f"{cfg.federation.num_rounds} rounds -> {run_dir}",
         flush=True,
