@@ -87,8 +87,9 @@ def model_label(model: Any) -> str:
         return str(model.name)
 
     def show(value: Any) -> str:
+        # Spaces, not dashes: "32-64-128" reads as a date to the report's PHI filter.
         if isinstance(value, list | tuple):
-            return "-".join(str(v) for v in value)
+            return " ".join(str(v) for v in value)
         return str(value)
 
     settings = ", ".join(f"{key}={show(value)}" for key, value in sorted(kwargs.items()))

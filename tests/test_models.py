@@ -308,8 +308,13 @@ def test_model_label_names_the_slim_widths_and_not_dropped_ones() -> None:
 
     slim = compose([]).model  # the default group: half-width ResNet-18
     label = models.model_label(slim)
-    assert label.startswith("resnet18 (") and "channels=32-64-128-256" in label
+    assert label.startswith("resnet18 (") and "channels=32 64 128 256" in label
     assert "output_stride=16" in label
+    # the report shows it as it is: its PHI filter once withheld it (too long, and "32-64-128"
+    # read as a date)
+    from fedmsk.report_data import _run_info
+
+    assert _run_info({"model": label}, None).fields["model"] == label
     assert models.model_label(compose(["model=resnet18"]).model) == "resnet18"
     # slim kwargs given to another architecture are dropped, so the label does not show them
     assert models.model_label(compose(["model.name=resnet50"]).model) == "resnet50"
