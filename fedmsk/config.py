@@ -46,6 +46,29 @@ class TaskConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Ranges of the training-time random transforms (``data.augmentation``).
+
+    Geometry (crop, rotation, flip) stays mild: a strong crop can cut the finding away and a
+    large rotation invents anatomy. The intensity transforms (gamma, blur, noise) imitate how
+    hospitals' acquisition differs (contrast curve, sharpness, detector noise), so a model meets
+    an unseen center's look in training. Ranges are [low, high]; gamma is drawn log-uniformly,
+    ``blur_sigma`` is in pixels of the model's input, ``noise_std`` in units of the [0, 1]
+    intensity range; [1, 1] / [0, 0] switch a transform off.
+    """
+
+    crop_scale: list[float] = field(default_factory=lambda: [0.85, 1.0])
+    crop_ratio: list[float] = field(default_factory=lambda: [0.9, 1.1])
+    rotation_degrees: float = 10.0
+    brightness: float = 0.1
+    contrast: float = 0.1
+    gamma: list[float] = field(default_factory=lambda: [1.0, 1.0])
+    blur_sigma: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    noise_std: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    hflip: bool = True
+
+
+@dataclass
 class DataConfig:
     """Where the federation's site folders are and how images become tensors.
 
@@ -69,6 +92,7 @@ class DataConfig:
     split_seed: int = 0
     cache_dir: str | None = None
     augment: bool = True
+    augmentation: AugmentConfig = field(default_factory=AugmentConfig)
     standardize: bool = False
     num_workers: int = 0
     min_examples_per_class: int = 2

@@ -242,6 +242,77 @@ def test_augmentation_changes_images_but_keeps_shape_and_range() -> None:
     assert 5 < sum(flips) < 35
 
 
+def _intensity_only(**ranges: list[float]) -> AugmentConfig:
+    return AugmentConfig(
+        crop_scale=[1, 1],
+        crop_ratio=[1, 1],
+        rotation_degrees=0,
+        brightness=0,
+        contrast=0,
+        hflip=False,
+        **ranges,
+    )
+
+
+def test_gamma_blur_and_noise_augmentation_do_what_they_say() -> None:
+    """Each intensity transform alone: gamma bends the curve (monotone, ends fixed), blur
+    smooths, noise adds roughly the asked spread; all stay in [0, 1]."""
+    ramp = torch.linspace(0, 1, 64).repeat(64, 1).unsqueeze(0)
+    gamma = SeededAugment(_intensity_only(gamma=[0.5, 2.0]), seed=0)
+    curves = [gamma(ramp) for _ in range(8)]
+    assert all(torch.all(c[..., 1:] >= c[..., :-1]) for c in curves)
+    assert all(abs(float(c[0, 0, -1]) - 1.0) < 1e-6 and float(c[0, 0, 0]) == 0 for c in curves)
+    mids = [float(c[0, 0, 32]) for c in curves]
+    assert max(mids) - min(mids) > 0.1  # different gammas were drawn
+    checker = ((torch.arange(64)[:, None] + torch.arange(64)[None, :]) % 2).float()[None]
+    blurred = SeededAugment(_intensity_only(blur_sigma=[0.8, 1.0]), seed=0)(checker)
+    assert float(blurred.std()) < 0.2 * float(checker.std())
+    flat = torch.full((1, 64, 64), 0.5)
+    noisy = SeededAugment(_intensity_only(noise_std=[0.04, 0.05]), seed=0)(flat)
+    assert 0.035 < float(noisy.std()) < 0.055 and 0 <= float(noisy.min()) <= float(noisy.max()) <= 1
+
+
+def test_intensity_augmentation_off_by_default_keeps_the_random_stream(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A switched-off transform draws nothing (a switched-on one draws once), so runs made
+    before gamma, blur and noise existed reproduce with the default config."""
+    calls = 0
+    original = SeededAugment._uniform
+
+    def counting(self: SeededAugment, low: float, high: float) -> float:
+        nonlocal calls
+        calls += 1
+        return original(self, low, high)
+
+    monkeypatch.setattr(SeededAugment, "_uniform", counting)
+    image = torch.rand(1, 32, 32)
+
+    def draws(config: AugmentConfig) -> int:
+        nonlocal calls
+        calls = 0
+        SeededAugment(config, seed=7)(image)
+        return calls
+
+    off = draws(_intensity_only())
+    assert draws(_intensity_only(gamma=[0.7, 1.5])) == off + 1
+    assert draws(_intensity_only(blur_sigma=[0.0, 1.0])) == off + 1
+    assert draws(_intensity_only(noise_std=[0.0, 0.05])) == off + 1
+    assert AugmentConfig().gamma == [1.0, 1.0]  # a default that changes is a new recipe
+
+
+def test_augmentation_ranges_come_from_the_hydra_config(tmp_path: Path) -> None:
+    from fedmsk.config import compose
+
+    cfg = compose(["data.augmentation.gamma=[0.7,1.5]", "data.augmentation.noise_std=[0,0.05]"])
+    assert cfg.data.augmentation.gamma == [0.7, 1.5]
+    assert cfg.data.augmentation.noise_std == [0, 0.05]
+    site = _site(tmp_path, patients=8)
+    data = _data(augmentation=cfg.data.augmentation)
+    loaders = build_site_loaders(site, TASK, data, TrainConfig(batch_size=4), seed=0)
+    assert loaders.train.dataset.transform.config.gamma == [0.7, 1.5]
+
+
 def test_sampler_balances_classes(tmp_path: Path) -> None:
     site = _site(tmp_path, patients=20, fracture_every=5)  # 20 % fracture
     loaders = build_site_loaders(

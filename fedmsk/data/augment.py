@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,26 +24,15 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as tvf
 
+from fedmsk.config import AugmentConfig
 from fedmsk.data.manifest import ManifestRow, read_manifest, write_manifest
 from fedmsk.data.splits import assign_splits, find_split_issues
 
 STATIC_DIR = "augmented"
 
 
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Ranges of the random transforms; the defaults suit radiographs and ultrasound."""
-
-    crop_scale: tuple[float, float] = (0.85, 1.0)
-    crop_ratio: tuple[float, float] = (0.9, 1.1)
-    rotation_degrees: float = 10.0
-    brightness: float = 0.1
-    contrast: float = 0.1
-    hflip: bool = True
-
-
 class SeededAugment:
-    """Random resized crop, rotation, brightness/contrast and optional horizontal flip.
+    """Random resized crop, rotation, gamma, brightness/contrast, blur, noise and optional flip.
 
     Call it on a float tensor (C, H, W) in [0, 1]; the output has the same shape and range.
     """
@@ -83,10 +72,20 @@ class SeededAugment:
         if cfg.rotation_degrees > 0:
             angle = self._uniform(-cfg.rotation_degrees, cfg.rotation_degrees)
             out = tvf.rotate(out, angle, interpolation=InterpolationMode.BILINEAR, fill=0.0)
+        low, high = cfg.gamma
+        if (low, high) != (1.0, 1.0):
+            out = out.clamp(0.0, 1.0).pow(math.exp(self._uniform(math.log(low), math.log(high))))
         if cfg.brightness > 0:
             out = tvf.adjust_brightness(out, self._uniform(1 - cfg.brightness, 1 + cfg.brightness))
         if cfg.contrast > 0:
             out = tvf.adjust_contrast(out, self._uniform(1 - cfg.contrast, 1 + cfg.contrast))
+        sigma = self._uniform(*cfg.blur_sigma) if cfg.blur_sigma[1] > 0 else 0.0
+        if sigma > 0.05:
+            kernel = 2 * math.ceil(3 * sigma) + 1
+            out = tvf.gaussian_blur(out, [kernel, kernel], [sigma, sigma])
+        std = self._uniform(*cfg.noise_std) if cfg.noise_std[1] > 0 else 0.0
+        if std > 0:
+            out = out + std * torch.randn(out.shape, generator=self.generator)
         if cfg.hflip and self._uniform(0.0, 1.0) < 0.5:
             out = tvf.horizontal_flip(out)
         return out.clamp_(0.0, 1.0)

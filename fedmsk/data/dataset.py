@@ -350,7 +350,9 @@ def build_site_loaders(
     order = ("train", "val", "test")
     datasets = dict(built.datasets)
     if data.augment and datasets["train"] is not None:
-        datasets["train"] = datasets["train"].with_transform(SeededAugment(seed=seed))
+        datasets["train"] = datasets["train"].with_transform(
+            SeededAugment(data.augmentation, seed=seed)
+        )
     generator = torch.Generator().manual_seed(seed)
     loaders = {
         split: _make_loader(
