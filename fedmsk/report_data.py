@@ -24,6 +24,7 @@ RUN_FIELDS = ("mode", "strategy", "model", "task", "rounds", "config_hash")
 _SAFE_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.+\-()%,=]*$")
 # A model label names its timm settings ("resnet18 (channels=32 64 128 256, global_pool=max,
 # output_stride=16, stem_width=32)", 84 characters): the run's model may be longer than a label.
+_LABEL_MAX_LENGTH = 64
 _LONG_FIELDS = {"model": 160}
 _DATE_LIKE = re.compile(r"(\d{4}[-.]?\d{2}[-.]?\d{2})|(\d{2}[-.]\d{2}[-.]\d{2,4})")
 _ERROR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]{0,79}$")
@@ -41,7 +42,7 @@ def number(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def safe_label(value: Any, fallback: str, max_length: int = 64) -> str:
+def safe_label(value: Any, fallback: str, max_length: int = _LABEL_MAX_LENGTH) -> str:
     """``value`` if it is a short plain label, else ``fallback``: no paths, no dates, no URLs."""
     if isinstance(value, bool) or not isinstance(value, str | int):
         return fallback
@@ -478,7 +479,7 @@ def _run_info(raw: Any, threshold: Any) -> RunInfo:
     for key in RUN_FIELDS:
         value = raw.get(key)
         if value is not None:
-            fields[key] = safe_label(value, "(withheld)", _LONG_FIELDS.get(key, 64))
+            fields[key] = safe_label(value, "(withheld)", _LONG_FIELDS.get(key, _LABEL_MAX_LENGTH))
     classes = _classes(raw.get("classes"))
     threshold = threshold if isinstance(threshold, dict) else {}
     source = threshold.get("source")
