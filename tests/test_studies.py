@@ -59,6 +59,14 @@ def test_study_composes_at_both_scales(study: str) -> None:
     assert paper.data.synthetic_scale > small.data.synthetic_scale
     assert paper.federation.num_rounds > small.federation.num_rounds
     assert paper.data.root != small.data.root  # a paper-scale federation never reuses small data
+    # measured without gamma / blur / noise (configs/augmentation/geometric.yaml) at both scales
+    plain = compose([]).data.augmentation
+    for cfg in (small, paper):
+        aug = cfg.data.augmentation
+        assert (aug.gamma, aug.blur_sigma, aug.noise_std) == ([1.0, 1.0], [0.0, 0.0], [0.0, 0.0])
+        assert (aug.crop_scale, aug.rotation_degrees) == (plain.crop_scale, plain.rotation_degrees)
+    switched_on = compose([f"study={study}", "augmentation=default"]).data.augmentation
+    assert switched_on == plain and plain.gamma == [0.7, 1.5]
 
 
 def test_study_protocol_settings() -> None:
