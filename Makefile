@@ -34,9 +34,10 @@ browser:
 		echo "make: no chromium (install Debian's chromium package); the browser test will be skipped"; \
 	fi
 
-# pytest exits 5 when it collects no tests: fail loudly rather than by accident.
+# pytest exits 5 when it collects no tests: fail loudly rather than by accident. The slowest
+# tests are listed at the end, so that a CI log shows where the 25-minute budget goes.
 test: $(STAMP) browser
-	@$(BIN)/python -m pytest -q; rc=$$?; \
+	@$(BIN)/python -m pytest -q --durations=15; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests"; exit 1; fi; exit $$rc
 
 lint: $(STAMP)

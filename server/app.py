@@ -176,14 +176,30 @@ def evaluate_sites(
     return recorder.collect_evaluations("final-evaluate", tag, replies)
 
 
+def last_round_validated_everywhere(recorder: RoundRecorder, training_nodes: list[int]) -> bool:
+    """Whether this run's validation after the last round answered at every training site
+    (a resumed run that restarts after its last checkpoint has not validated)."""
+    if recorder.validated is None:
+        return False
+    round_no, sites = recorder.validated
+    wanted = {recorder.alias_of(n) for n in training_nodes}
+    return round_no == recorder.cfg.federation.num_rounds and bool(wanted) and wanted <= sites
+
+
 def final_evaluation(
     grid: Grid, recorder: RoundRecorder, arrays: dict[str, np.ndarray]
 ) -> dict[str, Any]:
-    """Lock the threshold on federated validation, then evaluate every site at it."""
+    """Lock the threshold on federated validation, then evaluate every site at it.
+
+    When the last round's validation already scored this model at every training site, its
+    threshold stands: asking the sites again would return the same histograms and, in a
+    deployment, start one more ClientApp process on every node.
+    """
     tag = recorder.cfg.federation.num_rounds - recorder.round_offset + 1
     training_nodes = recorder.training_node_ids()
-    validation = evaluate_sites(grid, recorder, arrays, training_nodes, None, tag)
-    recorder.lock_threshold(validation)
+    if not last_round_validated_everywhere(recorder, training_nodes):
+        validation = evaluate_sites(grid, recorder, arrays, training_nodes, None, tag)
+        recorder.lock_threshold(validation)
     all_nodes = sorted(recorder.node_alias, key=recorder.alias_of)
     evaluations = evaluate_sites(grid, recorder, arrays, all_nodes, recorder.threshold, tag + 1)
     sites = {

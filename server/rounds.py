@@ -65,6 +65,9 @@ class RoundRecorder:
     privacy: dict[str, dict[str, float]] = field(default_factory=dict)
     last_arrays: dict[str, np.ndarray] | None = None
     statistics_round: int | None = None
+    # (absolute round, training sites) of the latest per-round validation: the final evaluation
+    # reuses it for the threshold when it scored the final model at every training site
+    validated: tuple[int, frozenset[str]] | None = None
     aggregated_rounds: int = 0
     skipped_rounds: set[int] = field(default_factory=set)
     _last_checkpoint: Checkpoint | None = None
@@ -271,6 +274,7 @@ class RoundRecorder:
         self.log_evaluations(evaluations, absolute)
         self.lock_threshold(evaluations)
         validation = [e for e in evaluations if e.role == "train"]
+        self.validated = (absolute, frozenset(e.alias for e in validation))
         total = sum(e.num_examples for e in validation)
         if not total:
             return None

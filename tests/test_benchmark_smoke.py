@@ -179,9 +179,10 @@ def test_quick_benchmark_writes_every_section(tmp_path: Path) -> None:
     overhead = one("federation overhead")
     assert 0 <= overhead["value"] <= 100
     assert overhead["status"] == ("OK" if overhead["value"] < 10 else "MISSED")
-    assert one("bytes sent per client")["value"] > 40  # resnet18: 11.2 M float32 values
+    # the default slim ResNet-18: 2.8 M float32 values, about 11 MB
+    assert 5 < one("bytes sent per client")["value"] < 20
     methods = {r["name"].split(" ")[0].split(":")[0] for r in rows if r["section"] == 5}
-    assert {"pooled", "local", "fedavg", "cyclic"} <= methods
+    assert {"pooled", "local", "cyclic"} <= methods
     for r in (r for r in rows if r["section"] == 5 and r["name"].endswith("held-out AUC")):
         assert r["value"] is None or 0.0 <= r["value"] <= 1.0
     assert one("paired DeLong test cyclic vs pooled (seed 0)")["notes"].startswith("AUC")
@@ -193,3 +194,5 @@ def test_quick_benchmark_writes_every_section(tmp_path: Path) -> None:
         if r["status"] == "MISSED":
             assert f"**MISSED** ({bench.format_value(r['value'])})" in text
     assert (out / "quality" / "recommended" / "comparison.md").is_file()
+    # section 5 reuses the federated run section 4 timed instead of training it again
+    assert f"reused: {out / 'work' / 'overhead-run'}" in done.stdout, done.stdout[-2000:]

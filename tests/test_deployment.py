@@ -40,7 +40,7 @@ pytestmark = pytest.mark.slow
 SITES = ["site00", "site01", "site02"]
 HELDOUT = "site02"
 ROUNDS = 2
-MODEL = "resnet18"
+MODEL = "resnet18_slim"  # the default model: a quarter of resnet18's bytes per message
 SUPERLINK_START_S = 90
 REGISTER_S = 120
 NODE_CONNECT_S = 120
@@ -155,9 +155,11 @@ def _overrides(fed_root: Path, run_dir: Path) -> list[str]:
         f"federation.sites=[{','.join(SITES)}]",
         f"federation.heldout_sites=[{HELDOUT}]",
         "federation.connect_timeout_s=120",
-        # every round validated and the held-out center scored (the defaults do it less often)
-        "evaluation.every_rounds=1",
-        "evaluation.heldout_each_round=true",
+        # every message starts a ClientApp process on a node (about 10 s of imports each on a
+        # 2-core machine): validation only after the last round, as by default; per-round
+        # validation and held-out scoring are checked in the simulation (test_federation_e2e)
+        "evaluation.every_rounds=2",
+        "evaluation.heldout_each_round=false",
     ]
 
 
@@ -271,8 +273,10 @@ def test_two_rounds_over_tls_with_node_auth_finish(deployment: Deployment) -> No
             rows = [m for m in metrics if m["round"] == round_no]
             trained = {m["site"] for m in rows if m["phase"] == "train" and m["site"]}
             assert trained == {"site00", "site01"}, (round_no, trained)
-            heldout = [m["site"] for m in rows if m["phase"] == "heldout"]
-            assert heldout == [HELDOUT], (round_no, heldout)
+        validated = {m["site"] for m in metrics if m["phase"] == "final-val" and m["site"]}
+        assert validated == {"site00", "site01"}, validated
+        heldout = [m for m in metrics if m["phase"] == "final-heldout"]
+        assert [m["site"] for m in heldout] == [HELDOUT] and heldout[0]["n"] > 0, heldout
         checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
         assert checkpoints == [f"round_{r:04d}.ckpt" for r in range(1, ROUNDS + 1)]
         assert (run_dir / "final_model.npz").is_file()

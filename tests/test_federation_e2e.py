@@ -35,7 +35,7 @@ def _overrides(data_root: Path, run_dir: Path) -> list[str]:
         "data.synthetic=false",
         "federation=small",
         f"federation.num_rounds={ROUNDS}",
-        "model=resnet18",
+        "model=resnet18_slim",
         "data.image_size=32",
         "train.batch_size=16",
         f"run_dir={run_dir}",

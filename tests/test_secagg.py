@@ -312,7 +312,7 @@ def _overrides(data_root: Path, run_dir: Path) -> list[str]:
         # fp32: bf16 autocast (train.precision=auto on a CPU with native bf16) rounds differently
         # with the thread count, and the two runs here share the cores unevenly
         "train.precision=fp32",
-        "model=resnet18",
+        "model=resnet18_slim",
         "data.image_size=32",
         "train.batch_size=16",
         "evaluation.gradcam=false",

@@ -165,3 +165,54 @@ def test_a_run_without_an_external_center_is_refused_unless_asked_for() -> None:
         check_heldout(compose(["federation.sites=[a,b]"]))
     check_heldout(compose(["federation.sites=[a,b]", "federation.require_heldout=false"]))
     check_heldout(compose(["federation.sites=[a,b]", "federation.heldout_sites=[b]"]))
+
+
+class AnsweringGrid:
+    """Answers every evaluate message at once; records which nodes each batch went to."""
+
+    def __init__(self, node_ids: list[int]) -> None:
+        self.node_ids = node_ids
+        self.batches: list[list[int]] = []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.node_ids)
+
+    def send_and_receive(self, messages: list[Message], timeout: float | None = None) -> list:
+        self.batches.append(sorted(m.metadata.dst_node_id for m in messages))
+        return [_evaluation_reply(m.metadata.dst_node_id) for m in messages]
+
+
+def _evaluation_reply(node: int) -> Message:
+    request = Message(
+        RecordDict({"config": ConfigRecord()}), dst_node_id=node, message_type="evaluate"
+    )
+    detail = ConfigRecord({"summary": json.dumps({"auc": 0.8}), "histogram": json.dumps({})})
+    metrics = MetricRecord({"num-examples": 10, "auc": 0.8})
+    return Message(RecordDict({"metrics": metrics, "detail": detail}), reply_to=request)
+
+
+@pytest.mark.parametrize(
+    ("validated_round", "answering", "batches"),
+    [
+        # the last round's validation answered everywhere: only the final scoring is sent
+        (3, [1, 2, 3], [[1, 2, 3, 4]]),
+        # an earlier round's, or one a site missed, does not stand for the final model
+        (2, [1, 2, 3], [[1, 2, 3], [1, 2, 3, 4]]),
+        (3, [1, 2], [[1, 2, 3], [1, 2, 3, 4]]),
+        (None, [], [[1, 2, 3], [1, 2, 3, 4]]),
+    ],
+)
+def test_final_evaluation_reuses_the_last_rounds_validation(
+    tmp_path: Path, validated_round: int | None, answering: list[int], batches: list[list[int]]
+) -> None:
+    from server.app import final_evaluation
+
+    recorder = _recorder(tmp_path)
+    recorder.cfg.federation.num_rounds = 3
+    if validated_round is not None:
+        recorder.expect("evaluate", validated_round, answering)
+        recorder.on_evaluate_replies(validated_round, [_evaluation_reply(n) for n in answering])
+    grid = AnsweringGrid([1, 2, 3, 4])
+    sites = final_evaluation(grid, recorder, _good())  # type: ignore[arg-type]
+    assert grid.batches == batches
+    assert sorted(sites) == ["a", "b", "c", "h"] and sites["h"]["split"] == "test"
