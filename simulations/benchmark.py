@@ -1,7 +1,8 @@
 """How fast, how heavy, how good: fedmsk measured side by side, in one command.
 
 Five sections, each selectable with ``--sections`` and each with a ``--quick`` mode (tiny sizes,
-one round, four centers, small images) that the smoke test runs end to end:
+one round, four centers, small images; section 4 times the run section 5 then reuses) that the
+smoke test runs end to end:
 
 1. client throughput: a federated round at one site (``SiteRuntime``: data from the cache,
    model load, ``fit``) against a bare PyTorch loop over the same model, cached tensors and
