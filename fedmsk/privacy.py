@@ -24,7 +24,6 @@ import logging
 import math
 import os
 import random
-import secrets
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -44,6 +43,7 @@ from fedmsk.dp_compat import (
     model_name,
     validation_errors,
 )
+from fedmsk.dp_random import secret_generator
 
 __all__ = [
     "ACCOUNTANTS",
@@ -506,10 +506,11 @@ class DPSession:
             engine = PrivacyEngine(accountant=self.state.accountant)
         engine.accountant = _accountant(self.state.accountant, self.state.history)
         # Batch membership and noise must be unpredictable to whoever knows the run's seed
-        # (the server does): Poisson sampling and noise draw from generators seeded privately.
-        engine.secure_rng = torch.Generator().manual_seed(self._private_seed())
+        # (the server does): Poisson sampling and noise draw from generators whose whole state
+        # is secret (fedmsk.dp_random), or from a given seed when a test asks for one.
         device = next(model.parameters()).device
-        noise_rng = torch.Generator(device=device).manual_seed(self._private_seed())
+        engine.secure_rng = self._private_generator("cpu")
+        noise_rng = self._private_generator(device)
         self._steps_before = _steps_in(self.state.history)
         wrapped, dp_optimizer, dp_loader = engine.make_private(
             module=model,
@@ -615,8 +616,10 @@ class DPSession:
             f"(tried {', '.join(candidates)}); choose another model or set privacy.enabled=false"
         )
 
-    def _private_seed(self) -> int:
-        return self._seeds.getrandbits(63) if self._seeds else secrets.randbits(63)
+    def _private_generator(self, device: torch.device | str) -> torch.Generator:
+        if self._seeds is None:
+            return secret_generator(device)
+        return torch.Generator(device=device).manual_seed(self._seeds.getrandbits(63))
 
     def _say(self, message: str) -> None:
         self.messages.append(message)

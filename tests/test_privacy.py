@@ -407,3 +407,29 @@ def test_sampling_and_noise_are_private_unless_seeded(tmp_path: Path) -> None:
     assert not all(torch.equal(a, b) for a, b in zip(private_a, private_b, strict=True))
     seeded_a, seeded_b = trained(tmp_path / "c", 7), trained(tmp_path / "d", 7)
     assert all(torch.equal(a, b) for a, b in zip(seeded_a, seeded_b, strict=True))
+
+
+def test_unseeded_sampling_and_noise_use_whole_state_secret_generators(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fedmsk.privacy as privacy
+    from fedmsk.dp_random import secret_generator
+    from fedmsk.training import fit
+
+    made: list[torch.Generator] = []
+
+    def counted(device: torch.device | str = "cpu") -> torch.Generator:
+        made.append(secret_generator(device))
+        return made[-1]
+
+    monkeypatch.setattr(privacy, "secret_generator", counted)
+    dp = DPSession.for_site(
+        PrivacyConfig(enabled=True),
+        state_path=tmp_path / "p.json",
+        num_examples=16,
+        batch_size=4,
+        steps_per_round=4,
+        planned_rounds=3,
+    )
+    fit(TinyNet(), loader(), TRAIN, 2, privacy=dp)
+    assert len(made) == 2  # the Poisson sampler's and the noise's
