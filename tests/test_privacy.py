@@ -383,6 +383,19 @@ def test_failing_mode_falls_back_to_a_working_one(tmp_path: Path, monkeypatch) -
     assert any("'ew' fails" in message for message in dp.messages)
 
 
+def _small_session(state_dir: Path, seed: int | None = None) -> DPSession:
+    """A DP session for 16 examples in batches of 4, 4 steps a round over 3 rounds."""
+    return DPSession.for_site(
+        PrivacyConfig(enabled=True),
+        state_path=state_dir / "p.json",
+        num_examples=16,
+        batch_size=4,
+        steps_per_round=4,
+        planned_rounds=3,
+        seed=seed,
+    )
+
+
 def test_sampling_and_noise_are_private_unless_seeded(tmp_path: Path) -> None:
     """The server knows the run's seed: DP noise must not follow from the global torch seed."""
     from fedmsk.training import fit
@@ -390,15 +403,7 @@ def test_sampling_and_noise_are_private_unless_seeded(tmp_path: Path) -> None:
     def trained(path: Path, seed: int | None) -> list[torch.Tensor]:
         torch.manual_seed(0)
         model = TinyNet()
-        dp = DPSession.for_site(
-            PrivacyConfig(enabled=True),
-            state_path=path / "p.json",
-            num_examples=16,
-            batch_size=4,
-            steps_per_round=4,
-            planned_rounds=3,
-            seed=seed,
-        )
+        dp = _small_session(path, seed)
         torch.manual_seed(1)
         fit(model, loader(), TRAIN, 2, privacy=dp)
         return [p.detach().clone() for p in model.parameters()]
@@ -423,13 +428,5 @@ def test_unseeded_sampling_and_noise_use_whole_state_secret_generators(
         return made[-1]
 
     monkeypatch.setattr(privacy, "secret_generator", counted)
-    dp = DPSession.for_site(
-        PrivacyConfig(enabled=True),
-        state_path=tmp_path / "p.json",
-        num_examples=16,
-        batch_size=4,
-        steps_per_round=4,
-        planned_rounds=3,
-    )
-    fit(TinyNet(), loader(), TRAIN, 2, privacy=dp)
+    fit(TinyNet(), loader(), TRAIN, 2, privacy=_small_session(tmp_path))
     assert len(made) == 2  # the Poisson sampler's and the noise's
