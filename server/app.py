@@ -147,6 +147,7 @@ def with_final_statistics(
     if recorder.statistics_round == last_round or not wants_global_statistics(recorder, record):
         return arrays
     if update_global_statistics(grid, recorder, record, last_round - recorder.round_offset + 1):
+        recorder.validated = None  # that validation scored the model before these statistics
         return arrays_to_numpy(record)
     return arrays
 

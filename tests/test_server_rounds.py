@@ -216,3 +216,22 @@ def test_final_evaluation_reuses_the_last_rounds_validation(
     sites = final_evaluation(grid, recorder, _good())  # type: ignore[arg-type]
     assert grid.batches == batches
     assert sorted(sites) == ["a", "b", "c", "h"] and sites["h"]["split"] == "test"
+
+
+def test_final_statistics_measured_after_the_last_round_void_its_validation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last round's validation stands for the final model only if nothing changed it."""
+    import server.app as app
+
+    recorder = _recorder(tmp_path)
+    recorder.cfg.federation.num_rounds = 3
+    recorder.expect("evaluate", 3, [1, 2, 3])
+    recorder.on_evaluate_replies(3, [_evaluation_reply(n) for n in (1, 2, 3)])
+    assert recorder.validated == (3, frozenset({"a", "b", "c"}))
+    monkeypatch.setattr(app, "wants_global_statistics", lambda *_: True)
+    monkeypatch.setattr(app, "update_global_statistics", lambda *_: True)
+    app.with_final_statistics(AnsweringGrid([1, 2, 3, 4]), recorder, _good())  # type: ignore[arg-type]
+    grid = AnsweringGrid([1, 2, 3, 4])
+    app.final_evaluation(grid, recorder, _good())  # type: ignore[arg-type]
+    assert grid.batches == [[1, 2, 3], [1, 2, 3, 4]]
