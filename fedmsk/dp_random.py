@@ -50,9 +50,8 @@ def _secret_cpu_generator(token_bytes: Callable[[int], bytes]) -> torch.Generato
             f"torch {torch.__version__}: CPU generator state of {state.numel()} bytes is not "
             "the layout fedmsk.dp_random writes; DP-SGD cannot seed its generators secretly"
         )
-    words = np.frombuffer(token_bytes(4 * MT_WORDS), dtype="<u4").astype("<u8")
-    slots = state.numpy()[_WORDS_OFFSET:end]
-    slots[:] = np.frombuffer(words.tobytes(), dtype=np.uint8)
+    words = np.frombuffer(token_bytes(4 * MT_WORDS), dtype="<u4")
+    state.numpy()[_WORDS_OFFSET:end].view("<u8")[:] = words
     generator.set_state(state)
     if not torch.equal(generator.get_state(), state):
         raise SecretStateError(

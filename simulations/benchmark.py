@@ -741,6 +741,7 @@ def model_bytes(overrides: list[str]) -> tuple[str, int, int]:
 def section_federation(s: Settings) -> list[Row]:
     from fedmsk.commands.simulate import simulate_once
 
+    run_dir = s.out / "work" / "overhead-run"
     if s.quick:
         # --quick only proves that the section runs: it times section 5's first federated run
         # (the recommended strategy), which section 5 then reuses instead of training it again
@@ -748,12 +749,10 @@ def section_federation(s: Settings) -> list[Row]:
         synthetic_federation(
             quality_root(s, recommended.seed), s.centers, s.fed_scale, recommended.seed
         )
-        run_dir = s.out / "work" / "overhead-run"
         overrides = quality_overrides(s, recommended, run_dir)
     else:
         root = s.out / "data" / f"federation-{s.centers}c-{s.fed_scale}x"
         synthetic_federation(root, s.centers, s.fed_scale)
-        run_dir = s.out / "work" / "overhead-run"
         overrides = federation_overrides(s, root, run_dir, s.fed_rounds)
     started = time.monotonic()
     with RunWatcher(run_dir / "metrics.jsonl") as watcher:
