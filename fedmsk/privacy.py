@@ -9,8 +9,12 @@ took. A site whose next round would push epsilon above its target does not train
 (:meth:`DPSession.can_train` is False and :attr:`DPSession.reason` says why); the federation goes on
 with the other sites.
 
-Delta defaults to ``1 / (10 n)`` for a site with ``n`` training images: well below ``1/n``, the
-level at which releasing one random record outright would already satisfy the guarantee.
+Above every run's budget stands the site's lifetime budget (:mod:`fedmsk.dp_ledger`): the
+hospital's cap on the privacy spent on its data set over all runs, whatever their settings. A
+run's noise is raised where its own target would overrun what is left of the cap, every round
+reserves its steps in the site's ledger before it trains, and a site whose cap is reached trains
+no more. Delta is the site's policy value (default 1e-5, always below ``1/n``) unless the run sets
+``privacy.target_delta``; the lifetime cap is read at the policy's delta.
 
 Nothing here leaves the node except :meth:`DPSession.status` (aggregate numbers) and messages
 that name settings, never paths or images.
@@ -18,7 +22,6 @@ that name settings, never paths or images.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -36,6 +39,16 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
 from fedmsk.config import PrivacyConfig
+from fedmsk.dp_accounting import (
+    BudgetExhaustedError,
+    History,
+    accountant_with,
+    default_delta,
+    derive_noise_multiplier,
+    epsilon_for,
+    planned_sample_rate,
+    steps_in,
+)
 from fedmsk.dp_compat import (
     DPCompatibilityError,
     has_depthwise_conv,
@@ -43,6 +56,7 @@ from fedmsk.dp_compat import (
     model_name,
     validation_errors,
 )
+from fedmsk.dp_ledger import LIFETIME_NOISE_LIMIT, SiteLedger
 from fedmsk.dp_random import secret_generator
 
 __all__ = [
@@ -68,95 +82,6 @@ GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ew", "ghost")
 # two-pass criterion, which that loop cannot use, so a request for it falls back to these.
 _FIT_FALLBACKS = ("hooks", "functorch")
 _EPSILON_SLACK = 1e-6
-
-History = list[tuple[float, float, int]]
-
-
-class BudgetExhaustedError(RuntimeError):
-    """Training was asked of a site whose privacy budget is spent (message is PHI-free)."""
-
-
-# -- accounting ---------------------------------------------------------------------------------
-
-
-def default_delta(num_examples: int) -> float:
-    """``1 / (10 n)``: comfortably below ``1/n`` for a site with ``n`` training images."""
-    if num_examples <= 0:
-        raise ValueError("a DP site needs at least one training image to set privacy.target_delta")
-    return 1.0 / (10.0 * num_examples)
-
-
-def planned_sample_rate(num_examples: int, batch_size: int) -> float:
-    """The rate Opacus' Poisson loader uses: one over the number of batches of the plain loader."""
-    if batch_size <= 0:
-        raise ValueError(f"train.batch_size must be positive for DP-SGD, got {batch_size}")
-    return 1.0 / max(1, math.ceil(num_examples / batch_size))
-
-
-def _accountant(mechanism: str, history: History) -> Any:
-    from opacus.accountants import create_accountant
-
-    accountant = create_accountant(mechanism=mechanism)
-    accountant.history = [tuple(entry) for entry in history]
-    return accountant
-
-
-def epsilon_for(history: History, delta: float, mechanism: str = "rdp") -> float:
-    """Epsilon spent by a sequence of ``(noise_multiplier, sample_rate, steps)`` at ``delta``."""
-    entries = [entry for entry in history if entry[2] > 0]
-    if not entries:
-        return 0.0
-    return float(_accountant(mechanism, entries).get_epsilon(delta=delta))
-
-
-def derive_noise_multiplier(
-    *,
-    target_epsilon: float,
-    target_delta: float,
-    sample_rate: float,
-    total_steps: int,
-    accountant: str = "rdp",
-) -> float:
-    """The smallest noise multiplier (to 0.01 in epsilon) whose epsilon after ``total_steps``
-    is at most ``target_epsilon``."""
-    if target_epsilon <= 0:
-        raise ValueError(f"privacy.target_epsilon must be positive, got {target_epsilon}")
-    if not 0 < target_delta < 1:
-        raise ValueError(f"privacy.target_delta must be in (0, 1), got {target_delta}")
-    try:
-        return _cached_noise_multiplier(
-            float(target_epsilon), float(target_delta), float(sample_rate),
-            max(1, int(total_steps)), accountant,
-        )  # fmt: skip
-    except ValueError as err:
-        raise ValueError(
-            f"privacy.target_epsilon={target_epsilon} is too small for {total_steps} DP-SGD "
-            f"steps at sample rate {sample_rate:.4g}: raise privacy.target_epsilon or lower "
-            "federation.num_rounds / train.local_epochs"
-        ) from err
-
-
-@functools.lru_cache(maxsize=64)
-def _cached_noise_multiplier(
-    target_epsilon: float, target_delta: float, sample_rate: float, steps: int, accountant: str
-) -> float:
-    """The binary search costs seconds; sessions of one process often ask the same question."""
-    from opacus.accountants.utils import get_noise_multiplier
-
-    return float(
-        get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=target_delta,
-            sample_rate=sample_rate,
-            steps=steps,
-            accountant=accountant,
-        )
-    )
-
-
-def _steps_in(history: History) -> int:
-    return int(sum(entry[2] for entry in history))
-
 
 # -- persisted state ----------------------------------------------------------------------------
 
@@ -355,6 +280,9 @@ class DPSession:
         self._wrapped: Any = None
         self._steps_before = 0
         self._seeds = random.Random(seed) if seed is not None else None
+        self.ledger: SiteLedger | None = None
+        self.run_id = self.state_path.parent.name or "run"  # names the run in the site ledger
+        self._reservation: int | None = None
 
     # construction
 
@@ -370,18 +298,23 @@ class DPSession:
         planned_rounds: int,
         sample_rate: float | None = None,
         seed: int | None = None,
+        ledger: SiteLedger | None = None,
     ) -> DPSession:
         """Load this site's accountant state from ``state_path``, or start it there.
 
         A new state fixes the noise multiplier so that ``planned_rounds * steps_per_round``
         steps at ``sample_rate`` (default: what Opacus' Poisson loader will use for
-        ``num_examples`` and ``batch_size``) spend at most ``cfg.target_epsilon``. An existing
-        state keeps its noise multiplier and history; its privacy settings must match ``cfg``.
+        ``num_examples`` and ``batch_size``) spend at most ``cfg.target_epsilon``, and, with a
+        site ``ledger``, keep the site within its lifetime cap. An existing state keeps its
+        noise multiplier and history; its privacy settings must match ``cfg``.
         """
         path = Path(state_path)
-        delta = (
-            float(cfg.target_delta) if cfg.target_delta is not None else default_delta(num_examples)
-        )
+        if cfg.target_delta is not None:
+            delta = float(cfg.target_delta)
+        elif ledger is not None:
+            delta = ledger.check_delta(num_examples)
+        else:
+            delta = default_delta(num_examples)
         mechanism = str(cfg.accountant).lower()
         if mechanism not in ACCOUNTANTS:
             raise ValueError(
@@ -392,7 +325,9 @@ class DPSession:
         if path.is_file():
             state = _read_state(path)
             _check_settings(state, cfg, delta, path)
-            return cls(cfg, state, path, seed=seed)
+            session = cls(cfg, state, path, seed=seed)
+            session.ledger = ledger
+            return session
         rate = (
             sample_rate
             if sample_rate is not None
@@ -419,6 +354,8 @@ class DPSession:
             planned_rounds=planned_rounds,
         )
         session = cls(cfg, state, path, seed=seed)
+        session.ledger = ledger
+        session._fit_lifetime_cap()
         session.save()
         return session
 
@@ -460,7 +397,10 @@ class DPSession:
         st = self.state
         projected = self.projected_epsilon()
         if projected <= st.target_epsilon * (1 + _EPSILON_SLACK):
-            return None
+            extra = [(st.noise_multiplier, st.sample_rate, st.steps_per_round)]
+            if self.ledger is None or self.ledger.fits(extra):
+                return None
+            return self.ledger.spent_reason(self.ledger.projected(extra))
         return (
             f"privacy budget spent: epsilon {st.epsilon_spent:.3f} of target "
             f"{st.target_epsilon:g} (delta {st.target_delta:.2e}) after {st.rounds_trained} "
@@ -480,6 +420,7 @@ class DPSession:
             "noise-multiplier": float(st.noise_multiplier),
             "budget-exhausted": 1.0 if exhausted else 0.0,
             "budget-rounds-trained": float(st.rounds_trained),
+            **(self.ledger.status() if self.ledger is not None else {}),
         }
 
     # PrivacyHook
@@ -504,14 +445,14 @@ class DPSession:
         with warnings.catch_warnings():  # "secure RNG off": private seeds are used instead
             warnings.simplefilter("ignore")
             engine = PrivacyEngine(accountant=self.state.accountant)
-        engine.accountant = _accountant(self.state.accountant, self.state.history)
+        engine.accountant = accountant_with(self.state.accountant, self.state.history)
         # Batch membership and noise must be unpredictable to whoever knows the run's seed
         # (the server does): Poisson sampling and noise draw from generators whose whole state
         # is secret (fedmsk.dp_random), or from a given seed when a test asks for one.
         device = next(model.parameters()).device
         engine.secure_rng = self._private_generator("cpu")
         noise_rng = self._private_generator(device)
-        self._steps_before = _steps_in(self.state.history)
+        self._steps_before = steps_in(self.state.history)
         wrapped, dp_optimizer, dp_loader = engine.make_private(
             module=model,
             optimizer=optimizer,
@@ -525,13 +466,24 @@ class DPSession:
         )
         self._engine = engine
         self._wrapped = EmptyBatchSafe(wrapped)
+        if self.ledger is not None:  # last, so that only a round that trains is reserved
+            try:
+                self._reservation = self.ledger.reserve(
+                    self.run_id,
+                    noise_multiplier=self.state.noise_multiplier,
+                    sample_rate=self.state.sample_rate,
+                    steps=self.state.steps_per_round,
+                )
+            except BaseException:
+                self._detach()
+                raise
         return self._wrapped, dp_optimizer, dp_loader
 
     def after_fit(self, steps: int) -> float:
         """Record the round's spend, save the state, unhook the model; return epsilon so far."""
         if self._wrapped is not None:
             history = [tuple(e) for e in self._engine.accountant.history]
-            counted = _steps_in(history) - self._steps_before
+            counted = steps_in(history) - self._steps_before
             missing = int(steps) - counted
             if missing > 0:  # steps the hook did not see still spent budget: count them
                 history.append((self.state.noise_multiplier, self.state.sample_rate, missing))
@@ -543,12 +495,46 @@ class DPSession:
                 self.state.history, self.state.target_delta, self.state.accountant
             )
             try:
-                self.save()  # first: the spend must be on disk even if unhooking fails
+                try:  # first: the spend must be on disk even if unhooking fails
+                    if self.ledger is not None and self._reservation is not None:
+                        self.ledger.settle(self._reservation, taken)
+                        self._reservation = None
+                finally:
+                    self.save()
             finally:
                 self._detach()
         return self.state.epsilon_spent
 
     # internals
+
+    def _fit_lifetime_cap(self) -> None:
+        """Raise a new run's noise where its planned steps would overrun the site's lifetime
+        cap: the run's target is then capped by what its site has left."""
+        st = self.state
+        if self.ledger is None or st.steps_taken > 0:
+            return
+        planned = st.steps_per_round * st.planned_rounds
+        sigma = self.ledger.noise_for(
+            sample_rate=st.sample_rate, steps=planned, at_least=st.noise_multiplier
+        )
+        if sigma is None:  # rounds go on at the run's noise while the cap allows (`reason`)
+            self._say(
+                f"what is left of this site's lifetime privacy budget (epsilon "
+                f"{self.ledger.spent():.3f} of its cap {self.ledger.policy.lifetime_epsilon:g} "
+                f"spent) would need a noise multiplier above {LIFETIME_NOISE_LIMIT:g} for all "
+                f"of this run's {planned} planned steps: this site trains at the run's noise "
+                "until the cap is reached, then stops"
+            )
+            return
+        if sigma <= st.noise_multiplier:
+            return
+        self._say(
+            f"this site has spent lifetime epsilon {self.ledger.spent():.3f} of its cap "
+            f"{self.ledger.policy.lifetime_epsilon:g}: the noise multiplier is raised from "
+            f"{st.noise_multiplier:.3f} to {sigma:.3f} so that this run's {planned} planned "
+            "steps stay within the cap"
+        )
+        st.noise_multiplier = sigma
 
     def _detach(self) -> None:
         wrapped, self._wrapped = self._wrapped, None
@@ -570,8 +556,10 @@ class DPSession:
                 total_steps=st.steps_per_round * st.planned_rounds,
                 accountant=st.accountant,
             )
+            planned, st.sample_rate = st.sample_rate, actual
+            self._fit_lifetime_cap()
             self._say(
-                f"sample rate is {actual:.4g}, not the planned {st.sample_rate:.4g}: "
+                f"sample rate is {actual:.4g}, not the planned {planned:.4g}: "
                 f"noise multiplier re-derived as {st.noise_multiplier:.3f}"
             )
         else:

@@ -269,6 +269,7 @@ class SiteRuntime:
     def _privacy_session(self) -> Any:
         if not self.cfg.privacy.enabled:
             return None
+        from fedmsk.dp_ledger import SiteLedger
         from fedmsk.privacy import DPSession
         from fedmsk.training import planned_steps
 
@@ -279,6 +280,7 @@ class SiteRuntime:
             batch_size=self.cfg.train.batch_size,
             steps_per_round=planned_steps(self.loaders.train, self.cfg.train),
             planned_rounds=self.cfg.federation.num_rounds,
+            ledger=SiteLedger(self.site_dir),  # the data set's lifetime budget, all runs
         )
 
     def privacy_status(self) -> dict[str, float]:

@@ -16,7 +16,11 @@ from fedmsk.site_runtime import ModelPool, SiteRuntime, SiteUnavailableError
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("node") / "site-a"
+    return write_site(tmp_path_factory.mktemp("node") / "site-a")
+
+
+def write_site(root: Path) -> Path:
+    """A 20-image PNG site, half of them with a bright bar (the "fracture")."""
     (root / "images").mkdir(parents=True)
     rng = np.random.default_rng(1)
     rows = []

@@ -419,7 +419,24 @@ def _generate_site(root: Path, spec: TaskSpec, plan: _SitePlan, seed: int) -> _S
     write_manifest(site_dir, result.rows)
     if result.lesions:
         write_lesions(site_dir, result.lesions)
+    _write_privacy_policy(site_dir)
     return result
+
+
+# Synthetic images belong to no patient, so a simulated site may spend privacy on them run after
+# run; a hospital's own data set gets fedmsk.dp_ledger's strict default unless it writes a policy.
+SYNTHETIC_LIFETIME_EPSILON = 1000.0
+
+
+def _write_privacy_policy(site_dir: Path) -> None:
+    from fedmsk.dp_ledger import POLICY_FILE, policy_text
+
+    why = (
+        "Synthetic data (fedmsk's generator): no patient to protect, so the lifetime cap is set\n"
+        "high enough for repeated simulations. A hospital sets its own cap for its own data."
+    )
+    text = policy_text(SYNTHETIC_LIFETIME_EPSILON, why=why)
+    (site_dir / POLICY_FILE).write_text(text, encoding="utf-8")
 
 
 def write_lesions(site_dir: Path, boxes: dict[str, Box]) -> Path:
