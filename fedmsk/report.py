@@ -27,6 +27,7 @@ from fedmsk.report_data import (
     AT_THRESHOLD_METRICS,
     PER_CLASS_METRICS,
     Metric,
+    PrivacyRow,
     ReportError,
     RunData,
     SiteResult,
@@ -380,6 +381,7 @@ def _privacy_section(doc: Document, data: RunData) -> None:
             p.site,
             fmt(p.epsilon, 2),
             "n/a" if p.delta is None else f"{p.delta:.1e}",
+            _lifetime(p),
             "n/a" if p.stopped is None else ("yes" if p.stopped else "no"),
         ]
         for p in data.privacy
@@ -387,11 +389,23 @@ def _privacy_section(doc: Document, data: RunData) -> None:
     doc.add(
         Heading("Differential privacy (DP-SGD)"),
         Paragraph(
-            "Privacy spent per center over the run; a center stops training when its "
-            "budget is reached."
+            "Privacy spent per center in this run, and over its lifetime: every run that "
+            "trained on the center's data set composed, against the cap the center set in its "
+            "own policy file (no run setting can raise it). A center stops training when either "
+            "budget is reached. The unit protected is one image: a patient with k images in "
+            "a training set is protected at about k times the epsilon (group privacy)."
         ),
-        Table(["Center", "epsilon", "delta", "Budget reached"], rows),
+        Table(
+            ["Center", "epsilon (run)", "delta", "Lifetime epsilon / cap", "Budget reached"], rows
+        ),
     )
+
+
+def _lifetime(row: PrivacyRow) -> str:
+    if row.lifetime_epsilon is None:
+        return "n/a"
+    cap = "" if row.lifetime_cap is None else f" / {row.lifetime_cap:g}"
+    return f"{row.lifetime_epsilon:.2f}{cap}"
 
 
 def _failures_section(doc: Document, data: RunData) -> None:
@@ -693,6 +707,10 @@ def flatten_metrics(data: RunData) -> dict[str, float | int | str | bool]:
             out[f"privacy.{row.site}.epsilon"] = row.epsilon
         if row.stopped is not None:
             out[f"privacy.{row.site}.stopped"] = row.stopped
+        if row.lifetime_epsilon is not None:
+            out[f"privacy.{row.site}.lifetime_epsilon"] = row.lifetime_epsilon
+        if row.lifetime_cap is not None:
+            out[f"privacy.{row.site}.lifetime_cap"] = row.lifetime_cap
     out["failures.count"] = len(data.failures)
     if data.readers is not None:
         _flatten_metric(out, "readers.model.auc", data.readers.model_auc)

@@ -316,6 +316,9 @@ class PrivacyRow:
     epsilon: float | None
     delta: float | None
     stopped: bool | None
+    # every run on the center's data set composed, and the cap in its privacy-policy.toml
+    lifetime_epsilon: float | None = None
+    lifetime_cap: float | None = None
 
 
 @dataclass
@@ -544,6 +547,8 @@ def _privacy(raw: Any) -> list[PrivacyRow]:
                     epsilon=number(entry.get("epsilon")),
                     delta=number(entry.get("delta")),
                     stopped=stopped if isinstance(stopped, bool) else None,
+                    lifetime_epsilon=number(entry.get("budget-lifetime-epsilon")),
+                    lifetime_cap=number(entry.get("budget-lifetime-cap")),
                 )
             )
     return rows

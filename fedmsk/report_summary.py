@@ -167,7 +167,15 @@ def _privacy_line(data: RunData) -> str:
     site, epsilon = max(spent, key=lambda item: item[1])
     deltas = {p.delta for p in data.privacy if p.delta is not None}
     delta = f", delta {min(deltas):.1e}" if deltas else ""
-    return f"Differential privacy: largest epsilon spent {epsilon:.2f} (at {site}){delta}."
+    line = f"Differential privacy: largest epsilon spent {epsilon:.2f} (at {site}){delta}."
+    lifetime = [p for p in data.privacy if p.lifetime_epsilon is not None]
+    if lifetime:
+        most = max(lifetime, key=lambda p: p.lifetime_epsilon or 0.0)
+        cap = "" if most.lifetime_cap is None else f" of its cap {most.lifetime_cap:g}"
+        line += (
+            f" Over all runs on its data, {most.site} has spent {most.lifetime_epsilon:.2f}{cap}."
+        )
+    return line
 
 
 def pointing_sentence(row: PointingRow) -> str:

@@ -236,7 +236,13 @@ def write_run(
     if privacy:
         results["privacy"] = {
             "site00": {"epsilon": 7.83, "delta": 1e-4, "stopped": False},
-            "site01": {"epsilon": 8.0, "delta": 1e-4, "stopped": True},
+            "site01": {
+                "epsilon": 8.0,
+                "delta": 1e-4,
+                "stopped": True,
+                "budget-lifetime-epsilon": 9.5,
+                "budget-lifetime-cap": 10.0,
+            },
         }
     (run_dir / "results.json").write_text(json.dumps(results))
     (run_dir / "config.yaml").write_text("data:\n  root: /srv/fed\nmodel:\n  name: resnet18\n")
@@ -372,10 +378,14 @@ def test_report_with_readers_failures_privacy(tmp_path: Path) -> None:
     failures = _section(html, "Failed center rounds", "</table>")
     assert "<td>3</td><td>site01</td><td>CorruptPixelDataError</td>" in failures
     privacy = _section(html, "<h2>Differential privacy", "</table>")
-    assert "<td>site01</td><td>8.00</td><td>1.0e-04</td><td>yes</td>" in privacy
+    assert "<td>site01</td><td>8.00</td><td>1.0e-04</td><td>9.50 / 10</td><td>yes</td>" in privacy
+    assert "<td>site00</td><td>7.83</td><td>1.0e-04</td><td>n/a</td><td>no</td>" in privacy
+    assert "one image" in privacy  # the unit the guarantee protects
     flat = json.loads(paths.metrics.read_text())
     assert flat["failures.count"] == 1
     assert flat["privacy.site00.epsilon"] == pytest.approx(7.83)
+    assert flat["privacy.site01.lifetime_epsilon"] == 9.5
+    assert flat["privacy.site01.lifetime_cap"] == 10.0
     assert flat["readers.R2.sensitivity"] == pytest.approx(35 / 40)
 
 
