@@ -120,8 +120,9 @@ def _handle(msg: Message, context: Context, action: str) -> Message:
             content = norm_stats_reply_content(stats)
         elif action == "train":
             outcome = runtime.train(arrays, server_round)
-            outcome.metrics["setup-seconds"] = setup_seconds
-            outcome.metrics["client-seconds"] = time.perf_counter() - started
+            if not cfg.privacy.enabled:  # timings depend on the sampled images (site_runtime)
+                outcome.metrics["setup-seconds"] = setup_seconds
+                outcome.metrics["client-seconds"] = time.perf_counter() - started
             content = train_reply_content(outcome.arrays, outcome.num_examples, outcome.metrics)
         else:
             threshold = config.get(THRESHOLD_KEY)

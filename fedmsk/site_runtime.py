@@ -26,6 +26,12 @@ from fedmsk.data.dataset import DatasetPool
 from fedmsk.node_state import RoundFiles
 
 STATE_DIR_NAME = ".fedmsk"
+# Under DP-SGD a training reply carries only numbers the accountant covers or that follow from
+# public settings: epsilon (from the noise, sample rate and step count) and the step count (a
+# Poisson loader takes a fixed number of steps). The training loss, timings and images/s depend
+# on the training images or on which of them were sampled, so they stay in the site's own log.
+# docs/hospital-it.md, section 7, lists what leaves a node in each privacy mode.
+DP_RELEASED_TRAIN_METRICS = ("epsilon", "train-steps")
 
 
 def run_key(cfg: ExperimentConfig) -> str:
@@ -217,6 +223,8 @@ class SiteRuntime:
             raise SiteUnavailableError("no usable training images")
         self.load_global(global_arrays, server_round)
         seed_everything(derive_seed(self.cfg.seed, "train", server_round, self.alias))
+        if self.cfg.privacy.enabled:
+            self._refuse_static_copies()
         privacy = self._privacy_session()
         if privacy is not None and not privacy.can_train():
             raise SiteUnavailableError("privacy budget spent")
@@ -242,6 +250,9 @@ class SiteRuntime:
         }
         if result.epsilon is not None:
             metrics["epsilon"] = float(result.epsilon)
+        if self.cfg.privacy.enabled:
+            self.log.info("round %d (not released under DP): %s", server_round, metrics)
+            metrics = {k: v for k, v in metrics.items() if k in DP_RELEASED_TRAIN_METRICS}
         return TrainOutcome(get_arrays(self.model), int(result.num_examples), metrics)
 
     def norm_statistics(self, global_arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -253,6 +264,8 @@ class SiteRuntime:
 
         if self.heldout:
             raise SiteUnavailableError("held-out site never contributes statistics")
+        if self.cfg.privacy.enabled:  # moments of the training images, outside the accountant
+            raise SiteUnavailableError("BatchNorm statistics are not released under DP-SGD")
         loader = plain_loader(self.loaders, "train", self.cfg)
         if loader is None:
             raise SiteUnavailableError("no usable training images")
@@ -282,6 +295,15 @@ class SiteRuntime:
             planned_rounds=self.cfg.federation.num_rounds,
             ledger=SiteLedger(self.site_dir),  # the data set's lifetime budget, all runs
         )
+
+    def _refuse_static_copies(self) -> None:
+        from fedmsk.data.augment import STATIC_DIR, static_copies_under_dp
+
+        dataset = self.loaders.dataset("train")
+        items = [] if dataset is None else dataset.items
+        copies = sum(1 for item in items if _under(item.path, self.site_dir / STATIC_DIR))
+        if copies:
+            raise SiteUnavailableError(static_copies_under_dp(f"{copies} in this training set"))
 
     def privacy_status(self) -> dict[str, float]:
         if self.heldout:
@@ -361,3 +383,7 @@ def _patient_ids(loader: Any) -> list[str] | None:
     dataset = getattr(loader, "dataset", None)
     getter = getattr(dataset, "patient_ids", None)
     return list(getter()) if callable(getter) else None
+
+
+def _under(path: Path, folder: Path) -> bool:
+    return Path(path).resolve().is_relative_to(folder.resolve())

@@ -26,11 +26,15 @@ PHASE = "norm-stats"
 
 
 def wants_global_statistics(recorder: RoundRecorder, arrays: ArrayRecord) -> bool:
-    """Only models with BatchNorm, only when configured, never under FedBN (local layers)."""
-    strategy = recorder.cfg.strategy
+    """Only models with BatchNorm, only when configured, never under FedBN (local layers), and
+    never under secure aggregation or DP-SGD: a site's moments would reach the coordinator in
+    the clear, outside the sum SecAgg+ promises and outside the DP accountant."""
+    strategy, privacy = recorder.cfg.strategy, recorder.cfg.privacy
     return (
         strategy.norm_statistics == "global"
         and not strategy.local_norm_layers
+        and not privacy.secure_aggregation
+        and not privacy.enabled
         and any(key.endswith(MEAN_SUFFIX) for key in arrays)
     )
 

@@ -55,7 +55,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _context(site: Path, tmp: Path, heldout: bool = False) -> Context:
+def _context(site: Path, tmp: Path, heldout: bool = False, *extra: str) -> Context:
     overrides = [
         f"federation.heldout_sites=[{'hospital-a' if heldout else ''}]",
         f"data.root={site.parent}",
@@ -64,6 +64,7 @@ def _context(site: Path, tmp: Path, heldout: bool = False) -> Context:
         "train.batch_size=8",
         f"run_dir={tmp / 'run'}",
         "federation.sites=[hospital-a]",
+        *extra,
     ]
     return Context(
         run_id=1,
@@ -74,8 +75,8 @@ def _context(site: Path, tmp: Path, heldout: bool = False) -> Context:
     )
 
 
-def _global_arrays() -> ArrayRecord:
-    model = create_model("resnet18", num_classes=2, in_chans=1)
+def _global_arrays(dp_compatible: bool = False) -> ArrayRecord:
+    model = create_model("resnet18", num_classes=2, in_chans=1, dp_compatible=dp_compatible)
     return ArrayRecord(OrderedDict((k, Array(v)) for k, v in get_arrays(model).items()))
 
 
@@ -84,8 +85,9 @@ def _identity(flower_task_identity: None) -> None:
     return None
 
 
-def _message(kind: str, config: dict) -> Message:
-    content = RecordDict({"arrays": _global_arrays(), "config": ConfigRecord(config)})
+def _message(kind: str, config: dict, dp_compatible: bool = False) -> Message:
+    arrays = _global_arrays(dp_compatible)
+    content = RecordDict({"arrays": arrays, "config": ConfigRecord(config)})
     return Message(content, dst_node_id=7, message_type=kind)
 
 
@@ -129,6 +131,23 @@ def test_train_reply_carries_arrays_count_and_metrics_only(site: Path, tmp_path:
     assert metrics["num-examples"] > 0
     assert all(isinstance(v, int | float) for v in metrics.values())
     _assert_no_phi(_everything_sent(reply), site)
+
+
+def test_under_dp_a_train_reply_carries_only_what_the_accountant_covers(
+    site: Path, tmp_path: Path
+) -> None:
+    """No training loss, timings or images/s: they depend on the (sampled) training images."""
+    context = _context(site, tmp_path, False, "privacy=dp")
+    message = _message("train", {"fedmsk-round": 1}, dp_compatible=True)
+    reply = client_app._handle(message, context, "train")
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    metrics = dict(reply.content["metrics"])
+    assert set(metrics) == {"num-examples", "epsilon", "train-steps"}
+    assert 0 < metrics["epsilon"] <= 8.0
+    # the node keeps the rest in its own log
+    assert "train-loss" in (site / ".fedmsk" / "logs" / "node.log").read_text()
+    stats = client_app._handle(message, context, "norm-stats")
+    assert stats.has_error() and "SiteUnavailableError" in stats.error.reason
 
 
 def test_evaluate_reply_is_aggregate_only(site: Path, tmp_path: Path) -> None:

@@ -235,3 +235,21 @@ def test_final_statistics_measured_after_the_last_round_void_its_validation(
     grid = AnsweringGrid([1, 2, 3, 4])
     app.final_evaluation(grid, recorder, _good())  # type: ignore[arg-type]
     assert grid.batches == [[1, 2, 3], [1, 2, 3, 4]]
+
+
+def test_global_statistics_are_never_asked_under_secure_aggregation_or_dp(
+    tmp_path: Path,
+) -> None:
+    """A site's BatchNorm moments would reach the coordinator in the clear."""
+    from flwr.app import Array, ArrayRecord
+
+    from server.global_statistics import wants_global_statistics
+
+    arrays = ArrayRecord({"bn1.running_mean": Array(np.zeros(4, dtype=np.float32))})
+    recorder = _recorder(tmp_path)
+    assert wants_global_statistics(recorder, arrays)
+    recorder.cfg.privacy.secure_aggregation = True
+    assert not wants_global_statistics(recorder, arrays)
+    recorder.cfg.privacy.secure_aggregation = False
+    recorder.cfg.privacy.enabled = True
+    assert not wants_global_statistics(recorder, arrays)

@@ -102,3 +102,25 @@ def test_model_pool_builds_a_fresh_model_under_dp(tmp_path: Path) -> None:
     assert pool.get(plain) is pool.get(plain)
     private = compose(["model=resnet18", "privacy=dp", f"run_dir={tmp_path / 'r'}"])
     assert pool.get(private) is not pool.get(private)
+
+
+def test_under_dp_a_site_with_static_augmented_copies_refuses_to_train(tmp_path: Path) -> None:
+    """The guarantee protects one image; a copy would add its original's contribution again."""
+    from fedmsk.data.augment import static_augment
+
+    site = write_site(tmp_path / "site-a")
+    assert static_augment(site, 1, seed=0) > 0
+    cfg = compose(
+        [
+            "model=resnet18_slim",
+            "privacy=dp",
+            "data.image_size=32",
+            "train.batch_size=8",
+            f"run_dir={tmp_path / 'run'}",
+        ]
+    )
+    runtime = SiteRuntime(cfg, site, "site-a", heldout=False, seed=3)
+    with pytest.raises(SiteUnavailableError, match="statically augmented copies") as err:
+        runtime.train(get_arrays(runtime.model), server_round=1)
+    assert str(tmp_path) not in str(err.value)
+    assert not (site / ".fedmsk" / "privacy-ledger.json").exists()  # nothing was spent

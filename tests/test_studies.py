@@ -324,3 +324,13 @@ def test_simulate_atfl_study_end_to_end(tmp_path: Path) -> None:
     build_report(run_dir)
     assert "Model versus readers" in (run_dir / "report.md").read_text()
     _assert_no_phi(tmp_path / "data", run_dir)
+
+
+def test_static_augmentation_arm_is_refused_under_dp(tmp_path: Path) -> None:
+    """Copies would multiply an image's contribution: refused before any copy is written."""
+    from fedmsk.studies.dislocation_xray import prepare_static, static_root
+
+    cfg = compose(["study=dislocation_xray", "privacy=dp", f"data.root={tmp_path / 'fed'}"])
+    with pytest.raises(ValueError, match="refused under DP-SGD"):
+        prepare_static(cfg)
+    assert not static_root(cfg).exists()

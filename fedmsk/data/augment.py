@@ -31,6 +31,16 @@ from fedmsk.data.splits import assign_splits, find_split_issues
 STATIC_DIR = "augmented"
 
 
+def static_copies_under_dp(how_many: str) -> str:
+    """Why static copies and DP-SGD do not mix (one message for the node and the studies)."""
+    return (
+        f"statically augmented copies ({how_many}, the {STATIC_DIR}/ folder) are refused under "
+        "DP-SGD: the guarantee protects one image, and each copy adds its original's "
+        "contribution again. Remove them from the manifest, or train without privacy "
+        "(on-the-fly augmentation, data.augment=true, is unaffected)"
+    )
+
+
 class SeededAugment:
     """Random resized crop, rotation, gamma, brightness/contrast, blur, noise and optional flip.
 

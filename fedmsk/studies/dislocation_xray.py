@@ -61,8 +61,11 @@ def prepare_static(cfg: ExperimentConfig) -> tuple[str, ...]:
     Held-out centers are linked, not copied (they are only read); the copy is built under a
     temporary name and renamed when complete, so an interrupted build is never used.
     """
-    from fedmsk.data.augment import static_augment
+    from fedmsk.data.augment import static_augment, static_copies_under_dp
     from fedmsk.data.federation import FEDERATION_FILE, load_federation
+
+    if cfg.privacy.enabled:
+        raise ValueError(static_copies_under_dp(f"{STATIC_COPIES} per training image"))
 
     source = Path(cfg.data.root)
     target = static_root(cfg)
