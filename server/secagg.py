@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -270,6 +271,13 @@ def run_secagg_rounds(
     cfg = recorder.cfg
     training = recorder.training_node_ids()
     check_secagg_config(cfg, len(training))
+    if min(cfg.privacy.secagg_reconstruction_threshold, len(training)) >= len(training):
+        log.warning(
+            "secure aggregation over %d training sites needs every one of them in every round "
+            "(reconstruction threshold %d): a site that drops out loses the round for all",
+            len(training),
+            min(cfg.privacy.secagg_reconstruction_threshold, len(training)),
+        )
     if cfg.strategy.fraction_train < 1.0:
         log.warning("secure aggregation samples every training site (strategy.fraction_train)")
     names = list(arrays)
@@ -357,7 +365,7 @@ def secagg_round(
     contributors = {alias for alias, _, _ in outcome.sites}
     _record_dropouts(recorder, server_round, watched, contributors)
     clipped = int(sum(float(m.get(CLIPPED_METRIC, 0.0)) for _, _, m in outcome.sites))
-    problem = _aggregate_problem(outcome, settings)
+    problem = _aggregate_problem(outcome, settings, current)
     usable = completed and outcome.arrays is not None and problem is None
     if usable and recorder.enough_replies(outcome.sites):  # type: ignore[arg-type]
         _record_sites(recorder, server_round, outcome)
@@ -414,18 +422,42 @@ def _record_dropouts(
         recorder.record_failure(server_round, alias, "train", error)
 
 
-def _aggregate_problem(outcome: RoundOutcome, settings: SecAggSettings) -> str | None:
+def _aggregate_problem(
+    outcome: RoundOutcome, settings: SecAggSettings, sent: dict[str, np.ndarray]
+) -> str | None:
     """Why the unmasked aggregate must not be used, if it must not. A weight factor above 1
     (a site with more examples than max_weight) can wrap the masked sum of the factors: the
     mean then comes out finite and wrongly scaled (3x the true mean was reproduced), so such a
-    round is refused rather than trusted."""
+    round is refused rather than trusted. Any other wrap of the masked sums shows the same way,
+    so the aggregate's size is also compared with the model the round sent out."""
     for alias, num_examples, _ in outcome.sites:
         if num_examples > settings.max_weight:
             return weight_overflow(alias, num_examples, settings.max_weight)
     for name, value in (outcome.arrays or {}).items():
         if not np.isfinite(value).all():
             return f"non-finite values in the secure aggregate of {name}"
+    ratio = _scale_ratio(outcome.arrays or {}, sent)
+    if ratio is not None and not 1 / AGGREGATE_SCALE_LIMIT <= ratio <= AGGREGATE_SCALE_LIMIT:
+        return (
+            f"the unmasked aggregate's weights are {ratio:.2f} times the size of the model sent "
+            "out this round: an average of locally trained copies cannot be; a wrapped masked "
+            "sum (quantisation or weight-factor overflow) is likely, so the round is refused"
+        )
     return None
+
+
+# One round of local training moves a model's weights by a few percent of their norm; an
+# average of such models far from the sent model's size can only come from a corrupted sum.
+AGGREGATE_SCALE_LIMIT = 2.0
+_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _scale_ratio(aggregate: dict[str, np.ndarray], sent: dict[str, np.ndarray]) -> float | None:
+    """||aggregate|| / ||sent|| over the trained weights (BatchNorm statistics left out)."""
+    names = [k for k in aggregate if k in sent and not k.endswith(_STATISTICS)]
+    before = math.sqrt(sum(float(np.sum(np.square(sent[k], dtype=np.float64))) for k in names))
+    after = math.sqrt(sum(float(np.sum(np.square(aggregate[k], dtype=np.float64))) for k in names))
+    return after / before if before > 0 else None
 
 
 def weight_overflow(alias: str, num_examples: int, max_weight: float) -> str:

@@ -398,10 +398,30 @@ def test_the_server_refuses_an_aggregate_whose_weights_overflow() -> None:
         quantization_range=2**20,
         max_weight=100.0,
     )
+    sent = {"w": np.full(3, 0.9, np.float32), "bn.running_var": np.ones(3, np.float32)}
     outcome = RoundOutcome()
-    outcome.arrays = {"w": np.ones(3, np.float32)}
+    outcome.arrays = {"w": np.ones(3, np.float32), "bn.running_var": np.ones(3, np.float32)}
     outcome.sites = [("site00", 50, {}), ("site01", 20_000, {})]
-    problem = _aggregate_problem(outcome, settings)
+    problem = _aggregate_problem(outcome, settings, sent)
     assert problem is not None and problem.startswith("site01 trained on 20000 examples")
     outcome.sites = [("site00", 50, {}), ("site01", 100, {})]
-    assert _aggregate_problem(outcome, settings) is None
+    assert _aggregate_problem(outcome, settings, sent) is None
+    # a sum that wrapped some other way: finite, but three times the size of the sent model
+    outcome.arrays = {"w": np.full(3, 2.7, np.float32), "bn.running_var": np.ones(3, np.float32)}
+    problem = _aggregate_problem(outcome, settings, sent)
+    assert problem is not None and "3.00 times the size" in problem
+    # BatchNorm statistics may move a lot in a round and are not compared
+    outcome.arrays = {"w": np.ones(3, np.float32), "bn.running_var": np.full(3, 9.0, np.float32)}
+    assert _aggregate_problem(outcome, settings, sent) is None
+
+
+def test_two_training_sites_are_told_that_no_dropout_is_tolerated(
+    protocol: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="fedmsk.server"):
+        protocol("federation.num_rounds=1", "federation.heldout_sites=[site02,site03]")
+    assert "needs every one of them in every round" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fedmsk.server"):
+        protocol("federation.num_rounds=1")
+    assert "needs every one of them" not in caplog.text
