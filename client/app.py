@@ -29,7 +29,15 @@ from flwr.clientapp import ClientApp
 
 from client.node import DATASET_POOL, MODEL_POOL, config_for, failure_reply, resolve_site
 from client.secagg import secagg_train_mod
-from fedmsk.protocol import NORM_STATS_ACTION, NORM_STATS_RECORD, ROUND_KEY, THRESHOLD_KEY
+from fedmsk.protocol import (
+    COUNT_BOUND_ACTION,
+    COUNT_BOUND_KEY,
+    NORM_STATS_ACTION,
+    NORM_STATS_RECORD,
+    ROUND_KEY,
+    THRESHOLD_KEY,
+    count_bound,
+)
 from fedmsk.site_runtime import SiteRuntime, derive_seed, node_logger
 
 app = ClientApp()
@@ -114,6 +122,10 @@ def _handle(msg: Message, context: Context, action: str) -> Message:
             dataset_pool=DATASET_POOL,
         )
         setup_seconds = time.perf_counter() - started
+        if action == "count-bound":  # SecAgg+ set-up: the size to within a factor of two
+            bound = count_bound(runtime.train_count())
+            detail = ConfigRecord({"site-alias": alias, COUNT_BOUND_KEY: bound})
+            return Message(RecordDict({"detail": detail}), reply_to=msg)
         arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
         if action == "norm-stats":
             stats = runtime.norm_statistics(arrays)
@@ -156,3 +168,8 @@ def query(msg: Message, context: Context) -> Message:
 @app.query(NORM_STATS_ACTION)
 def norm_stats(msg: Message, context: Context) -> Message:
     return _handle(msg, context, "norm-stats")
+
+
+@app.query(COUNT_BOUND_ACTION)
+def train_count_bound(msg: Message, context: Context) -> Message:
+    return _handle(msg, context, "count-bound")

@@ -24,5 +24,15 @@ ARRAY_NAMES_KEY = "fedmsk-array-names"
 CLIPPING_RANGE_KEY = "secagg-clipping-range"
 MAX_WEIGHT_KEY = "secagg-max-weight"
 QUANTIZATION_RANGE_KEY = "secagg-quantization-range"
+COUNT_BOUND_ACTION = "train_count_bound"
+"""Query action (SecAgg+ only): a power-of-two bound on the site's training-set size, from which
+the coordinator chooses max_weight so that no site's weight factor exceeds 1."""
+COUNT_BOUND_KEY = "train-count-bound"
 CLIPPED_METRIC = "secagg-clipped"
 """Metric a node reports: how many of its scaled values fall outside +-clipping_range."""
+
+
+def count_bound(count: int) -> int:
+    """The smallest power of two >= ``count`` (1 for an empty site): the size to within a
+    factor of two, all a coordinator needs to keep every SecAgg+ weight factor at most 1."""
+    return 1 << max(0, int(count) - 1).bit_length()

@@ -275,6 +275,10 @@ class SiteRuntime:
         moments = measure_moments(self.model, image_batches(loader, limit or None))
         return to_arrays(moments)
 
+    def train_count(self) -> int:
+        """How many usable training images this site has (0 at a held-out site)."""
+        return 0 if self.heldout else sum(self._train_class_counts())
+
     def _train_class_counts(self) -> list[int]:
         counts = self.loaders.counts.get("train", {})
         return [int(counts.get(name, 0)) for name in self.cfg.task.classes]

@@ -33,7 +33,10 @@ import numpy as np
 from flwr.app import (
     ConfigRecord,
     Context,
+    Message,
+    MessageType,
     MetricRecord,
+    RecordDict,
 )
 from flwr.common import (
     EvaluateIns,
@@ -62,6 +65,8 @@ from fedmsk.protocol import (
     ARRAY_NAMES_KEY,
     CLIPPED_METRIC,
     CLIPPING_RANGE_KEY,
+    COUNT_BOUND_ACTION,
+    COUNT_BOUND_KEY,
     MAX_WEIGHT_KEY,
     QUANTIZATION_RANGE_KEY,
     ROUND_KEY,
@@ -146,8 +151,12 @@ def clipping_range_for(arrays: dict[str, np.ndarray], configured: float) -> floa
 
 
 def settings_for(
-    cfg: ExperimentConfig, arrays: dict[str, np.ndarray], num_sites: int
+    cfg: ExperimentConfig,
+    arrays: dict[str, np.ndarray],
+    num_sites: int,
+    max_weight: float | None = None,
 ) -> SecAggSettings:
+    """This round's parameters; ``max_weight`` defaults to the configured one."""
     privacy = cfg.privacy
     # More shares than sites only repeats neighbours; 1.0 means "every sampled site".
     num_shares: int | float = (
@@ -158,8 +167,50 @@ def settings_for(
         reconstruction_threshold=min(privacy.secagg_reconstruction_threshold, num_sites),
         clipping_range=clipping_range_for(arrays, privacy.secagg_clipping_range),
         quantization_range=quantization_range_for(num_sites),
-        max_weight=float(privacy.secagg_max_weight),
+        max_weight=float(privacy.secagg_max_weight if max_weight is None else max_weight),
     )
+
+
+def chosen_max_weight(grid: Grid, recorder: RoundRecorder, nodes: list[int]) -> float:
+    """``privacy.secagg_max_weight``, raised to the largest training site's size bound.
+
+    Every site's weight factor ``num_examples / max_weight`` must stay at most 1 or the masked
+    sum can wrap; asking the sites for a power-of-two bound on their size (nothing finer)
+    before the first round lets large sites take part without the coordinator guessing. A site
+    that does not answer keeps the configured value in force for it (and drops out of a round
+    if it is larger; client/secagg.py)."""
+    configured = float(recorder.cfg.privacy.secagg_max_weight)
+    messages = [
+        Message(
+            RecordDict({"config": ConfigRecord()}),
+            dst_node_id=node,
+            message_type=f"{MessageType.QUERY}.{COUNT_BOUND_ACTION}",
+        )
+        for node in nodes
+    ]
+    timeout = recorder.cfg.federation.round_timeout_s
+    bounds = []
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        detail = None if reply.has_error() else reply.content.get("detail")
+        if detail is not None and COUNT_BOUND_KEY in detail:
+            bounds.append(int(detail[COUNT_BOUND_KEY]))
+    if len(bounds) < len(nodes):
+        log.warning(
+            "%d of %d training sites did not give a size bound for SecAgg+: max_weight stays at "
+            "least privacy.secagg_max_weight=%g for them",
+            len(nodes) - len(bounds),
+            len(nodes),
+            configured,
+        )
+    chosen = max([configured, *bounds])
+    if chosen > configured:
+        log.info(
+            "privacy.secagg_max_weight raised from %g to %g: the largest training site's size "
+            "bound (a power of two)",
+            configured,
+            chosen,
+        )
+    return chosen
 
 
 # -- the legacy strategy -----------------------------------------------------------------------
@@ -292,8 +343,9 @@ def run_secagg_rounds(
     legacy = LegacyContext(context, ServerConfig(num_rounds=remaining), strategy, manager)
     current = {k: np.asarray(v) for k, v in arrays.items()}
     summary: list[dict[str, Any]] = _previous_summary(recorder)
+    max_weight = chosen_max_weight(grid, recorder, training) if remaining > 0 else None
     for server_round in range(1, remaining + 1):
-        settings = settings_for(cfg, current, len(training))
+        settings = settings_for(cfg, current, len(training), max_weight)
         entry = secagg_round(grid, legacy, strategy, settings, server_round, current)
         summary.append(entry)
         recorder.run_dir.write_json(SUMMARY_FILE, {"rounds": summary})

@@ -150,6 +150,23 @@ def test_under_dp_a_train_reply_carries_only_what_the_accountant_covers(
     assert stats.has_error() and "SiteUnavailableError" in stats.error.reason
 
 
+def test_secagg_size_query_gets_a_power_of_two_bound_and_the_alias_only(
+    site: Path, tmp_path: Path
+) -> None:
+    context = _context(site, tmp_path, False, "privacy=secagg")
+    reply = client_app._handle(_message("query", {}), context, "count-bound")
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    detail = dict(reply.content["detail"])
+    assert set(detail) == {"site-alias", "train-count-bound"}
+    from client.node import config_for
+    from fedmsk.site_runtime import SiteRuntime
+
+    count = SiteRuntime(config_for(context), site, "hospital-a", False, 0).train_count()
+    bound = int(detail["train-count-bound"])
+    assert bound & (bound - 1) == 0 and count <= bound < 2 * count
+    _assert_no_phi(_everything_sent(reply), site)
+
+
 def test_evaluate_reply_is_aggregate_only(site: Path, tmp_path: Path) -> None:
     reply = client_app._handle(
         _message("evaluate", {"fedmsk-round": 1, "threshold": 0.5}),

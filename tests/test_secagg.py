@@ -21,11 +21,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 import client.app as client_app
 import client.secagg as client_secagg
 from fedmsk.config import ExperimentConfig, compose
+from fedmsk.protocol import COUNT_BOUND_ACTION, COUNT_BOUND_KEY, count_bound
 from fedmsk.run_dir import RunDirectory
 from fedmsk.site_runtime import TrainOutcome
 from server.rounds import RoundRecorder
@@ -99,6 +100,7 @@ class FakeRuntime:
     calls: list[tuple[str, int]] = []
     failing: set[str] = set()
     blow_up: set[str] = set()
+    no_bounds = False  # nodes that do not answer the SecAgg+ size-bound query
 
     def __init__(
         self,
@@ -162,6 +164,10 @@ def _node(node_id: int, alias: str, cfg: ExperimentConfig) -> Callable[[Message]
     def handle(msg: Message) -> Message:
         if msg.metadata.message_type == MessageType.TRAIN:
             return client_secagg.secagg_train_mod(msg, context, plain_train)
+        if msg.metadata.message_type.endswith(COUNT_BOUND_ACTION) and not FakeRuntime.no_bounds:
+            bound = count_bound(EXAMPLES.get(alias, 0))
+            detail = ConfigRecord({"site-alias": alias, COUNT_BOUND_KEY: bound})
+            return Message(RecordDict({"detail": detail}), reply_to=msg)
         content = client_app.evaluate_reply_content(alias, 10, {"eval-loss": 0.5}, {}, {})
         return Message(content, reply_to=msg)
 
@@ -206,6 +212,7 @@ def protocol(
         return recorder, grid, arrays
 
     FakeRuntime.calls, FakeRuntime.failing, FakeRuntime.blow_up = [], set(), set()
+    FakeRuntime.no_bounds = False
     return run
 
 
@@ -309,6 +316,9 @@ def _overrides(data_root: Path, run_dir: Path) -> list[str]:
         "federation=small",
         "federation.num_rounds=1",
         "strategy=fedavg",
+        # SecAgg+ keeps the averaged BatchNorm statistics (global ones would leave each site's
+        # moments in the clear), so the plain run is compared with that setting too
+        "strategy.norm_statistics=average",
         # fp32: bf16 autocast (train.precision=auto on a CPU with native bf16) rounds differently
         # with the thread count, and the two runs here share the cores unevenly
         "train.precision=fp32",
@@ -374,6 +384,7 @@ def test_a_site_above_max_weight_drops_out_instead_of_corrupting_the_sum(protoco
     the site refuses to contribute and names the setting; the others aggregate as usual."""
     biggest = max(EXAMPLES.values())
     largest = max(EXAMPLES, key=EXAMPLES.get)
+    FakeRuntime.no_bounds = True  # (with bounds the coordinator would raise max_weight)
     recorder, _, initial = protocol(
         "federation.num_rounds=1", f"privacy.secagg_max_weight={biggest - 1}"
     )
@@ -425,3 +436,18 @@ def test_two_training_sites_are_told_that_no_dropout_is_tolerated(
     with caplog.at_level(logging.WARNING, logger="fedmsk.server"):
         protocol("federation.num_rounds=1")
     assert "needs every one of them" not in caplog.text
+
+
+def test_max_weight_is_raised_to_the_largest_sites_size_bound(protocol: Any) -> None:
+    """A configured max_weight below a site's size no longer costs that site its rounds."""
+    biggest = max(EXAMPLES.values())
+    recorder, _, initial = protocol(
+        "federation.num_rounds=1", f"privacy.secagg_max_weight={biggest - 10}"
+    )
+    (secagg,) = [m for m in _lines(recorder) if m["phase"] == "secagg"]
+    assert secagg["max_weight"] == count_bound(biggest) == 32
+    assert not recorder.failures
+    sites = ["site00", "site01", "site02"]
+    bound = _quantisation_bound([secagg], sites)
+    for key, value in _fedavg(initial, sites).items():
+        np.testing.assert_allclose(recorder.last_arrays[key], value, rtol=0, atol=bound)
