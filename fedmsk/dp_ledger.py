@@ -23,8 +23,6 @@ import contextlib
 import fcntl
 import json
 import math
-import os
-import tempfile
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,6 +37,7 @@ from fedmsk.dp_accounting import (
     epsilon_for,
     noise_within,
 )
+from fedmsk.run_dir import atomic_write_bytes
 
 POLICY_FILE = "privacy-policy.toml"
 LEDGER_FILE = "privacy-ledger.json"
@@ -263,13 +262,4 @@ class SiteLedger:
                 for e in entries
             ],
         }
-        handle, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as out:
-                json.dump(data, out, indent=1)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_bytes(self.path, json.dumps(data, indent=1).encode("utf-8"))

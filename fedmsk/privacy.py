@@ -25,9 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -58,6 +56,7 @@ from fedmsk.dp_compat import (
 )
 from fedmsk.dp_ledger import LIFETIME_NOISE_LIMIT, SiteLedger
 from fedmsk.dp_random import secret_generator
+from fedmsk.run_dir import atomic_write_bytes
 
 __all__ = [
     "ACCOUNTANTS",
@@ -126,17 +125,7 @@ def _shown(path: Path) -> str:
 
 
 def _write_atomically(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            json.dump(data, out, indent=2, sort_keys=True)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, json.dumps(data, indent=2, sort_keys=True).encode("utf-8"))
 
 
 def _read_state(path: Path) -> PrivacyState:

@@ -39,7 +39,8 @@ class Checkpoint:
     threshold: float
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a reader sees the old file or the new one, whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -122,7 +123,7 @@ def record_failure_cause(directory: Path | str, exc: BaseException) -> None:
     if not path.is_absolute():
         return
     path.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(path / FAILURE_FILE, (one_line_cause(exc) + "\n").encode("utf-8"))
+    atomic_write_bytes(path / FAILURE_FILE, (one_line_cause(exc) + "\n").encode("utf-8"))
 
 
 def failure_cause(directory: Path | str, since: float) -> str | None:
@@ -157,8 +158,8 @@ class RunDirectory:
 
     def initialise(self, cfg: ExperimentConfig) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        _atomic_write_bytes(self.path / "config.yaml", to_yaml(cfg).encode())
-        _atomic_write_bytes(self.path / "config_hash.txt", (config_hash(cfg) + "\n").encode())
+        atomic_write_bytes(self.path / "config.yaml", to_yaml(cfg).encode())
+        atomic_write_bytes(self.path / "config_hash.txt", (config_hash(cfg) + "\n").encode())
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         line = json.dumps(record, default=_json_default, sort_keys=True)
@@ -195,19 +196,19 @@ class RunDirectory:
         """Drop metric lines of rounds after ``last_round`` (a resumed run rewrites them)."""
         kept = [m for m in self.read_metrics() if int(m.get("round", 0)) <= last_round]
         body = "".join(json.dumps(m, sort_keys=True) + "\n" for m in kept)
-        _atomic_write_bytes(self.metrics_path, body.encode())
+        atomic_write_bytes(self.metrics_path, body.encode())
 
     def write_json(self, name: str, content: dict[str, Any]) -> Path:
         path = self.path / name
         blob = json.dumps(content, default=_json_default, indent=2, sort_keys=True)
-        _atomic_write_bytes(path, blob.encode())
+        atomic_write_bytes(path, blob.encode())
         return path
 
     def save_checkpoint(self, checkpoint: Checkpoint, keep: int = CHECKPOINTS_KEPT) -> Path:
         """Write a round's checkpoint and remove all but the newest ``keep`` rounds (a long
         study would otherwise fill a disk with model copies; final_model.npz is separate)."""
         path = self.path / CHECKPOINT_DIR / CHECKPOINT_PATTERN.format(checkpoint.round)
-        _atomic_write_bytes(path, pickle.dumps(checkpoint, protocol=pickle.HIGHEST_PROTOCOL))
+        atomic_write_bytes(path, pickle.dumps(checkpoint, protocol=pickle.HIGHEST_PROTOCOL))
         older = sorted(path.parent.glob("round_*.ckpt"))
         for stale in older[: max(0, len(older) - max(1, keep))]:
             stale.unlink(missing_ok=True)
