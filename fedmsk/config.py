@@ -185,6 +185,9 @@ class PrivacyConfig:
     max_grad_norm: float = 1.0
     accountant: str = "rdp"
     grad_sample_mode: str = "auto"
+    # What the DP guarantee protects: "image" (every training image is a record) or "patient"
+    # (each patient keeps one training image under DP, so removing a patient removes one record)
+    unit: str = "image"
     secure_aggregation: bool = False
     secagg_num_shares: int = 3
     secagg_reconstruction_threshold: int = 2

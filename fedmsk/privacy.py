@@ -36,6 +36,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
+from fedmsk import dp_modes
 from fedmsk.config import PrivacyConfig
 from fedmsk.dp_accounting import (
     BudgetExhaustedError,
@@ -49,12 +50,12 @@ from fedmsk.dp_accounting import (
 )
 from fedmsk.dp_compat import (
     DPCompatibilityError,
-    has_depthwise_conv,
     make_dp_compatible,
     model_name,
     validation_errors,
 )
 from fedmsk.dp_ledger import LIFETIME_NOISE_LIMIT, SiteLedger
+from fedmsk.dp_modes import GRAD_SAMPLE_MODES, choose_grad_sample_mode
 from fedmsk.dp_random import secret_generator
 from fedmsk.run_dir import atomic_write_bytes
 
@@ -76,7 +77,6 @@ log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 ACCOUNTANTS = ("rdp", "prv")
-GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ew", "ghost")
 # fit() calls criterion(model(x), y) then loss.backward(): ghost clipping needs Opacus' own
 # two-pass criterion, which that loop cannot use, so a request for it falls back to these.
 _FIT_FALLBACKS = ("hooks", "functorch")
@@ -158,60 +158,6 @@ def _check_settings(state: PrivacyState, cfg: PrivacyConfig, delta: float, path:
 
 
 # -- per-sample gradient mode -------------------------------------------------------------------
-
-
-def choose_grad_sample_mode(model: nn.Module, requested: str = "auto") -> str:
-    """Opacus' per-sample gradient implementation for ``model``.
-
-    ``auto``: functorch for models with depthwise/grouped convolutions (EfficientNet,
-    MobileNet, MnasNet), where the hook modes are 3-5x slower and use GBs more memory; hooks
-    otherwise (ResNets), the fastest and most widely supported mode there.
-    """
-    mode = (requested or "auto").strip().lower()
-    if mode not in GRAD_SAMPLE_MODES:
-        raise ValueError(
-            f"privacy.grad_sample_mode={requested!r} is not one of {', '.join(GRAD_SAMPLE_MODES)}"
-        )
-    if mode != "auto":
-        return mode
-    return "functorch" if has_depthwise_conv(model) else "hooks"
-
-
-def _probe_input(loader: DataLoader) -> torch.Tensor:
-    """Random images of the dataset's shape: the probe must not touch any real image's values."""
-    sample = loader.dataset[0]  # type: ignore[index]
-    image = sample[0] if isinstance(sample, tuple | list) else sample
-    shape = tuple(torch.as_tensor(image).shape)
-    return torch.randn((2, *shape))
-
-
-def _mode_works(model: nn.Module, mode: str, loader: DataLoader) -> str | None:
-    """One forward/backward of random data through Opacus' wrapper; the failure, if any."""
-    from opacus.grad_sample.utils import wrap_model
-
-    device = next(model.parameters()).device
-    inputs = _probe_input(loader).to(device)
-    wrapped = None
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            wrapped = wrap_model(
-                model, grad_sample_mode=mode, batch_first=True, loss_reduction="mean"
-            )
-            wrapped(inputs).float().sum().backward()
-        missing = [
-            name
-            for name, p in model.named_parameters()
-            if p.requires_grad and getattr(p, "grad_sample", None) is None
-        ]
-        return f"no per-sample gradient for {missing[0]}" if missing else None
-    except Exception as err:  # noqa: BLE001 - any failure means "try the next mode"
-        first_line = str(err).splitlines()[0][:200] if str(err) else ""
-        return f"{type(err).__name__}: {first_line}"
-    finally:
-        if wrapped is not None:
-            wrapped.cleanup()
-        model.zero_grad(set_to_none=True)
 
 
 class EmptyBatchSafe(nn.Module):
@@ -567,7 +513,18 @@ class DPSession:
             )
 
     def _working_mode(self, model: nn.Module, loader: DataLoader) -> str:
-        """The requested/auto mode if a probe succeeds, else the first fallback that does."""
+        """With ``auto``, the fastest mode by a timed probe (fedmsk.dp_modes; cached on the
+        node); otherwise, or if no mode passes it, the requested/auto mode if one pass
+        succeeds, else the first fallback that does. Kept for the run once chosen."""
+        auto = (self.cfg.grad_sample_mode or "auto").strip().lower() == "auto"
+        if auto and self.state.grad_sample_mode in dp_modes.PROBED_MODES:
+            return self.state.grad_sample_mode  # chosen in an earlier round of this run
+        if auto:
+            cache = None if self.ledger is None else self.ledger.path.with_name(dp_modes.CACHE_FILE)
+            fastest = dp_modes.fastest_grad_sample_mode(model, loader, cache)
+            if fastest is not None:
+                self.state.grad_sample_mode = fastest
+                return fastest
         requested = choose_grad_sample_mode(model, self.cfg.grad_sample_mode)
         candidates = [requested] + [m for m in _FIT_FALLBACKS if m != requested]
         if requested == "ghost":
@@ -579,7 +536,7 @@ class DPSession:
         if self.state.grad_sample_mode in candidates[:1]:
             return self.state.grad_sample_mode  # probed in an earlier round of this run
         for mode in candidates:
-            problem = _mode_works(model, mode, loader)
+            problem = dp_modes.mode_works(model, mode, loader)
             if problem is None:
                 if mode != candidates[0]:
                     self._say(

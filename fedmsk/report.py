@@ -392,12 +392,24 @@ def _privacy_section(doc: Document, data: RunData) -> None:
             "Privacy spent per center in this run, and over its lifetime: every run that "
             "trained on the center's data set composed, against the cap the center set in its "
             "own policy file (no run setting can raise it). A center stops training when either "
-            "budget is reached. The unit protected is one image: a patient with k images in "
-            "a training set is protected at about k times the epsilon (group privacy)."
+            f"budget is reached. {_privacy_unit_sentence(data)}"
         ),
         Table(
             ["Center", "epsilon (run)", "delta", "Lifetime epsilon / cap", "Budget reached"], rows
         ),
+    )
+
+
+def _privacy_unit_sentence(data: RunData) -> str:
+    if data.run.fields.get("privacy_unit") == "patient":
+        return (
+            "The unit protected is one patient: under DP each patient kept one training image "
+            "(privacy.unit=patient)."
+        )
+    return (
+        "The unit protected is one image: a patient with k images in a training set is "
+        "protected at about k times the epsilon (group privacy; privacy.unit=patient protects "
+        "patients instead)."
     )
 
 
@@ -439,6 +451,7 @@ def _run_section(doc: Document, data: RunData) -> None:
         "task": "Task",
         "rounds": "Rounds",
         "config_hash": "Config hash",
+        "privacy_unit": "DP protects one",
     }
     rows = [[labels[k], v] for k, v in data.run.fields.items()]
     if data.run.classes:

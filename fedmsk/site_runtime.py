@@ -34,6 +34,16 @@ STATE_DIR_NAME = ".fedmsk"
 DP_RELEASED_TRAIN_METRICS = ("epsilon", "train-steps")
 
 
+def patient_level_privacy(cfg: ExperimentConfig) -> bool:
+    """Whether DP-SGD protects patients (one training image each) rather than images."""
+    if not cfg.privacy.enabled:
+        return False
+    unit = str(cfg.privacy.unit).strip().lower()
+    if unit not in ("image", "patient"):
+        raise ValueError(f"privacy.unit={cfg.privacy.unit!r} is not one of image, patient")
+    return unit == "patient"
+
+
 def run_key(cfg: ExperimentConfig) -> str:
     """Names a run's node-local state: the same experiment written to the same run dir."""
     blob = f"{config_hash(cfg)}|{Path(cfg.run_dir).name}".encode()
@@ -137,7 +147,13 @@ class SiteRuntime:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.log = node_logger(self.site_dir, alias)
         self.loaders = build_site_loaders(
-            self.site_dir, cfg.task, cfg.data, cfg.train, seed=seed, pool=dataset_pool
+            self.site_dir,
+            cfg.task,
+            cfg.data,
+            cfg.train,
+            seed=seed,
+            pool=dataset_pool,
+            one_image_per_patient=patient_level_privacy(cfg),
         )
         if self.loaders.skipped:
             self.log.warning("%d unreadable image(s) left out", len(self.loaders.skipped))

@@ -232,6 +232,7 @@ def write_results(recorder: RoundRecorder, sites: dict[str, Any], seconds: float
                 "rounds": cfg.federation.num_rounds,
                 "config_hash": config_hash(cfg),
                 "privacy": "dp" if cfg.privacy.enabled else "none",
+                **({"privacy_unit": str(cfg.privacy.unit)} if cfg.privacy.enabled else {}),
                 "secure_aggregation": cfg.privacy.secure_aggregation,
                 "training_sites": sorted(
                     a for a in recorder.node_alias.values() if not recorder.is_heldout(a)

@@ -34,7 +34,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-MODES = ("hooks", "functorch", "ew", "ghost")
+MODES = ("hooks", "functorch", "ew", "ghost", "auto")
+# "auto" = what a site with privacy.grad_sample_mode=auto uses: the timed probe of
+# fedmsk.dp_modes picks the mode (its choice is the row's chosen_mode), then that mode is timed.
 MODELS = ("resnet18", "efficientnet_b0", "mobilenetv3_small_100")
 # Default modes per model: those the platform notes found usable. Hook modes on depthwise
 # models run 10-20x slower than plain training and need GBs; `--modes all` measures them too.
@@ -69,6 +71,7 @@ class Measurement:
     # (weights, data, the plain twin) when the timed steps began
     peak_gpu_mib: float | None = None
     gpu_before_training_mib: float | None = None
+    chosen_mode: str | None = None  # the mode the timed probe picked (mode "auto" only)
 
 
 def _rss_mib() -> float:
@@ -153,9 +156,19 @@ def run_worker(args: argparse.Namespace) -> Measurement:
     labels = torch.randint(0, 2, (n,)).to(args.device)
     twin = model if args.mode == "none" else copy.deepcopy(model)
     plain = _trainer(twin, "none", args.batch, n, args.device)
+    chosen = None
+    if args.mode == "auto":
+        from torch.utils.data import DataLoader, TensorDataset
+
+        from fedmsk.dp_modes import fastest_grad_sample_mode
+
+        probe_loader = DataLoader(TensorDataset(images.cpu(), labels.cpu()), batch_size=args.batch)
+        chosen = fastest_grad_sample_mode(model, probe_loader)
+        if chosen is None:
+            raise SystemExit("auto: no per-sample gradient mode works for this model")
     private = None
     if args.mode != "none":
-        private = _trainer(model, args.mode, args.batch, n, args.device)
+        private = _trainer(model, chosen or args.mode, args.batch, n, args.device)
     rss_before = _rss_mib()
     gpu_before = torch.cuda.memory_allocated() / 2**20 if cuda else None
     plain_times: list[float] = []
@@ -179,6 +192,7 @@ def run_worker(args: argparse.Namespace) -> Measurement:
         dp_ips if dp_ips is not None else plain_ips, plain_ips,
         dp_ips / plain_ips if dp_ips is not None else None, peak, rss_before,
         device=args.device, peak_gpu_mib=peak_gpu, gpu_before_training_mib=gpu_before,
+        chosen_mode=chosen,
     )  # fmt: skip
 
 
@@ -226,20 +240,39 @@ def markdown(rows: list[Measurement]) -> str:
         rule += "---:|---:|"
     out = [head, rule]
     for r in rows:
+        mode = r.mode if r.chosen_mode is None else f"auto ({r.chosen_mode})"
         if r.error:
-            out.append(f"| {r.model} | {r.mode} | failed: {r.error} | | | | | |" + " |" * 2 * gpu)
+            out.append(f"| {r.model} | {mode} | failed: {r.error} | | | | | |" + " |" * 2 * gpu)
             continue
         ratio = "" if r.ratio is None else f"{r.ratio:.2f}"
         slowdown = "" if not r.ratio else f"{1 / r.ratio:.1f}x"
         line = (
-            f"| {r.model} | {r.mode} | {r.images_per_second:.1f} | "
+            f"| {r.model} | {mode} | {r.images_per_second:.1f} | "
             f"{r.plain_images_per_second:.1f} | {ratio} | {slowdown} | "
             f"{r.peak_rss_mib:.0f} | {r.rss_before_training_mib:.0f} |"
         )
         if gpu:
             line += f" {_mib(r.peak_gpu_mib)} | {_mib(r.gpu_before_training_mib)} |"
         out.append(line)
-    return "\n".join(out)
+    return "\n".join(out + auto_summary(rows))
+
+
+def auto_summary(rows: list[Measurement]) -> list[str]:
+    """Per model: the probe's choice against the best mode measured (DP / plain ratios, which
+    hold up on a shared machine; target >= 0.95)."""
+    lines = []
+    for auto in (r for r in rows if r.mode == "auto" and r.ratio):
+        fixed = [r for r in rows if r.model == auto.model and r.mode not in ("none", "auto")]
+        measured = [r for r in fixed if r.ratio]
+        if not measured:
+            continue
+        best = max(measured, key=lambda r: r.ratio or 0.0)
+        share = auto.ratio / best.ratio  # type: ignore[operator]
+        lines.append(
+            f"\n{auto.model}: auto chose {auto.chosen_mode}, DP/plain {auto.ratio:.2f} against "
+            f"the best mode measured ({best.mode}) {best.ratio:.2f}: {share:.2f} of the best"
+        )
+    return lines
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -273,6 +306,8 @@ def modes_for(model: str, choice: str) -> tuple[str, ...]:
         return DEFAULT_MODES.get(model, ("hooks", "functorch"))
     if choice == "all":
         return MODES
+    if choice == "default+auto":
+        return (*DEFAULT_MODES.get(model, ("hooks", "functorch")), "auto")
     modes = tuple(m.strip() for m in choice.split(",") if m.strip())
     unknown = [m for m in modes if m not in MODES]
     if unknown:

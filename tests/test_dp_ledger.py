@@ -208,6 +208,7 @@ def test_a_site_runtime_whose_cap_is_spent_refuses_to_train(tmp_path: Path) -> N
     first = runtime("run-1")
     outcome = first.train(get_arrays(first.model), server_round=1)
     assert 0 < outcome.metrics["epsilon"] <= 2.0
+    assert (site / ".fedmsk" / "dp-modes.json").is_file()  # the timed mode choice, kept
     second = runtime("run-2")  # a new run: new settings hash, same data set
     status = second.privacy_status()
     assert status["budget-exhausted"] == 1.0

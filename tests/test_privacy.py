@@ -373,12 +373,12 @@ def test_ghost_request_falls_back_with_a_message(tmp_path: Path) -> None:
 
 
 def test_failing_mode_falls_back_to_a_working_one(tmp_path: Path, monkeypatch) -> None:
-    import fedmsk.privacy as privacy
+    import fedmsk.dp_modes as dp_modes
     from fedmsk.training import fit
 
-    real = privacy._mode_works
+    real = dp_modes.mode_works
     monkeypatch.setattr(
-        privacy, "_mode_works", lambda m, mode, dl: "broken" if mode == "ew" else real(m, mode, dl)
+        dp_modes, "mode_works", lambda m, mode, dl: "broken" if mode == "ew" else real(m, mode, dl)
     )
     dp = session(tmp_path, grad_sample_mode="ew")
     result = fit(TinyNet(), loader(), TRAIN, 2, privacy=dp)

@@ -381,6 +381,14 @@ def test_report_with_readers_failures_privacy(tmp_path: Path) -> None:
     assert "<td>site01</td><td>8.00</td><td>1.0e-04</td><td>9.50 / 10</td><td>yes</td>" in privacy
     assert "<td>site00</td><td>7.83</td><td>1.0e-04</td><td>n/a</td><td>no</td>" in privacy
     assert "one image" in privacy  # the unit the guarantee protects
+    # a patient-level run says so, in the run table too
+    results = json.loads((run_dir / "results.json").read_text())
+    results["run"]["privacy_unit"] = "patient"
+    (run_dir / "results.json").write_text(json.dumps(results))
+    html = build_report(run_dir).html.read_text()
+    privacy = _section(html, "<h2>Differential privacy", "</table>")
+    assert "one patient" in privacy and "one image:" not in privacy
+    assert "<td>DP protects one</td><td>patient</td>" in html
     flat = json.loads(paths.metrics.read_text())
     assert flat["failures.count"] == 1
     assert flat["privacy.site00.epsilon"] == pytest.approx(7.83)

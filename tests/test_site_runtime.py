@@ -124,3 +124,32 @@ def test_under_dp_a_site_with_static_augmented_copies_refuses_to_train(tmp_path:
         runtime.train(get_arrays(runtime.model), server_round=1)
     assert str(tmp_path) not in str(err.value)
     assert not (site / ".fedmsk" / "privacy-ledger.json").exists()  # nothing was spent
+
+
+def test_patient_level_dp_trains_on_one_image_per_patient(tmp_path: Path) -> None:
+    """privacy.unit=patient: a patient is at most one record, so the guarantee covers patients."""
+    site = write_site(tmp_path / "site-a")  # 20 images of 10 patients, 2 each
+
+    def runtime(*extra: str) -> SiteRuntime:
+        cfg = compose(
+            ["model=resnet18_slim", "data.image_size=32", f"run_dir={tmp_path / 'r'}", *extra]
+        )
+        return SiteRuntime(cfg, site, "site-a", heldout=False, seed=3)
+
+    per_image = runtime("privacy=dp").loaders.dataset("train")
+    per_patient = runtime("privacy=dp", "privacy.unit=patient").loaders.dataset("train")
+    assert per_image is not None and per_patient is not None
+    patients = set(per_image.patient_ids())
+    assert len(per_image) > len(patients)  # some patient has two training images
+    assert sorted(per_patient.patient_ids()) == sorted(patients)
+    # the same image each time (by content), and the augmentation is kept
+    again = runtime("privacy=dp", "privacy.unit=patient").loaders.dataset("train")
+    assert again is not None and [i.path for i in again.items] == [
+        i.path for i in per_patient.items
+    ]
+    assert per_patient.transform is not None
+    # without DP the unit changes nothing
+    plain = runtime("privacy.unit=patient").loaders.dataset("train")
+    assert plain is not None and len(plain) == len(per_image)
+    with pytest.raises(ValueError, match="privacy.unit='family'"):
+        runtime("privacy=dp", "privacy.unit=family")

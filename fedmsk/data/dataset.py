@@ -75,6 +75,18 @@ class SiteDataset(Dataset):
         """The same validated images with another augmentation (a new seed each round)."""
         return SiteDataset(self.items, self.cache, transform, self.skipped, self.standardize)
 
+    def one_per_patient(self) -> SiteDataset:
+        """One image per patient (the one whose content hash sorts first, so the choice is
+        fixed across rounds and runs), augmentation kept: under patient-level DP a patient may
+        be at most one record."""
+        chosen: dict[str, SiteItem] = {}
+        for item in self.items:
+            kept = chosen.get(item.patient_id)
+            if kept is None or item.digest < kept.digest:
+                chosen[item.patient_id] = item
+        items = [item for item in self.items if chosen[item.patient_id] is item]
+        return SiteDataset(items, self.cache, self.transform, self.skipped, self.standardize)
+
     def unaugmented(self, items: list[SiteItem] | None = None) -> SiteDataset:
         """The same images (or ``items`` read through the same cache) without augmentation,
         with the same input standardisation: what evaluation and statistics passes read."""
@@ -334,8 +346,11 @@ def build_site_loaders(
     train: TrainConfig,
     seed: int,
     pool: DatasetPool | None = None,
+    one_image_per_patient: bool = False,
 ) -> SiteLoaders:
     """Loaders for one site's train/val/test splits (``None`` where a split is empty).
+
+    ``one_image_per_patient`` keeps one training image per patient (patient-level DP).
 
     ``train`` is shuffled with a generator seeded by ``seed`` (or class-balanced by a
     WeightedRandomSampler when ``train.class_weighting == "sampler"``) and augmented when
@@ -349,6 +364,8 @@ def build_site_loaders(
     )
     order = ("train", "val", "test")
     datasets = dict(built.datasets)
+    if one_image_per_patient and datasets["train"] is not None:
+        datasets["train"] = datasets["train"].one_per_patient()
     if data.augment and datasets["train"] is not None:
         datasets["train"] = datasets["train"].with_transform(
             SeededAugment(data.augmentation, seed=seed)
