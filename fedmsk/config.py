@@ -188,6 +188,8 @@ class PrivacyConfig:
     # What the DP guarantee protects: "image" (every training image is a record) or "patient"
     # (each patient keeps one training image under DP, so removing a patient removes one record)
     unit: str = "image"
+    # Opacus's own secure mode (torchcsprng for sampling and noise) where that package installs
+    secure_mode: bool = False
     secure_aggregation: bool = False
     secagg_num_shares: int = 3
     secagg_reconstruction_threshold: int = 2

@@ -59,3 +59,17 @@ def _secret_cpu_generator(token_bytes: Callable[[int], bytes]) -> torch.Generato
             "to it; DP-SGD cannot seed its generators secretly"
         )
     return generator
+
+
+def require_secure_mode_dependency() -> None:
+    """``privacy.secure_mode=true`` hands sampling and noise to Opacus's secure mode, which
+    draws them from ``torchcsprng``; a node without that package is told so at once."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchcsprng") is None:
+        raise ValueError(
+            "privacy.secure_mode=true needs the torchcsprng package, which is not installed on "
+            "this node (install a build that matches its torch). Without secure mode, DP-SGD's "
+            "sampling and noise generators get their whole state from the operating system's "
+            "CSPRNG (fedmsk/dp_random.py)"
+        )

@@ -56,7 +56,7 @@ from fedmsk.dp_compat import (
 )
 from fedmsk.dp_ledger import LIFETIME_NOISE_LIMIT, SiteLedger
 from fedmsk.dp_modes import GRAD_SAMPLE_MODES, choose_grad_sample_mode
-from fedmsk.dp_random import secret_generator
+from fedmsk.dp_random import require_secure_mode_dependency, secret_generator
 from fedmsk.run_dir import atomic_write_bytes
 
 __all__ = [
@@ -257,6 +257,10 @@ class DPSession:
             )
         if cfg.max_grad_norm <= 0:
             raise ValueError(f"privacy.max_grad_norm must be positive, got {cfg.max_grad_norm}")
+        if cfg.secure_mode:
+            require_secure_mode_dependency()
+            if seed is not None:
+                raise ValueError("a fixed DP seed cannot be combined with privacy.secure_mode")
         if path.is_file():
             state = _read_state(path)
             _check_settings(state, cfg, delta, path)
@@ -377,16 +381,20 @@ class DPSession:
         self._align_sample_rate(1.0 / max(1, len(loader)))
         self._note_sampler(loader)
         mode = self._working_mode(model, loader)
+        secure = bool(self.cfg.secure_mode)
         with warnings.catch_warnings():  # "secure RNG off": private seeds are used instead
             warnings.simplefilter("ignore")
-            engine = PrivacyEngine(accountant=self.state.accountant)
+            engine = PrivacyEngine(accountant=self.state.accountant, secure_mode=secure)
         engine.accountant = accountant_with(self.state.accountant, self.state.history)
         # Batch membership and noise must be unpredictable to whoever knows the run's seed
-        # (the server does): Poisson sampling and noise draw from generators whose whole state
-        # is secret (fedmsk.dp_random), or from a given seed when a test asks for one.
+        # (the server does): Poisson sampling and noise draw from Opacus's secure generator
+        # (privacy.secure_mode), else from generators whose whole state is secret
+        # (fedmsk.dp_random), or from a given seed when a test asks for one.
         device = next(model.parameters()).device
-        engine.secure_rng = self._private_generator("cpu")
-        noise_rng = self._private_generator(device)
+        noise_rng = None
+        if not secure:
+            engine.secure_rng = self._private_generator("cpu")
+            noise_rng = self._private_generator(device)
         self._steps_before = steps_in(self.state.history)
         wrapped, dp_optimizer, dp_loader = engine.make_private(
             module=model,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
+import pytest
 import torch
 
 from fedmsk.dp_random import MT_WORDS, secret_generator
@@ -45,3 +47,25 @@ def test_secret_generators_differ_and_are_not_any_small_seed() -> None:
         torch.randn(64, generator=secret_generator()), torch.randn(64, generator=reseeded)
     )
     assert 0.5 < float(torch.cat([a, b]).std()) < 1.5  # still a standard normal source
+
+
+def test_secure_mode_without_its_dependency_is_refused_with_what_to_install(
+    tmp_path: Path,
+) -> None:
+    import importlib.util
+
+    from fedmsk.config import PrivacyConfig
+    from fedmsk.privacy import DPSession
+
+    if importlib.util.find_spec("torchcsprng") is not None:
+        pytest.skip("torchcsprng is installed here: secure mode is available")
+    with pytest.raises(ValueError, match="torchcsprng") as err:
+        DPSession.for_site(
+            PrivacyConfig(enabled=True, secure_mode=True),
+            state_path=tmp_path / "p.json",
+            num_examples=16,
+            batch_size=4,
+            steps_per_round=4,
+            planned_rounds=3,
+        )
+    assert "privacy.secure_mode" in str(err.value) and not (tmp_path / "p.json").exists()
