@@ -9,6 +9,9 @@ delta, so the hospital may later tighten its delta), and is compared with the ca
 the site's policy file (``SITE_DIR/privacy-policy.toml``), which no run setting can raise or
 reset. Without a policy file the defaults below apply.
 
+A site that trained under DP before it had a ledger starts it from the histories its per-run
+states hold (``SITE_DIR/.fedmsk/runs/*/privacy.json``), so an upgrade does not forget them.
+
 A round reserves its steps in the ledger before it trains and settles them after: a node that
 crashes mid-round may already have sent its noisy update, so a reservation that is never settled
 keeps counting. Reads and writes of the ledger hold an exclusive file lock, so two runs training
@@ -42,6 +45,7 @@ from fedmsk.run_dir import atomic_write_bytes
 POLICY_FILE = "privacy-policy.toml"
 LEDGER_FILE = "privacy-ledger.json"
 LEDGER_VERSION = 1
+STATE_DIR = ".fedmsk"  # fedmsk.site_runtime.STATE_DIR_NAME (not imported: that module is heavy)
 # A hospital that writes no policy gets this lifetime cap on its data set: about one run at
 # the project's epsilon-8 setting. More runs need a policy file that says so.
 DEFAULT_LIFETIME_EPSILON = 10.0
@@ -126,7 +130,7 @@ class SiteLedger:
     def __init__(self, site_dir: Path | str, policy: SitePolicy | None = None) -> None:
         self.site_dir = Path(site_dir)
         self.policy = policy if policy is not None else read_policy(self.site_dir)
-        self.path = self.site_dir / ".fedmsk" / LEDGER_FILE
+        self.path = self.site_dir / STATE_DIR / LEDGER_FILE
 
     # reading
 
@@ -227,7 +231,7 @@ class SiteLedger:
 
     def _read(self) -> list[LedgerEntry]:
         if not self.path.is_file():
-            return []
+            return self._earlier_runs()
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
             return [
@@ -247,6 +251,24 @@ class SiteLedger:
                 "this data set. Restore it from a backup; until then the site cannot train "
                 "under DP."
             ) from err
+
+    def _earlier_runs(self) -> list[LedgerEntry]:
+        """Before a site has a ledger, the spends its per-run DP states recorded (runs of
+        fedmsk versions without a ledger, or a ledger lost): they count from the start."""
+        entries = []
+        for state in sorted(self.site_dir.glob(f"{STATE_DIR}/runs/*/privacy.json")):
+            try:
+                history = json.loads(state.read_text(encoding="utf-8")).get("history", [])
+                for sigma, rate, steps in history:
+                    entries.append(
+                        LedgerEntry(state.parent.name, float(sigma), float(rate), int(steps), True)
+                    )
+            except (OSError, ValueError, TypeError, AttributeError) as err:
+                raise ValueError(
+                    f"{LEDGER_FILE}: an earlier run's privacy state ({state.parent.name}) cannot "
+                    f"be read ({type(err).__name__}); its spend must count, so restore it first"
+                ) from err
+        return entries
 
     def _write(self, entries: list[LedgerEntry]) -> None:
         data: dict[str, Any] = {

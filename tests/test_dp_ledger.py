@@ -215,3 +215,25 @@ def test_a_site_runtime_whose_cap_is_spent_refuses_to_train(tmp_path: Path) -> N
     assert 0 < status["budget-lifetime-epsilon"] <= status["budget-lifetime-cap"] == 2.0
     with pytest.raises(SiteUnavailableError, match="privacy budget"):
         second.train(get_arrays(second.model), server_round=1)
+
+
+def test_spends_recorded_before_the_site_had_a_ledger_count_from_the_start(
+    tmp_path: Path,
+) -> None:
+    """A site upgraded from a fedmsk without a ledger keeps what its earlier runs spent."""
+    import json
+
+    site = _site(tmp_path, cap=5.0)
+    old_state = site / ".fedmsk" / "runs" / "0123abcd" / "privacy.json"
+    old_state.parent.mkdir(parents=True)
+    history = [[1.5, 0.25, 2], [1.5, 0.25, 2]]  # epsilon about 2.5
+    old_state.write_text(json.dumps({"target_epsilon": 8.0, "history": history}))
+    ledger = SiteLedger(site)
+    earlier = epsilon_for([tuple(h) for h in history], 1e-5)  # type: ignore[misc]
+    assert ledger.spent() == pytest.approx(earlier) and earlier > 1.0
+    dp = _run(site, "new", eps=8.0, rounds=2)  # what is left is less than its target
+    assert any("raised" in m for m in dp.messages)
+    fit(TinyNet(), loader(), TRAIN, 2, privacy=dp)
+    entries = SiteLedger(site).entries()
+    assert [e.run for e in entries] == ["0123abcd", "0123abcd", "new"]  # now on file
+    assert earlier < SiteLedger(site).spent() <= 5.0 * (1 + 1e-6)
