@@ -302,8 +302,8 @@ class SiteRuntime:
     def _privacy_session(self) -> Any:
         if not self.cfg.privacy.enabled:
             return None
-        from fedmsk.dp_ledger import SiteLedger
         from fedmsk.privacy import DPSession
+        from fedmsk.privacy.ledger import SiteLedger
         from fedmsk.training import planned_steps
 
         return DPSession.for_site(

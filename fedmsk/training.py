@@ -451,7 +451,7 @@ def training_precision(
     model: nn.Module, cfg: TrainConfig, device: torch.device, private: bool = False
 ) -> Precision:
     """``train.precision`` / ``train.channels_last`` resolved for this model on this device."""
-    from fedmsk.dp_compat import model_name
+    from fedmsk.privacy.compat import model_name
 
     return resolve_precision(cfg.precision, cfg.channels_last, device, model_name(model), private)
 

@@ -36,7 +36,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 MODES = ("hooks", "functorch", "ew", "ghost", "auto")
 # "auto" = what a site with privacy.grad_sample_mode=auto uses: the timed probe of
-# fedmsk.dp_modes picks the mode (its choice is the row's chosen_mode), then that mode is timed.
+# fedmsk.privacy.modes picks the mode (its choice is the row's chosen_mode), then that mode is
+# timed.
 MODELS = ("resnet18", "efficientnet_b0", "mobilenetv3_small_100")
 # Default modes per model: those the platform notes found usable. Hook modes on depthwise
 # models run 10-20x slower than plain training and need GBs; `--modes all` measures them too.
@@ -160,7 +161,7 @@ def run_worker(args: argparse.Namespace) -> Measurement:
     if args.mode == "auto":
         from torch.utils.data import DataLoader, TensorDataset
 
-        from fedmsk.dp_modes import fastest_grad_sample_mode
+        from fedmsk.privacy.modes import fastest_grad_sample_mode
 
         probe_loader = DataLoader(TensorDataset(images.cpu(), labels.cpu()), batch_size=args.batch)
         chosen = fastest_grad_sample_mode(model, probe_loader)

@@ -13,8 +13,9 @@ pytest.importorskip("opacus")
 from test_privacy import TRAIN, TinyNet, loader  # noqa: E402
 
 from fedmsk.config import PrivacyConfig  # noqa: E402
-from fedmsk.dp_accounting import derive_noise_multiplier, epsilon_for  # noqa: E402
-from fedmsk.dp_ledger import (  # noqa: E402
+from fedmsk.privacy import BudgetExhaustedError, DPSession  # noqa: E402
+from fedmsk.privacy.accounting import derive_noise_multiplier, epsilon_for  # noqa: E402
+from fedmsk.privacy.ledger import (  # noqa: E402
     DEFAULT_LIFETIME_EPSILON,
     POLICY_FILE,
     PolicyError,
@@ -22,7 +23,6 @@ from fedmsk.dp_ledger import (  # noqa: E402
     policy_text,
     read_policy,
 )
-from fedmsk.privacy import BudgetExhaustedError, DPSession  # noqa: E402
 from fedmsk.training import fit  # noqa: E402
 
 pytestmark = [

@@ -12,7 +12,7 @@ pytest.importorskip("opacus")
 
 from test_privacy import TinyNet, loader  # noqa: E402
 
-from fedmsk import dp_modes  # noqa: E402
+from fedmsk.privacy import modes as dp_modes  # noqa: E402
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Full backward hook is firing"),

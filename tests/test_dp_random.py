@@ -1,4 +1,4 @@
-"""fedmsk.dp_random: DP-SGD generators whose whole state is secret, not 32 bits of a seed."""
+"""fedmsk.privacy.randomness: DP-SGD generators with a whole secret state, not 32 seed bits."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedmsk.dp_random import MT_WORDS, secret_generator
+from fedmsk.privacy.randomness import MT_WORDS, secret_generator
 
 
 def _fixed_bytes(flip_word: int | None = None) -> Callable[[int], bytes]:

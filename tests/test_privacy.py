@@ -19,7 +19,6 @@ from opacus import PrivacyEngine  # noqa: E402
 from opacus.validators import ModuleValidator  # noqa: E402
 
 from fedmsk.config import PrivacyConfig, TrainConfig  # noqa: E402
-from fedmsk.dp_compat import group_count  # noqa: E402
 from fedmsk.privacy import (  # noqa: E402
     BudgetExhaustedError,
     DPCompatibilityError,
@@ -31,6 +30,7 @@ from fedmsk.privacy import (  # noqa: E402
     epsilon_for,
     make_dp_compatible,
 )
+from fedmsk.privacy.compat import group_count  # noqa: E402
 
 torch.set_num_threads(1)
 pytestmark = [
@@ -373,7 +373,7 @@ def test_ghost_request_falls_back_with_a_message(tmp_path: Path) -> None:
 
 
 def test_failing_mode_falls_back_to_a_working_one(tmp_path: Path, monkeypatch) -> None:
-    import fedmsk.dp_modes as dp_modes
+    import fedmsk.privacy.modes as dp_modes
     from fedmsk.training import fit
 
     real = dp_modes.mode_works
@@ -420,8 +420,8 @@ def test_sampling_and_noise_are_private_unless_seeded(tmp_path: Path) -> None:
 def test_unseeded_sampling_and_noise_use_whole_state_secret_generators(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import fedmsk.privacy as privacy
-    from fedmsk.dp_random import secret_generator
+    import fedmsk.privacy.session as privacy
+    from fedmsk.privacy.randomness import secret_generator
     from fedmsk.training import fit
 
     made: list[torch.Generator] = []

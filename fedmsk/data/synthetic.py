@@ -424,12 +424,13 @@ def _generate_site(root: Path, spec: TaskSpec, plan: _SitePlan, seed: int) -> _S
 
 
 # Synthetic images belong to no patient, so a simulated site may spend privacy on them run after
-# run; a hospital's own data set gets fedmsk.dp_ledger's strict default unless it writes a policy.
+# run; a hospital's own data set gets fedmsk.privacy.ledger's strict default unless it writes
+# a policy.
 SYNTHETIC_LIFETIME_EPSILON = 1000.0
 
 
 def _write_privacy_policy(site_dir: Path) -> None:
-    from fedmsk.dp_ledger import POLICY_FILE, policy_text
+    from fedmsk.privacy.ledger import POLICY_FILE, policy_text
 
     why = (
         "Synthetic data (fedmsk's generator): no patient to protect, so the lifetime cap is set\n"

@@ -1,4 +1,4 @@
-"""DP-SGD for one site with Opacus, with a privacy budget that spans the whole federation.
+"""DP-SGD for one site and run with Opacus, with a budget that spans the whole federation.
 
 Each training site runs DP-SGD (per-sample clipping, Gaussian noise, Poisson sampling). The noise
 multiplier is derived once per site and run from the target (epsilon, delta), the site's sample
@@ -9,7 +9,7 @@ took. A site whose next round would push epsilon above its target does not train
 (:meth:`DPSession.can_train` is False and :attr:`DPSession.reason` says why); the federation goes on
 with the other sites.
 
-Above every run's budget stands the site's lifetime budget (:mod:`fedmsk.dp_ledger`): the
+Above every run's budget stands the site's lifetime budget (:mod:`fedmsk.privacy.ledger`): the
 hospital's cap on the privacy spent on its data set over all runs, whatever their settings. A
 run's noise is raised where its own target would overrun what is left of the cap, every round
 reserves its steps in the site's ledger before it trains, and a site whose cap is reached trains
@@ -36,9 +36,9 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
-from fedmsk import dp_modes
 from fedmsk.config import PrivacyConfig
-from fedmsk.dp_accounting import (
+from fedmsk.privacy import modes as dp_modes
+from fedmsk.privacy.accounting import (
     BudgetExhaustedError,
     History,
     accountant_with,
@@ -48,30 +48,17 @@ from fedmsk.dp_accounting import (
     planned_sample_rate,
     steps_in,
 )
-from fedmsk.dp_compat import (
+from fedmsk.privacy.compat import (
     DPCompatibilityError,
-    make_dp_compatible,
     model_name,
     validation_errors,
 )
-from fedmsk.dp_ledger import LIFETIME_NOISE_LIMIT, SiteLedger
-from fedmsk.dp_modes import GRAD_SAMPLE_MODES, choose_grad_sample_mode
-from fedmsk.dp_random import require_secure_mode_dependency, secret_generator
+from fedmsk.privacy.ledger import LIFETIME_NOISE_LIMIT, SiteLedger
+from fedmsk.privacy.modes import choose_grad_sample_mode
+from fedmsk.privacy.randomness import require_secure_mode_dependency, secret_generator
 from fedmsk.run_dir import atomic_write_bytes
 
-__all__ = [
-    "ACCOUNTANTS",
-    "GRAD_SAMPLE_MODES",
-    "BudgetExhaustedError",
-    "DPCompatibilityError",
-    "DPSession",
-    "PrivacyState",
-    "choose_grad_sample_mode",
-    "default_delta",
-    "derive_noise_multiplier",
-    "epsilon_for",
-    "make_dp_compatible",
-]
+__all__ = ["ACCOUNTANTS", "DPSession", "EmptyBatchSafe", "PrivacyState"]
 
 log = logging.getLogger(__name__)
 
@@ -389,7 +376,7 @@ class DPSession:
         # Batch membership and noise must be unpredictable to whoever knows the run's seed
         # (the server does): Poisson sampling and noise draw from Opacus's secure generator
         # (privacy.secure_mode), else from generators whose whole state is secret
-        # (fedmsk.dp_random), or from a given seed when a test asks for one.
+        # (fedmsk.privacy.randomness), or from a given seed when a test asks for one.
         device = next(model.parameters()).device
         noise_rng = None
         if not secure:
@@ -521,7 +508,7 @@ class DPSession:
             )
 
     def _working_mode(self, model: nn.Module, loader: DataLoader) -> str:
-        """With ``auto``, the fastest mode by a timed probe (fedmsk.dp_modes; cached on the
+        """With ``auto``, the fastest mode by a timed probe (fedmsk.privacy.modes; cached on the
         node); otherwise, or if no mode passes it, the requested/auto mode if one pass
         succeeds, else the first fallback that does. Kept for the run once chosen."""
         auto = (self.cfg.grad_sample_mode or "auto").strip().lower() == "auto"

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fedmsk.dp_compat import has_depthwise_conv, model_name
+from fedmsk.privacy.compat import has_depthwise_conv, model_name
 from fedmsk.run_dir import atomic_write_bytes
 
 log = logging.getLogger(__name__)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedmsk.dp_accounting import (
+from fedmsk.privacy.accounting import (
     DEFAULT_DELTA,
     BudgetExhaustedError,
     History,

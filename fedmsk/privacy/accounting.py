@@ -1,7 +1,7 @@
 """Privacy accounting arithmetic: epsilon of a DP-SGD history and the noise for a target.
 
 Kept apart from the session (:mod:`fedmsk.privacy`) and the site's lifetime ledger
-(:mod:`fedmsk.dp_ledger`) because both compose the same histories with the same accountant,
+(:mod:`fedmsk.privacy.ledger`) because both compose the same histories with the same accountant,
 and a history means one thing everywhere: a list of ``(noise_multiplier, sample_rate, steps)``.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 
 History = list[tuple[float, float, int]]
 
-# Delta of a site that sets none in its policy file (fedmsk.dp_ledger): fixed rather than
+# Delta of a site that sets none in its policy file (fedmsk.privacy.ledger): fixed rather than
 # derived from the image count, so that adding or removing images never changes the guarantee
 # a site's earlier runs were accounted under.
 DEFAULT_DELTA = 1e-5

@@ -48,7 +48,8 @@ def _secret_cpu_generator(token_bytes: Callable[[int], bytes]) -> torch.Generato
     if state.numel() < end or int.from_bytes(state[:8].numpy().tobytes(), "little") != 0:
         raise SecretStateError(
             f"torch {torch.__version__}: CPU generator state of {state.numel()} bytes is not "
-            "the layout fedmsk.dp_random writes; DP-SGD cannot seed its generators secretly"
+            "the layout fedmsk.privacy.randomness writes; DP-SGD cannot seed its generators "
+            "secretly"
         )
     words = np.frombuffer(token_bytes(4 * MT_WORDS), dtype="<u4")
     state.numpy()[_WORDS_OFFSET:end].view("<u8")[:] = words
@@ -71,5 +72,5 @@ def require_secure_mode_dependency() -> None:
             "privacy.secure_mode=true needs the torchcsprng package, which is not installed on "
             "this node (install a build that matches its torch). Without secure mode, DP-SGD's "
             "sampling and noise generators get their whole state from the operating system's "
-            "CSPRNG (fedmsk/dp_random.py)"
+            "CSPRNG (fedmsk/privacy/randomness.py)"
         )
