@@ -309,7 +309,7 @@ class SiteRuntime:
         return DPSession.for_site(
             self.cfg.privacy,
             state_path=self.state_dir / "privacy.json",
-            num_examples=sum(self._train_class_counts()),
+            num_examples=self.train_count(),
             batch_size=self.cfg.train.batch_size,
             steps_per_round=planned_steps(self.loaders.train, self.cfg.train),
             planned_rounds=self.cfg.federation.num_rounds,

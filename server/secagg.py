@@ -33,10 +33,8 @@ import numpy as np
 from flwr.app import (
     ConfigRecord,
     Context,
-    Message,
     MessageType,
     MetricRecord,
-    RecordDict,
 )
 from flwr.common import (
     EvaluateIns,
@@ -71,7 +69,7 @@ from fedmsk.protocol import (
     QUANTIZATION_RANGE_KEY,
     ROUND_KEY,
 )
-from server.messages import to_record
+from server.messages import messages_to, to_record
 from server.round_evaluation import evaluate_round
 from server.rounds import RoundRecorder, arrays_to_numpy, describe_error
 
@@ -150,6 +148,11 @@ def clipping_range_for(arrays: dict[str, np.ndarray], configured: float) -> floa
     return float(max(configured, SAFETY_FACTOR * largest, 1e-6))
 
 
+def reconstruction_threshold_for(cfg: ExperimentConfig, num_sites: int) -> int:
+    """The configured threshold, clamped to the number of sites (Flower needs no more)."""
+    return min(cfg.privacy.secagg_reconstruction_threshold, num_sites)
+
+
 def settings_for(
     cfg: ExperimentConfig,
     arrays: dict[str, np.ndarray],
@@ -164,7 +167,7 @@ def settings_for(
     )
     return SecAggSettings(
         num_shares=num_shares,
-        reconstruction_threshold=min(privacy.secagg_reconstruction_threshold, num_sites),
+        reconstruction_threshold=reconstruction_threshold_for(cfg, num_sites),
         clipping_range=clipping_range_for(arrays, privacy.secagg_clipping_range),
         quantization_range=quantization_range_for(num_sites),
         max_weight=float(privacy.secagg_max_weight if max_weight is None else max_weight),
@@ -180,14 +183,7 @@ def chosen_max_weight(grid: Grid, recorder: RoundRecorder, nodes: list[int]) -> 
     that does not answer keeps the configured value in force for it (and drops out of a round
     if it is larger; client/secagg.py)."""
     configured = float(recorder.cfg.privacy.secagg_max_weight)
-    messages = [
-        Message(
-            RecordDict({"config": ConfigRecord()}),
-            dst_node_id=node,
-            message_type=f"{MessageType.QUERY}.{COUNT_BOUND_ACTION}",
-        )
-        for node in nodes
-    ]
+    messages = messages_to(nodes, None, {}, f"{MessageType.QUERY}.{COUNT_BOUND_ACTION}")
     timeout = recorder.cfg.federation.round_timeout_s
     bounds = []
     for reply in grid.send_and_receive(messages, timeout=timeout):
@@ -322,12 +318,13 @@ def run_secagg_rounds(
     cfg = recorder.cfg
     training = recorder.training_node_ids()
     check_secagg_config(cfg, len(training))
-    if min(cfg.privacy.secagg_reconstruction_threshold, len(training)) >= len(training):
+    threshold = reconstruction_threshold_for(cfg, len(training))
+    if threshold >= len(training):
         log.warning(
             "secure aggregation over %d training sites needs every one of them in every round "
             "(reconstruction threshold %d): a site that drops out loses the round for all",
             len(training),
-            min(cfg.privacy.secagg_reconstruction_threshold, len(training)),
+            threshold,
         )
     if cfg.strategy.fraction_train < 1.0:
         log.warning("secure aggregation samples every training site (strategy.fraction_train)")

@@ -17,6 +17,9 @@ History = list[tuple[float, float, int]]
 # derived from the image count, so that adding or removing images never changes the guarantee
 # a site's earlier runs were accounted under.
 DEFAULT_DELTA = 1e-5
+# A budget is met when epsilon is at most target x (1 + EPSILON_SLACK): room for the float
+# rounding of the accountant, never for real spend.
+EPSILON_SLACK = 1e-6
 
 
 class BudgetExhaustedError(RuntimeError):

@@ -27,13 +27,14 @@ import fcntl
 import json
 import math
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fedmsk.privacy.accounting import (
     DEFAULT_DELTA,
+    EPSILON_SLACK,
     BudgetExhaustedError,
     History,
     check_delta,
@@ -54,7 +55,6 @@ DEFAULT_LIFETIME_EPSILON = 10.0
 # remaining budget would need more stops instead (a run that asks for more noise itself keeps it).
 LIFETIME_NOISE_LIMIT = 10.0
 _POLICY_KEYS = ("lifetime_epsilon", "delta")
-_SLACK = 1e-6
 
 
 class PolicyError(ValueError):
@@ -146,10 +146,11 @@ class SiteLedger:
         return self.projected([])
 
     def projected(self, extra: History) -> float:
-        return epsilon_for([*self.history(), *extra], self.policy.delta, "rdp")
+        """Lifetime epsilon once ``extra`` steps are added to what is recorded."""
+        return self._epsilon(self.entries(), extra)
 
-    def fits(self, extra: History) -> bool:
-        return self.projected(extra) <= self.policy.lifetime_epsilon * (1 + _SLACK)
+    def within_cap(self, epsilon: float) -> bool:
+        return epsilon <= self.policy.lifetime_epsilon * (1 + EPSILON_SLACK)
 
     def noise_for(self, *, sample_rate: float, steps: int, at_least: float) -> float | None:
         """The least noise (not below ``at_least``) at which ``steps`` more steps stay within
@@ -185,9 +186,8 @@ class SiteLedger:
         entry = LedgerEntry(run, float(noise_multiplier), float(sample_rate), int(steps), False)
         with self._locked():
             entries = self._read()
-            history = [e.as_history() for e in entries] + [entry.as_history()]
-            projected = epsilon_for(history, self.policy.delta, "rdp")
-            if projected > self.policy.lifetime_epsilon * (1 + _SLACK):
+            projected = self._epsilon(entries, [entry.as_history()])
+            if not self.within_cap(projected):
                 raise BudgetExhaustedError(self.spent_reason(projected, entries))
             self._write([*entries, entry])
             return len(entries)
@@ -207,7 +207,7 @@ class SiteLedger:
     def spent_reason(self, projected: float, entries: list[LedgerEntry] | None = None) -> str:
         entries = self._read() if entries is None else entries
         runs = len({e.run for e in entries})
-        spent = epsilon_for([e.as_history() for e in entries], self.policy.delta, "rdp")
+        spent = self._epsilon(entries)
         return (
             f"this site's lifetime privacy budget is spent: epsilon {spent:.3f} of its cap "
             f"{self.policy.lifetime_epsilon:g} (delta {self.policy.delta:.1e}, from the "
@@ -217,6 +217,12 @@ class SiteLedger:
         )
 
     # internals
+
+    def _epsilon(
+        self, entries: list[LedgerEntry], extra: Iterable[tuple[float, float, int]] = ()
+    ) -> float:
+        """RDP composition of ``entries`` and ``extra`` at the policy's delta."""
+        return epsilon_for([*(e.as_history() for e in entries), *extra], self.policy.delta, "rdp")
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:

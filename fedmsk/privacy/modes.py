@@ -84,7 +84,7 @@ def fastest_grad_sample_mode(
     device = next(model.parameters()).device
     inputs = probe_input(loader, batch).to(device)
     key = _probe_key(model, inputs)
-    remembered = _read_cache(cache_file).get(key) or _REMEMBERED.get(key)
+    remembered = _REMEMBERED.get(key) or _read_cache(cache_file).get(key)
     if remembered is not None and remembered.get("mode") in PROBED_MODES:
         return str(remembered["mode"])
     seconds: dict[str, float] = {}

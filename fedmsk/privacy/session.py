@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 from fedmsk.config import PrivacyConfig
 from fedmsk.privacy import modes as dp_modes
 from fedmsk.privacy.accounting import (
+    EPSILON_SLACK,
     BudgetExhaustedError,
     History,
     accountant_with,
@@ -67,7 +68,6 @@ ACCOUNTANTS = ("rdp", "prv")
 # fit() calls criterion(model(x), y) then loss.backward(): ghost clipping needs Opacus' own
 # two-pass criterion, which that loop cannot use, so a request for it falls back to these.
 _FIT_FALLBACKS = ("hooks", "functorch")
-_EPSILON_SLACK = 1e-6
 
 # -- persisted state ----------------------------------------------------------------------------
 
@@ -190,11 +190,18 @@ class DPSession:
     """
 
     def __init__(
-        self, cfg: PrivacyConfig, state: PrivacyState, state_path: Path, *, seed: int | None = None
+        self,
+        cfg: PrivacyConfig,
+        state: PrivacyState,
+        state_path: Path,
+        *,
+        seed: int | None = None,
+        ledger: SiteLedger | None = None,
     ) -> None:
         """``seed`` fixes sampling and noise for tests and benchmarks only: with a seed that
         others know, the noise can be recomputed and the guarantee is void. None (the default)
-        draws them from the operating system's entropy."""
+        draws them from the operating system's entropy. ``ledger``: the site's lifetime budget
+        (fedmsk.privacy.ledger), checked and charged besides the run's own."""
         self.cfg = cfg
         self.state = state
         self.state_path = Path(state_path)
@@ -202,7 +209,7 @@ class DPSession:
         self._wrapped: Any = None
         self._steps_before = 0
         self._seeds = random.Random(seed) if seed is not None else None
-        self.ledger: SiteLedger | None = None
+        self.ledger = ledger
         self.run_id = self.state_path.parent.name or "run"  # names the run in the site ledger
         self._reservation: int | None = None
 
@@ -251,9 +258,7 @@ class DPSession:
         if path.is_file():
             state = _read_state(path)
             _check_settings(state, cfg, delta, path)
-            session = cls(cfg, state, path, seed=seed)
-            session.ledger = ledger
-            return session
+            return cls(cfg, state, path, seed=seed, ledger=ledger)
         rate = (
             sample_rate
             if sample_rate is not None
@@ -279,8 +284,7 @@ class DPSession:
             steps_per_round=steps_per_round,
             planned_rounds=planned_rounds,
         )
-        session = cls(cfg, state, path, seed=seed)
-        session.ledger = ledger
+        session = cls(cfg, state, path, seed=seed, ledger=ledger)
         session._fit_lifetime_cap()
         session.save()
         return session
@@ -322,11 +326,13 @@ class DPSession:
         """Why this site may not train another round, or None. Names numbers, never paths."""
         st = self.state
         projected = self.projected_epsilon()
-        if projected <= st.target_epsilon * (1 + _EPSILON_SLACK):
-            extra = [(st.noise_multiplier, st.sample_rate, st.steps_per_round)]
-            if self.ledger is None or self.ledger.fits(extra):
+        if projected <= st.target_epsilon * (1 + EPSILON_SLACK):
+            if self.ledger is None:
                 return None
-            return self.ledger.spent_reason(self.ledger.projected(extra))
+            lifetime = self.ledger.projected(
+                [(st.noise_multiplier, st.sample_rate, st.steps_per_round)]
+            )
+            return None if self.ledger.within_cap(lifetime) else self.ledger.spent_reason(lifetime)
         return (
             f"privacy budget spent: epsilon {st.epsilon_spent:.3f} of target "
             f"{st.target_epsilon:g} (delta {st.target_delta:.2e}) after {st.rounds_trained} "
