@@ -210,6 +210,11 @@ class FederationConfig:
     # A study needs an external test: a run without a held-out center is refused unless this
     # is set to false on purpose (a simulated federation without one sets it itself).
     require_heldout: bool = True
+    # Absolute path of the coordinator's supernodes/node-ids.txt (register-supernodes.sh writes
+    # it): the ServerApp then messages only the node registered for each listed site. "none"
+    # takes aliases as declared (the simulation engine sets it: its nodes have no keys); a run
+    # with neither is refused.
+    node_registry: str = ""
 
 
 @dataclass
@@ -301,6 +306,7 @@ def config_hash(cfg: ExperimentConfig) -> str:
     content = to_dict(cfg)
     content.pop("run_dir", None)
     content.pop("resume", None)
+    content["federation"].pop("node_registry", None)  # how nodes are bound, not the result
     blob = json.dumps(content, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -703,7 +703,8 @@ def _register_script(sites: list[str]) -> str:
         comment=(
             "# Registers each site's public key with the running SuperLink and records the\n"
             "# node ID Flower gives it in supernodes/node-ids.txt (`flwr supernode list` shows\n"
-            "# IDs, not site names). A key that is already registered is reported and skipped."
+            "# IDs, not site names). A key that is already registered is reported and skipped.\n"
+            "# Runs bind each site to its key through that file (federation.node_registry)."
         )
     )
     register = " ".join(

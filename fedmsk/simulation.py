@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TextIO
 
 from fedmsk.config import ExperimentConfig, config_dir
+from fedmsk.node_registry import SELF_DECLARED
 from fedmsk.run_dir import failure_cause
 
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -115,6 +116,14 @@ def _environment(home: Path) -> dict[str, str]:
     return env
 
 
+def simulated_node_identity(overrides: list[str]) -> list[str]:
+    """Simulated nodes have no keys to bind a site to: their aliases are taken as declared
+    (``federation.node_registry=none``) unless the overrides name a registry themselves."""
+    if any(o.lstrip("+").startswith("federation.node_registry=") for o in overrides):
+        return list(overrides)
+    return [*overrides, f"federation.node_registry={SELF_DECLARED}"]
+
+
 def run_simulation(plan: SimulationPlan, progress: TextIO | None = None) -> Path:
     """Run the federation; return the run directory (it holds results.json).
 
@@ -126,8 +135,9 @@ def run_simulation(plan: SimulationPlan, progress: TextIO | None = None) -> Path
     port = free_port()
     write_flwr_home(home, port, plan)
     run_config = home / "run_config.toml"
+    overrides = simulated_node_identity(plan.overrides)
     run_config.write_text(
-        f"fedmsk-overrides = {_toml_string(json.dumps(plan.overrides))}\n", encoding="utf-8"
+        f"fedmsk-overrides = {_toml_string(json.dumps(overrides))}\n", encoding="utf-8"
     )
     env = _environment(home)
     results = run_dir / "results.json"

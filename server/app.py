@@ -24,22 +24,15 @@ from fedmsk.progress import LogLines, ProgressPrinter
 from fedmsk.run_dir import RunDirectory, record_failure_cause
 from server.cyclic import NAME as CYCLIC
 from server.cyclic import run_cyclic_rounds
+from server.discovery import discover_sites
 from server.global_statistics import update_global_statistics, wants_global_statistics
 from server.messages import PromptGrid, to_record
-from server.rounds import RoundRecorder, SiteEvaluation, arrays_to_numpy, describe_error
+from server.rounds import RoundRecorder, SiteEvaluation, arrays_to_numpy
 from server.secagg import run_secagg_rounds
 from server.strategies import build_strategy
 
 app = ServerApp()
 log = logging.getLogger("fedmsk.server")
-
-
-DISCOVERY_ERRORS = 3
-"""Error replies to the alias query after which a node's ClientApp is taken as broken."""
-
-
-class SiteDiscoveryError(RuntimeError):
-    """The expected sites did not all connect in time; names those missing."""
 
 
 class NoRoundAggregated(RuntimeError):
@@ -64,77 +57,6 @@ def check_heldout(cfg: ExperimentConfig) -> None:
         "federation.heldout_sites is empty: name the held-out (external test) center, or set "
         "federation.require_heldout=false to run without an external test on purpose"
     )
-
-
-def discover_sites(grid: Grid, cfg: ExperimentConfig) -> dict[int, str]:
-    """Wait for the expected sites, then ask each node its alias (nothing else)."""
-    expected = set(cfg.federation.sites)
-    deadline = time.monotonic() + cfg.federation.connect_timeout_s
-    node_alias: dict[int, str] = {}
-    silent: set[int] = set()
-    errors: dict[int, tuple[int, str]] = {}
-    while True:
-        unknown = [n for n in grid.get_node_ids() if n not in node_alias]
-        if unknown:
-            messages = [
-                Message(
-                    RecordDict({"config": ConfigRecord()}),
-                    dst_node_id=n,
-                    message_type=MessageType.QUERY,
-                )
-                for n in unknown
-            ]
-            replies = list(grid.send_and_receive(messages, timeout=60))
-            answered = set()
-            for reply in replies:
-                node = reply.metadata.src_node_id
-                if not reply.has_error() and "detail" in reply.content:
-                    answered.add(node)
-                    node_alias[node] = str(reply.content["detail"]["site-alias"])
-                    errors.pop(node, None)
-                elif reply.has_error():
-                    count, _ = errors.get(node, (0, ""))
-                    errors[node] = (count + 1, describe_error(reply.error.reason))
-            silent.update(n for n in unknown if n not in answered)
-            silent.difference_update(answered)
-            broken = sorted({name for count, name in errors.values() if count >= DISCOVERY_ERRORS})
-            if broken:  # a ClientApp that cannot start answers every query with an error
-                raise SiteDiscoveryError(
-                    f"{len(errors)} connected node(s) answered the alias query with an error "
-                    f"{DISCOVERY_ERRORS} times ({', '.join(broken)}): the ClientApp fails on the "
-                    "node; its log (or flower.log in a simulation) has the traceback"
-                )
-        seen = set(node_alias.values())
-        if expected and expected <= seen:
-            return {n: a for n, a in node_alias.items() if a in expected}
-        if not expected and node_alias:
-            return node_alias
-        if time.monotonic() > deadline:
-            raise SiteDiscoveryError(discovery_failure(cfg, seen, len(silent)))
-        time.sleep(1.0)
-
-
-def discovery_failure(cfg: ExperimentConfig, seen: set[str], silent: int) -> str:
-    """Which sites never connected, which aliases are not in the study, how many nodes did
-    not answer the alias query: three different things for hospital IT to look at."""
-    expected = set(cfg.federation.sites)
-    missing = ", ".join(sorted(expected - seen)) or "any site"
-    parts = [
-        f"federation.sites: {missing} did not connect within "
-        f"{cfg.federation.connect_timeout_s:.0f} s (federation.connect_timeout_s)"
-    ]
-    strangers = sorted(seen - expected) if expected else []
-    if strangers:
-        parts.append(
-            f"connected with an alias not in federation.sites: {', '.join(strangers)} "
-            "(check site-alias in that node's config)"
-        )
-    if silent:
-        parts.append(
-            f"{silent} connected node(s) did not answer the alias query "
-            "(see that node's log: its ClientApp may fail to start)"
-        )
-    return "; ".join(parts)
 
 
 def with_final_statistics(
@@ -216,7 +138,9 @@ def final_evaluation(
     return sites
 
 
-def write_results(recorder: RoundRecorder, sites: dict[str, Any], seconds: float) -> None:
+def write_results(
+    recorder: RoundRecorder, sites: dict[str, Any], seconds: float, ignored_nodes: list[int]
+) -> None:
     from fedmsk.models import model_label
 
     cfg = recorder.cfg
@@ -241,6 +165,8 @@ def write_results(recorder: RoundRecorder, sites: dict[str, Any], seconds: float
                     a for a in recorder.node_alias.values() if recorder.is_heldout(a)
                 ),
                 "seconds": round(seconds, 1),
+                # connected nodes not registered for a site of this study: sent nothing
+                "ignored_nodes": ignored_nodes,
             },
             "threshold": {"value": recorder.threshold, "source": recorder.threshold_source},
             "sites": sites,
@@ -271,7 +197,8 @@ def run_federation(grid: Grid, context: Context, cfg: ExperimentConfig) -> None:
     writer = run_dir.lock_for_writing()  # refuses while a killed run's process still writes
     checkpoint = run_dir.checkpoint_for_resume(cfg) if cfg.resume else None
     run_dir.initialise(cfg)
-    node_alias = discover_sites(grid, cfg)
+    discovery = discover_sites(grid, cfg)
+    node_alias = discovery.node_alias
     arrays = checkpoint.arrays if checkpoint else initial_arrays(cfg)
     recorder = RoundRecorder(
         cfg=cfg,
@@ -315,6 +242,6 @@ def run_federation(grid: Grid, context: Context, cfg: ExperimentConfig) -> None:
     final = with_final_statistics(grid, recorder, final)
     np.savez(run_dir.path / "final_model.npz", **final)
     sites = final_evaluation(grid, recorder, final)
-    write_results(recorder, sites, time.monotonic() - started)
+    write_results(recorder, sites, time.monotonic() - started, discovery.ignored_nodes)
     writer.release()
     log.info("fedmsk run finished: %s", run_dir.path.name)

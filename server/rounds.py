@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.common.constant import ErrorCode
 
 from fedmsk.config import ExperimentConfig, config_hash
 from fedmsk.run_dir import Checkpoint, RunDirectory
@@ -38,6 +39,15 @@ def describe_error(reason: str) -> str:
         return match.group(2)
     class_name = re.search(r"<class '([A-Za-z0-9_.]+)'>", reason or "")
     return class_name.group(1).rsplit(".", 1)[-1] if class_name else "ClientAppError"
+
+
+def reply_error(message: Message) -> str:
+    """What went wrong with an error reply, in one word: ``Unreachable`` where the SuperLink
+    answered for a node that stopped sending heartbeats (crashed, switched off, cut off),
+    otherwise the error class the node reported."""
+    if message.error.code == ErrorCode.NODE_UNAVAILABLE:
+        return "Unreachable"
+    return describe_error(message.error.reason)
 
 
 @dataclass
@@ -152,7 +162,7 @@ class RoundRecorder:
         good = []
         for msg in replies:
             if msg.has_error():
-                error = describe_error(msg.error.reason)
+                error = reply_error(msg)
                 self.record_failure(
                     server_round, self.alias_of(msg.metadata.src_node_id), phase, error
                 )

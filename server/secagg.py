@@ -71,7 +71,7 @@ from fedmsk.protocol import (
 )
 from server.messages import messages_to, to_record
 from server.round_evaluation import evaluate_round
-from server.rounds import RoundRecorder, arrays_to_numpy, describe_error
+from server.rounds import RoundRecorder, arrays_to_numpy, reply_error
 
 log = logging.getLogger("fedmsk.server")
 
@@ -301,7 +301,7 @@ class WatchedGrid:
         self.silent |= {m.metadata.dst_node_id for m in messages} - answered
         for reply in replies:
             if reply.has_error():
-                self.errors.setdefault(reply.metadata.src_node_id, reply.error.reason)
+                self.errors.setdefault(reply.metadata.src_node_id, reply_error(reply))
         return replies
 
     def __getattr__(self, name: str) -> Any:
@@ -463,7 +463,7 @@ def _record_dropouts(
         if alias in contributors:
             continue
         if node_id in watched.errors:
-            error = describe_error(watched.errors[node_id])
+            error = watched.errors[node_id]
         elif node_id in watched.silent:
             error = "Timeout"
         else:

@@ -39,6 +39,10 @@ pytestmark = pytest.mark.slow
 
 SITES = ["site00", "site01", "site02"]
 HELDOUT = "site02"
+# registered with the same SuperLink and online, but not a site of the study: it must be sent
+# nothing at all (issue 14 part 2)
+OUTSIDER = "site03"
+NODES = [*SITES, OUTSIDER]
 ROUNDS = 2
 MODEL = "resnet18_slim"  # the default model: a quarter of resnet18's bytes per message
 SUPERLINK_START_S = 90
@@ -48,6 +52,8 @@ RUN_S = 900
 REFUSAL_S = 90
 # flower-supernode logs this once the SuperLink has accepted the node.
 CONNECTED = r"SuperNode ID"
+# ... and this for every message it takes in.
+RECEIVED = r"Received successfully"
 
 
 @dataclass
@@ -102,8 +108,8 @@ def _register(procs: ProcessSet, kits: ProvisionResult, env: dict[str, str]) -> 
         raise DeploymentError(f"{script}: exit {code}\n{output}")
     ids = kits.coordinator.dir / "supernodes" / "node-ids.txt"
     recorded = sorted(line.split()[0] for line in ids.read_text().splitlines() if line.strip())
-    if recorded != SITES:
-        raise DeploymentError(f"{ids} lists {recorded}, expected {SITES}\n{output}")
+    if recorded != NODES:
+        raise DeploymentError(f"{ids} lists {recorded}, expected {NODES}\n{output}")
 
 
 @pytest.fixture(scope="module")
@@ -111,9 +117,9 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     tmp = tmp_path_factory.mktemp("deploy")
     fed_root = tmp / "fed"
     generate_federation(fed_root, task="xray_fracture", centers=3, seed=5, scale=0.5)
-    port, *ports = free_ports(1 + len(SITES) + 2)
+    port, *ports = free_ports(1 + len(NODES) + 2)
     kits = provision(
-        tmp / "provision", SITES, server_name="localhost", bind_host="127.0.0.1", port=port
+        tmp / "provision", NODES, server_name="localhost", bind_host="127.0.0.1", port=port
     )
     procs = ProcessSet(tmp / "logs")
     coordinator_env = deployment_env(kits.coordinator.flwr_home)
@@ -121,9 +127,10 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         superlink = _start_superlink(procs, kits, tmp, port)
         _register(procs, kits, coordinator_env)
         nodes = {}
-        for site, node_port in zip(SITES, ports, strict=False):
+        for site, node_port in zip(NODES, ports, strict=False):
             kit = kits.sites[site]
-            write_node_config(kit, (fed_root / site).resolve(), "cpu")
+            data = fed_root / (site if site in SITES else SITES[0])
+            write_node_config(kit, data.resolve(), "cpu")
             env = deployment_env(tmp / "homes" / site)
             nodes[site] = procs.start(site, with_port(kit.command, node_port), env, kit.dir)
         yield Deployment(
@@ -134,7 +141,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
             coordinator_env=coordinator_env,
             superlink=superlink,
             nodes=nodes,
-            spare_ports=ports[len(SITES) :],
+            spare_ports=ports[len(NODES) :],
         )
     finally:
         procs.stop_all()
@@ -142,7 +149,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     assert not leftovers, f"processes still alive after teardown: {leftovers}"
 
 
-def _overrides(fed_root: Path, run_dir: Path) -> list[str]:
+def _overrides(fed_root: Path, run_dir: Path, registry: Path) -> list[str]:
     return [
         f"data.root={fed_root}",
         "data.synthetic=false",
@@ -154,6 +161,7 @@ def _overrides(fed_root: Path, run_dir: Path) -> list[str]:
         f"run_dir={run_dir}",
         f"federation.sites=[{','.join(SITES)}]",
         f"federation.heldout_sites=[{HELDOUT}]",
+        f"federation.node_registry={registry}",
         "federation.connect_timeout_s=120",
         # every message starts a ClientApp process on a node (about 10 s of imports each on a
         # 2-core machine): validation only after the last round, as by default; per-round
@@ -233,7 +241,8 @@ def test_node_that_does_not_trust_the_ca_refuses_the_superlink(deployment: Deplo
 
 def _start_run(d: Deployment, run_dir: Path) -> int | None:
     run_config = d.tmp / "run_config.toml"
-    overrides = json.dumps(_overrides(d.fed_root.resolve(), run_dir))
+    registry = (d.kits.coordinator.dir / "supernodes" / "node-ids.txt").resolve()
+    overrides = json.dumps(_overrides(d.fed_root.resolve(), run_dir, registry))
     run_config.write_text(f"fedmsk-overrides = {toml_string(overrides)}\n")
     argv = ["flwr", "run", str(REPO), "fedmsk", "--run-config", str(run_config), "--stream"]
     code, _ = d.procs.run("flwr-run", argv, d.coordinator_env, d.tmp, RUN_S)
@@ -251,6 +260,7 @@ def test_two_rounds_over_tls_with_node_auth_finish(deployment: Deployment) -> No
         )
         exited = [site for site, node in d.nodes.items() if node.exited()]
         assert not exited, f"SuperNodes {exited} exited"
+        assert log_matches(d.nodes[OUTSIDER], CONNECTED), "the outsider node never connected"
 
         run_dir = (d.tmp / "run").resolve()
         code = _start_run(d, run_dir)
@@ -267,6 +277,12 @@ def test_two_rounds_over_tls_with_node_auth_finish(deployment: Deployment) -> No
         assert results["run"]["heldout_sites"] == [HELDOUT]
         assert results["run"]["rounds"] == ROUNDS
         assert results["failures"] == [], results["failures"]
+        # the outsider was online the whole run: it is listed, and no message ever reached it
+        ids = (d.kits.coordinator.dir / "supernodes" / "node-ids.txt").read_text().split()
+        outsider_id = int(ids[ids.index(OUTSIDER) + 1])
+        assert results["run"]["ignored_nodes"] == [outsider_id], results["run"]
+        assert log_matches(d.nodes["site00"], RECEIVED)
+        assert not log_matches(d.nodes[OUTSIDER], RECEIVED), d.nodes[OUTSIDER].tail(3000)
 
         metrics = _metrics(run_dir)
         for round_no in range(1, ROUNDS + 1):

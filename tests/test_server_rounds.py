@@ -113,38 +113,6 @@ def test_only_rounds_that_aggregated_count_and_the_summary_names_failed_sites(
     assert recorder.aggregated_rounds == 1
 
 
-def test_discovery_failure_tells_missing_strange_and_silent_nodes_apart() -> None:
-    from server.app import discovery_failure
-
-    cfg = compose(["federation.sites=[a,b,c]", "federation.connect_timeout_s=30"])
-    text = discovery_failure(cfg, seen={"a", "x"}, silent=1)
-    assert text.startswith("federation.sites: b, c did not connect within 30 s")
-    assert "alias not in federation.sites: x" in text
-    assert "1 connected node(s) did not answer" in text
-    assert ";" not in discovery_failure(cfg, seen={"a"}, silent=0)
-
-
-def test_discovery_stops_early_when_every_query_fails_on_the_node() -> None:
-    """A ClientApp that cannot start answers with an error: say so, do not wait 300 s."""
-    import time
-
-    from server.app import SiteDiscoveryError, discover_sites
-
-    class BrokenNodes:
-        def get_node_ids(self) -> list[int]:
-            return [1, 2]
-
-        def send_and_receive(self, messages: list[Message], timeout: float) -> list[Message]:
-            reason = "<class 'ImportError'>:<'cannot import name x'>"
-            return [Message(Error(code=0, reason=reason), reply_to=m) for m in messages]
-
-    cfg = compose(["federation.sites=[a,b]", "federation.connect_timeout_s=300"])
-    started = time.monotonic()
-    with pytest.raises(SiteDiscoveryError, match=r"2 connected node\(s\) answered .*ImportError"):
-        discover_sites(BrokenNodes(), cfg)  # type: ignore[arg-type]
-    assert time.monotonic() - started < 30
-
-
 def test_a_resumed_run_keeps_the_failures_and_privacy_of_earlier_rounds(tmp_path: Path) -> None:
     first = _recorder(tmp_path)
     first.record_failure(1, "b", "train", "Timeout")
