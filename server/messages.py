@@ -37,14 +37,32 @@ FIRST_POLL_S = 0.01
 MAX_POLL_S = 0.1
 
 
+def _on_behalf_of(reply: Message, sent: dict[str, int]) -> Message:
+    """The reply, carrying the ID of the node its message went to.
+
+    For a node that stopped sending heartbeats (crashed, switched off, cut off) the SuperLink
+    answers itself, with an error reply whose sender is the SuperLink (flwr 1.41,
+    ``create_message_error_unavailable_res_message``): left as it is, the dropout would be
+    recorded against a "node 1" and the site as a timeout. Flower offers no setter for the
+    sender, so it is written where Flower itself writes message IDs.
+    """
+    node = sent.get(reply.metadata.reply_to_message_id)
+    if node is not None and reply.has_error() and reply.metadata.src_node_id != node:
+        reply.metadata.__dict__["_src_node_id"] = node
+    return reply
+
+
 def exchange(grid: Any, messages: Iterable[Message], timeout: float | None) -> list[Message]:
     """Send ``messages`` and collect their replies until all came or ``timeout`` passed."""
-    pending = set(grid.push_messages(messages))
+    outgoing = list(messages)
+    ids = list(grid.push_messages(outgoing))  # Flower keeps the order, None where refused
+    sent = {mid: m.metadata.dst_node_id for m, mid in zip(outgoing, ids, strict=False) if mid}
+    pending = set(sent)
     replies: list[Message] = []
     deadline = None if timeout is None else time.monotonic() + timeout
     pause = FIRST_POLL_S
     while pending:
-        arrived = list(grid.pull_messages(pending))
+        arrived = [_on_behalf_of(m, sent) for m in grid.pull_messages(pending)]
         replies.extend(arrived)
         pending.difference_update(m.metadata.reply_to_message_id for m in arrived)
         if not pending or (deadline is not None and time.monotonic() >= deadline):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import socket
 import ssl
@@ -225,6 +226,17 @@ class ProcessSet:
         with contextlib.suppress(subprocess.TimeoutExpired):
             started.process.wait(timeout=grace)
 
+    def crash(self, started: Started) -> None:
+        """SIGKILL a started process and everything under it at once, as a power cut would: no
+        shutdown handler runs, so a SuperLink learns of a crashed node only from its missing
+        heartbeats."""
+        pids = process_tree(started.process.pid)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.signalled += pids
+        started.process.wait(timeout=30)
+
     def stop_all(self, grace: float = 10.0) -> None:
         """End every started process, its group, and every descendant found beforehand."""
         self.signalled += _terminate_tree(_roots(self.started), grace)
@@ -317,5 +329,132 @@ def tls_ready(port: int, ca_cert: Path, server_name: str) -> bool:
         return False
 
 
+def tls_ready_in(network: Network, port: int, ca_cert: Path, server_name: str) -> bool:
+    """:func:`tls_ready`, asked from inside the coordinator's namespace when it has one."""
+    if not network.isolated:
+        return tls_ready(port, ca_cert, server_name)
+    code = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+        "from deploy_helpers import tls_ready; "
+        f"sys.exit(0 if tls_ready({port}, __import__('pathlib').Path({str(ca_cert)!r}), "
+        f"{server_name!r}) else 1)"
+    )
+    argv = network.argv(COORDINATOR, [sys.executable, "-c", code])
+    return subprocess.run(argv, capture_output=True, timeout=30).returncode == 0
+
+
 def log_matches(started: Started, pattern: str) -> bool:
     return re.search(pattern, started.tail(200_000)) is not None
+
+
+# --------------------------------------------------------------------------- networks
+
+COORDINATOR = "coordinator"
+SUBNET = "10.77.0"
+COORDINATOR_IP = f"{SUBNET}.1"
+
+
+@dataclass
+class Network:
+    """Where each party of a test deployment runs.
+
+    Isolated: the coordinator in a Linux network namespace of its own that holds a bridge
+    (``COORDINATOR_IP``), each hospital in its own namespace joined to that bridge by a veth
+    link on an *isolated* bridge port, so a hospital reaches the coordinator and no other
+    hospital, and nothing outside reaches any of them. Otherwise everyone shares this machine's
+    loopback and ``reason`` says why namespaces could not be made.
+    """
+
+    namespaces: dict[str, str] = field(default_factory=dict)
+    addresses: dict[str, str] = field(default_factory=dict)
+    reason: str = ""
+
+    @property
+    def isolated(self) -> bool:
+        return bool(self.namespaces)
+
+    def argv(self, party: str, argv: Sequence[str]) -> list[str]:
+        """``argv`` run inside ``party``'s namespace (unchanged without namespaces)."""
+        namespace = self.namespaces.get(party)
+        if namespace is None:
+            return list(argv)
+        return [_ip_command(), "netns", "exec", namespace, *venv_argv(argv)]
+
+    def remove(self) -> None:
+        for namespace in self.namespaces.values():
+            subprocess.run([_ip_command(), "netns", "del", namespace], capture_output=True)
+
+
+def _ip_command() -> str:
+    return shutil.which("ip") or "/usr/sbin/ip"
+
+
+def make_network(sites: Sequence[str], tag: str) -> Network:
+    """Namespaces for the coordinator and each site (see :class:`Network`); a loopback
+    :class:`Network` with the failing command's error when they cannot be made (no root, no
+    ``ip``, a kernel without namespaces, bridges or veth)."""
+    if not sys.platform.startswith("linux") or shutil.which("ip") is None:
+        return Network(reason="the `ip` command (iproute2) is not installed")
+    network = Network()
+    coordinator = f"{tag}c"
+    # (the party whose namespace a step creates, the `ip` arguments)
+    plan: list[tuple[str | None, str]] = [
+        (COORDINATOR, f"netns add {coordinator}"),
+        (None, f"-n {coordinator} link set lo up"),
+        (None, f"-n {coordinator} link add br0 type bridge"),
+        (None, f"-n {coordinator} addr add {COORDINATOR_IP}/24 dev br0"),
+        (None, f"-n {coordinator} link set br0 up"),
+    ]
+    for i, site in enumerate(sites):
+        hospital, veth = f"{tag}h{i}", f"v{i}"
+        plan += [
+            (site, f"netns add {hospital}"),
+            (None, f"-n {hospital} link set lo up"),
+            (None, f"-n {coordinator} link add {veth} type veth peer name eth0 netns {hospital}"),
+            (None, f"-n {coordinator} link set {veth} master br0"),
+            (None, f"-n {coordinator} link set dev {veth} type bridge_slave isolated on"),
+            (None, f"-n {coordinator} link set {veth} up"),
+            (None, f"-n {hospital} addr add {SUBNET}.{10 + i}/24 dev eth0"),
+            (None, f"-n {hospital} link set eth0 up"),
+        ]
+    for party, step in plan:
+        done = subprocess.run([_ip_command(), *step.split()], capture_output=True, text=True)
+        if done.returncode != 0:
+            network.remove()
+            error = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+            return Network(reason=f"`ip {step}` failed: {error[0]}")
+        if party is not None:
+            network.namespaces[party] = step.split()[-1]
+    network.addresses = {COORDINATOR: COORDINATOR_IP}
+    network.addresses |= {site: f"{SUBNET}.{10 + i}" for i, site in enumerate(sites)}
+    return network
+
+
+def tcp_sockets(pid: int) -> list[tuple[str, str, str]]:
+    """(state, local address, remote address) of the TCP sockets in ``pid``'s network
+    namespace, from ``/proc/PID/net/tcp`` and ``tcp6``; addresses as ``ip:port`` text."""
+    rows = []
+    for name in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{name}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            rows.append((fields[3], _address(fields[1]), _address(fields[2])))
+    return rows
+
+
+def _address(text: str) -> str:
+    host, port = text.split(":")
+    raw = bytes.fromhex(host)
+    if len(raw) == 4:
+        ip = socket.inet_ntop(socket.AF_INET, raw[::-1])
+    else:  # the kernel prints IPv6 as four host-order 32-bit words
+        words = [raw[i : i + 4][::-1] for i in range(0, 16, 4)]
+        ip = socket.inet_ntop(socket.AF_INET6, b"".join(words))
+    return f"{ip}:{int(port, 16)}"
+
+
+TCP_LISTEN = "0A"
+TCP_ESTABLISHED = "01"

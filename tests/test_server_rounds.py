@@ -221,3 +221,56 @@ def test_global_statistics_are_never_asked_under_secure_aggregation_or_dp(
     recorder.cfg.privacy.secure_aggregation = False
     recorder.cfg.privacy.enabled = True
     assert not wants_global_statistics(recorder, arrays)
+
+
+def test_a_crashed_nodes_dropout_is_recorded_against_its_site(tmp_path: Path) -> None:
+    """For a node that stopped sending heartbeats the SuperLink itself answers, as sender
+    "node 1" (flwr's own function builds that reply here): the recorder must still name the
+    site, as Unreachable, not a Timeout of the site plus a failure of a "node-1"."""
+    from flwr.server.superlink.linkstate.utils import (
+        create_message_error_unavailable_res_message,
+    )
+
+    from server.messages import exchange, messages_to
+
+    class CrashedNodeGrid:
+        def __init__(self) -> None:
+            self.pushed: dict[str, Message] = {}
+
+        def push_messages(self, messages: list[Message]) -> list[str]:
+            ids = []
+            for i, message in enumerate(messages):
+                message.metadata.__dict__["_message_id"] = f"m{i}"
+                self.pushed[f"m{i}"] = message
+                ids.append(f"m{i}")
+            return ids
+
+        def pull_messages(self, ids: set[str]) -> list[Message]:
+            replies = []
+            for mid in sorted(ids):
+                request = self.pushed[mid]
+                if request.metadata.dst_node_id == 2:  # site b's node crashed
+                    replies.append(
+                        create_message_error_unavailable_res_message(
+                            request.metadata, "node_unavail"
+                        )
+                    )
+                else:
+                    arrays = to_record(_good())
+                    replies.append(
+                        Message(
+                            RecordDict(
+                                {"arrays": arrays, "metrics": MetricRecord({"num-examples": 10})}
+                            ),
+                            reply_to=request,
+                        )
+                    )
+            return replies
+
+    recorder = _recorder(tmp_path)
+    recorder.expect("train", 1, [1, 2, 3])
+    replies = exchange(CrashedNodeGrid(), messages_to([1, 2, 3], None, {}, "train"), timeout=5)
+    assert sorted(m.metadata.src_node_id for m in replies) == [1, 2, 3]
+    accepted = recorder.screen_train_replies(1, replies)
+    assert [m.metadata.src_node_id for m in accepted] == [1, 3]
+    assert [(f["site"], f["error"]) for f in recorder.failures] == [("b", "Unreachable")]
