@@ -11,6 +11,7 @@ helpers Flower itself detaches, also when a test fails; a failing test prints ev
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import time
@@ -21,14 +22,21 @@ from pathlib import Path
 
 import pytest
 from deploy_helpers import (
+    COORDINATOR,
+    COORDINATOR_IP,
     REPO,
+    TCP_ESTABLISHED,
+    TCP_LISTEN,
     DeploymentError,
+    Network,
     ProcessSet,
     Started,
     deployment_env,
     free_ports,
     log_matches,
-    tls_ready,
+    make_network,
+    tcp_sockets,
+    tls_ready_in,
     toml_string,
     wait_until,
     write_unregistered_key,
@@ -70,6 +78,8 @@ class Deployment:
     superlink: Started
     nodes: dict[str, Started]
     spare_ports: list[int]
+    network: Network
+    superlink_port: int
 
 
 def with_port(argv: list[str], port: int) -> list[str]:
@@ -86,14 +96,17 @@ def with_option(argv: list[str], option: str, value: str) -> list[str]:
     return out
 
 
-def _start_superlink(procs: ProcessSet, kits: ProvisionResult, tmp: Path, port: int) -> Started:
+def _start_superlink(
+    procs: ProcessSet, kits: ProvisionResult, tmp: Path, port: int, network: Network
+) -> Started:
     coordinator = kits.coordinator
     env = deployment_env(tmp / "homes" / "superlink")
-    superlink = procs.start("superlink", coordinator.superlink_command, env, coordinator.dir)
+    argv = network.argv(COORDINATOR, coordinator.superlink_command)
+    superlink = procs.start("superlink", argv, env, coordinator.dir)
     wait_until(
-        lambda: superlink.exited() or tls_ready(port, kits.ca_cert, kits.server_name),
+        lambda: superlink.exited() or tls_ready_in(network, port, kits.ca_cert, kits.server_name),
         SUPERLINK_START_S,
-        "the SuperLink answering TLS on 127.0.0.1",
+        "the SuperLink answering TLS on its 127.0.0.1",
         procs.report,
     )
     if superlink.exited():
@@ -101,11 +114,14 @@ def _start_superlink(procs: ProcessSet, kits: ProvisionResult, tmp: Path, port: 
     return superlink
 
 
-def _register(procs: ProcessSet, kits: ProvisionResult, env: dict[str, str]) -> None:
+def _register(
+    procs: ProcessSet, kits: ProvisionResult, env: dict[str, str], network: Network
+) -> None:
     """Register the sites' keys with the kit's own script (``flwr supernode register`` per
     site), which records each site's node ID."""
     script = kits.coordinator.register_script
-    code, output = procs.run("register", ["sh", str(script)], env, kits.coordinator.dir, REGISTER_S)
+    argv = network.argv(COORDINATOR, ["sh", str(script)])
+    code, output = procs.run("register", argv, env, kits.coordinator.dir, REGISTER_S)
     if code != 0:
         raise DeploymentError(f"{script}: exit {code}\n{output}")
     ids = kits.coordinator.dir / "supernodes" / "node-ids.txt"
@@ -120,21 +136,27 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     fed_root = tmp / "fed"
     generate_federation(fed_root, task="xray_fracture", centers=3, seed=5, scale=0.5)
     port, *ports = free_ports(1 + len(NODES) + 2)
-    kits = provision(
-        tmp / "provision", NODES, server_name="localhost", bind_host="127.0.0.1", port=port
-    )
+    # each party in its own network namespace where the machine allows it (see Network)
+    network = make_network(NODES, f"fm{os.getpid()}")
+    if network.isolated:  # the kits' own address and the SuperLink's default bind address
+        kits = provision(tmp / "provision", NODES, server_name=COORDINATOR_IP, port=port)
+    else:
+        kits = provision(
+            tmp / "provision", NODES, server_name="localhost", bind_host="127.0.0.1", port=port
+        )
     procs = ProcessSet(tmp / "logs")
     coordinator_env = deployment_env(kits.coordinator.flwr_home)
     try:
-        superlink = _start_superlink(procs, kits, tmp, port)
-        _register(procs, kits, coordinator_env)
+        superlink = _start_superlink(procs, kits, tmp, port, network)
+        _register(procs, kits, coordinator_env, network)
         nodes = {}
         for site, node_port in zip(NODES, ports, strict=False):
             kit = kits.sites[site]
             data = fed_root / (site if site in SITES else SITES[0])
             write_node_config(kit, data.resolve(), "cpu")
             env = deployment_env(tmp / "homes" / site)
-            nodes[site] = procs.start(site, with_port(kit.command, node_port), env, kit.dir)
+            argv = network.argv(site, with_port(kit.command, node_port))
+            nodes[site] = procs.start(site, argv, env, kit.dir)
         yield Deployment(
             tmp=tmp,
             fed_root=fed_root,
@@ -144,9 +166,12 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
             superlink=superlink,
             nodes=nodes,
             spare_ports=ports[len(NODES) :],
+            network=network,
+            superlink_port=port,
         )
     finally:
         procs.stop_all()
+        network.remove()
     leftovers = procs.leftovers()
     assert not leftovers, f"processes still alive after teardown: {leftovers}"
 
@@ -195,7 +220,8 @@ def _refused_node(d: Deployment, name: str, argv: list[str]) -> tuple[int | None
     Returns its exit code (``None`` if it was still running at the deadline) and its log.
     """
     env = deployment_env(d.tmp / "homes" / name)
-    node = d.procs.start(name, argv, env, d.tmp)
+    # from a hospital's network: the outsider's (it runs a node of its own there)
+    node = d.procs.start(name, d.network.argv(OUTSIDER, argv), env, d.tmp)
     try:
         deadline = time.monotonic() + REFUSAL_S
         while node.process.poll() is None and time.monotonic() < deadline:
@@ -247,7 +273,41 @@ def _start_run(d: Deployment, run_dir: Path) -> Started:
     overrides = json.dumps(_overrides(d.fed_root.resolve(), run_dir, registry))
     run_config.write_text(f"fedmsk-overrides = {toml_string(overrides)}\n")
     argv = ["flwr", "run", str(REPO), "fedmsk", "--run-config", str(run_config), "--stream"]
-    return d.procs.start("flwr-run", argv, d.coordinator_env, d.tmp)
+    return d.procs.start("flwr-run", d.network.argv(COORDINATOR, argv), d.coordinator_env, d.tmp)
+
+
+def test_hospitals_in_their_own_networks_only_dial_out_to_the_superlink(
+    deployment: Deployment,
+) -> None:
+    """Each hospital's node runs in a network namespace of its own, joined to the
+    coordinator's by a veth link: it listens on nothing but its own loopback (no inbound
+    connection can reach it) and its only connection off the machine is the one it opened to
+    the SuperLink's port (issue 14 part 5). The study itself runs across these links in the
+    next test."""
+    d = deployment
+    if not d.network.isolated:
+        pytest.skip(f"network namespaces could not be made here: {d.network.reason}")
+    with logs_on_failure(d.procs):
+        wait_until(
+            lambda: all(log_matches(n, CONNECTED) or n.exited() for n in d.nodes.values()),
+            NODE_CONNECT_S,
+            "all four SuperNodes connecting",
+            lambda: "",
+        )
+        superlink = f"{COORDINATOR_IP}:{d.superlink_port}"
+        for site, node in d.nodes.items():
+            assert not node.exited(), f"{site}'s SuperNode exited"
+            sockets = tcp_sockets(node.process.pid)
+            assert sockets, f"{site}: no TCP socket seen in its namespace"
+            listening = [local for state, local, _ in sockets if state == TCP_LISTEN]
+            exposed = [a for a in listening if not a.startswith(("127.", "::1:"))]
+            assert not exposed, f"{site} listens beyond loopback: {exposed}"
+            outside = {
+                remote
+                for state, _, remote in sockets
+                if state == TCP_ESTABLISHED and not remote.startswith(("127.", "::1:"))
+            }
+            assert outside == {superlink}, f"{site}: connections off the machine {outside}"
 
 
 def _trained(run_dir: Path, round_no: int) -> set[str]:
