@@ -2,7 +2,8 @@
 
 One reference run (2 rounds, tiny model, synthetic DICOM with fake PHI in every header) is
 shared by the checks of its run directory, its report and its privacy. A second run is killed
-with SIGKILL after its first checkpoint and resumed; it must end with the reference weights.
+with SIGKILL after its first checkpoint and resumed; it must end with the reference weights,
+as must FedAdam with local normalisation layers killed and resumed the same way.
 """
 
 from __future__ import annotations
@@ -213,6 +214,54 @@ def test_killed_run_resumes_to_the_same_final_weights(
     assert f"round {ROUNDS}/{ROUNDS}  " in shown and "sites trained" in shown
     assert f"round 1/{ROUNDS}  " not in shown
     assert "held-out center site03: AUC " in shown and "[" in shown
+
+
+def _simulate(overrides: list[str]) -> subprocess.Popen:
+    command = [sys.executable, "-m", "fedmsk.cli", "simulate", "--no-report", *overrides]
+    return subprocess.Popen(
+        command,
+        cwd=ROOT,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_server_optimiser_with_local_norm_layers_resumes_exactly(
+    federation: Path, tmp_path: Path
+) -> None:
+    """FedAdam with FedBN's local normalisation layers: the state that must survive a crash
+    lives in both places, the server's Adam moments and round count (bias correction) and each
+    node's own BatchNorm layers and AdamW state. Killed after round 1 and resumed, the run must
+    end with the weights of a run that was never interrupted (issue 14 part 4)."""
+    strategy = ["strategy=fedadam", "strategy.local_norm_layers=true"]
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    uninterrupted = _simulate([*_overrides(federation, reference), *strategy])
+    process = _simulate([*_overrides(federation, killed), *strategy])
+    first = killed / "checkpoints" / "round_0001.ckpt"
+    try:
+        deadline = time.monotonic() + 400
+        while not first.is_file() and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.2)
+        assert first.is_file(), "the run never wrote its first checkpoint"
+    finally:
+        _kill_tree(process, killed)
+    assert not (killed / "checkpoints" / f"round_{ROUNDS:04d}.ckpt").exists()
+    _, errors = uninterrupted.communicate(timeout=540)
+    assert uninterrupted.returncode == 0, errors[-2000:]
+    resumed = _simulate([*_overrides(federation, killed), *strategy, f"resume={killed}"])
+    _, errors = resumed.communicate(timeout=540)
+    assert resumed.returncode == 0, errors[-2000:]
+    with (
+        np.load(reference / "final_model.npz") as ref,
+        np.load(killed / "final_model.npz") as got,
+    ):
+        assert sorted(ref.files) == sorted(got.files)
+        for key in ref.files:
+            np.testing.assert_allclose(got[key], ref[key], rtol=0, atol=1e-6, err_msg=key)
+    rounds = [m["round"] for m in _metrics(killed) if m["phase"] == "train" and m["site"] is None]
+    assert rounds == list(range(1, ROUNDS + 1))
 
 
 def test_a_run_with_no_aggregated_round_fails_with_its_cause_in_one_line(
