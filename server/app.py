@@ -21,7 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmsk.config import ExperimentConfig, compose, config_hash, overrides_from_run_config
 from fedmsk.progress import LogLines, ProgressPrinter
-from fedmsk.run_dir import RunDirectory, record_failure_cause
+from fedmsk.run_dir import RunDirectory, one_line_cause, record_failure_cause
 from server.cyclic import NAME as CYCLIC
 from server.cyclic import run_cyclic_rounds
 from server.discovery import discover_sites
@@ -182,8 +182,10 @@ def main(grid: Grid, context: Context) -> None:
     try:
         run_federation(grid, context, cfg)
     except Exception as exc:
-        # the launcher prints this one line; Flower's log keeps the traceback
+        # the launcher prints this one line, a deployment's `flwr run --stream` shows it;
+        # Flower's log keeps the traceback
         record_failure_cause(cfg.run_dir, exc)
+        log.error("fedmsk run failed: %s", one_line_cause(exc))
         raise
 
 

@@ -46,6 +46,7 @@ from deploy_helpers import (
 from fedmsk.config import compose
 from fedmsk.data.synthetic import generate_federation
 from fedmsk.provision import ProvisionResult, provision, write_node_config
+from fedmsk.run_dir import FAILURE_FILE
 from server.app import initial_arrays
 
 pytestmark = pytest.mark.slow
@@ -273,7 +274,13 @@ def test_node_that_does_not_trust_the_ca_refuses_the_superlink(deployment: Deplo
 def _start_run(d: Deployment, run_dir: Path, extra: tuple[str, ...] = ()) -> Started:
     run_config = d.tmp / f"run_config-{run_dir.name}.toml"
     registry = (d.kits.coordinator.dir / "supernodes" / "node-ids.txt").resolve()
-    overrides = json.dumps([*_overrides(d.fed_root.resolve(), run_dir, registry), *extra])
+    replaced = {item.split("=", 1)[0] for item in extra}
+    base = [
+        o
+        for o in _overrides(d.fed_root.resolve(), run_dir, registry)
+        if o.split("=")[0] not in replaced
+    ]
+    overrides = json.dumps([*base, *extra])
     run_config.write_text(f"fedmsk-overrides = {toml_string(overrides)}\n")
     argv = ["flwr", "run", str(REPO), "fedmsk", "--run-config", str(run_config), "--stream"]
     return d.procs.start("flwr-run", d.network.argv(COORDINATOR, argv), d.coordinator_env, d.tmp)
@@ -434,3 +441,17 @@ def test_a_study_over_tls_with_node_auth_survives_a_crashed_node(deployment: Dep
         checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
         assert checkpoints == [f"round_{r:04d}.ckpt" for r in range(1, ROUNDS + 1)]
         assert (run_dir / "final_model.npz").is_file()
+
+        # a new study while site01 is still down: the wait for it is bounded, and the cause
+        # names it where the coordinator looks (the streamed log and the run directory)
+        again = (d.tmp / "without-site01").resolve()
+        run = _start_run(d, again, ("federation.connect_timeout_s=10",))
+        _finished(run)
+        cause_file = again / FAILURE_FILE
+        assert cause_file.is_file(), run.tail(3000)
+        cause = cause_file.read_text()
+        assert cause.startswith("SiteDiscoveryError: federation.sites: site01 did not connect"), (
+            cause
+        )
+        assert "site01 did not connect within 10 s" in run.tail(20_000), run.tail(3000)
+        assert not (again / "results.json").exists()
