@@ -439,3 +439,69 @@ def test_a_dataset_pool_validates_a_site_once_and_gives_the_same_batches(
     write_manifest(site, rows[:-1])  # the hospital edits its manifest: built again
     build_site_loaders(site, TASK, _data(), train, 0, pool=pool)
     assert len(validated) == 3 * 3 + 3 + 3
+
+
+def test_a_fresh_process_trusts_the_validated_index_until_a_file_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deployment starts a process per message: the second build must not read every cached
+    array again (issue 16), and must validate in full once an image or its cache entry changed."""
+    import fedmsk.data.validated_index as index_module
+    from fedmsk.data.dataset import build_site_datasets
+
+    monkeypatch.setattr(index_module, "RACY_SECONDS", -1.0)  # files here are seconds old
+    site = _site(tmp_path, patients=6)
+    data, train = _data(), TrainConfig()
+    first = build_site_datasets(site, TASK, data, train)
+    assert list((site / ".fedmsk-cache" / "validated").glob("*.json"))
+
+    reads: list[Path] = []
+    original = PreprocessCache._read_entry
+
+    def counting(self: PreprocessCache, entry: Path) -> np.ndarray | None:
+        reads.append(entry)
+        return original(self, entry)
+
+    monkeypatch.setattr(PreprocessCache, "_read_entry", counting)
+    again = build_site_datasets(site, TASK, data, train)
+    assert reads == []  # nothing decoded or read: the index was trusted
+    for split in ("train", "val", "test"):
+        assert again.datasets[split].items == first.datasets[split].items
+    assert again.dropped == first.dropped
+    image, label = again.datasets["train"][0]
+    assert image.shape == (3, 32, 32) and reads  # arrays are still read when training
+
+    reads.clear()
+    _png(site / "images/p2_0.png", seed=12345)  # a changed image: validate everything again
+    changed = build_site_datasets(site, TASK, data, train)
+    assert len(reads) == 13
+    digests = {i.path.name: i.digest for s in changed.datasets.values() for i in s.items}
+    before = {i.path.name: i.digest for s in first.datasets.values() for i in s.items}
+    assert digests["p2_0.png"] != before["p2_0.png"]
+
+    reads.clear()
+    build_site_datasets(site, TASK, data, train)  # the new index
+    assert reads == []
+    for entry in (site / ".fedmsk-cache").rglob("*.npy"):
+        entry.unlink()  # a cleared cache is noticed too
+        break
+    build_site_datasets(site, TASK, data, train)
+    assert len(reads) == 13
+
+
+def test_a_site_with_unreadable_images_is_never_indexed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fedmsk.data.validated_index as index_module
+    from fedmsk.data.dataset import build_site_datasets
+
+    monkeypatch.setattr(index_module, "RACY_SECONDS", -1.0)
+    site = _site(tmp_path, patients=4)
+    (site / "images" / "broken.dcm").write_bytes(b"not a dicom file")
+    write_manifest(
+        site, [*read_manifest(site), ManifestRow("images/broken.dcm", "normal", "PID777")]
+    )
+    for _ in range(2):  # reported at every build, not remembered away
+        built = build_site_datasets(site, TASK, _data(), TrainConfig())
+        assert len(built.skipped) == 1 and built.dropped["unreadable_image"] == 1
+    assert not list((site / ".fedmsk-cache" / "validated").glob("*.json"))

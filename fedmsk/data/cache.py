@@ -40,7 +40,7 @@ from fedmsk.data.images import load_image, to_channels
 CACHE_VERSION = "1"
 CACHE_DIR_NAME = ".fedmsk-cache"
 _HASH_CHUNK = 1 << 20
-_RACY_SECONDS = 2.0
+RACY_SECONDS = 2.0
 
 Decoder = Callable[..., Any]
 
@@ -203,7 +203,7 @@ class PreprocessCache:
             digest = file_sha256(path)
         except OSError as exc:
             raise _missing_file_error(path, exc) from exc
-        if time.time() - max(stat.st_mtime_ns, stat.st_ctime_ns) / 1e9 > _RACY_SECONDS:
+        if time.time() - max(stat.st_mtime_ns, stat.st_ctime_ns) / 1e9 > RACY_SECONDS:
             payload = json.dumps({"stat": signature, "sha256": digest}).encode()
             with contextlib.suppress(OSError):
                 _atomic_write_bytes(memo, payload)

@@ -32,6 +32,7 @@ from fedmsk.data.cache import PreprocessCache, PreprocessParams, default_cache_d
 from fedmsk.data.errors import ImageReadError
 from fedmsk.data.manifest import ManifestRow, manifest_path, read_manifest
 from fedmsk.data.splits import assign_splits, find_split_issues
+from fedmsk.data.validated_index import index_path, load_index, save_index
 
 log = logging.getLogger(__name__)
 
@@ -282,10 +283,27 @@ def build_site_datasets(
     site_dir = Path(site_dir)
     params = PreprocessParams(data.image_size, data.in_chans, str(data.frame))
     cache = PreprocessCache(default_cache_dir(site_dir, data.cache_dir), params)
+    order = ("train", "val", "test")
+    index = index_path(
+        cache, [str(site_dir.resolve()), params.key(), _datasets_key(site_dir, task, data)]
+    )
+    remembered = load_index(index, cache)
+    if remembered is not None:
+        splits, dropped = remembered
+        datasets = {
+            split: SiteDataset(
+                [_item_from_index(row) for row in splits.get(split, [])],
+                cache,
+                None,
+                [],
+                data.standardize,
+            )
+            for split in order
+        }
+        return SiteDatasets(datasets, [], dropped)
     rows, dropped = select_rows(
         read_manifest(site_dir), task, list(data.split_ratios), data.split_seed
     )
-    order = ("train", "val", "test")
     datasets: dict[str, SiteDataset] = {}
     skipped: list[ImageReadError] = []
     for split in order:
@@ -299,7 +317,33 @@ def build_site_datasets(
         dropped["duplicate_content"] = duplicates
     if skipped:
         dropped["unreadable_image"] = len(skipped)
+    else:  # a site with unreadable images validates in full, and reports them, every time
+        save_index(
+            index,
+            {split: [_item_to_index(i) for i in datasets[split].items] for split in order},
+            dropped,
+        )
     return SiteDatasets(datasets, skipped, dropped)
+
+
+def _item_to_index(item: SiteItem) -> dict[str, Any]:
+    return {
+        "path": str(item.path),
+        "label": item.label,
+        "patient_id": item.patient_id,
+        "digest": item.digest,
+        "view": item.view,
+    }
+
+
+def _item_from_index(row: dict[str, Any]) -> SiteItem:
+    return SiteItem(
+        Path(row["path"]),
+        int(row["label"]),
+        str(row["patient_id"]),
+        str(row["digest"]),
+        str(row["view"]),
+    )
 
 
 class DatasetPool:
