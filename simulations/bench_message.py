@@ -11,9 +11,11 @@ local step, so that training itself is a small, known part):
   deployment with a node process that outlives its messages).
 
 The image cache is built once per site before anything is timed (a one-off cost of a site's
-first run, not of a message). The 10,000-image site repeats the 1,000 generated images as
-distinct files (hard links where possible) under new patient IDs: the node stats, validates and
-indexes 10,000 files either way.
+first run, not of a message), and so is the validated-rows index
+(``fedmsk/data/validated_index.py``) when the site's files are older than two seconds. The
+10,000-image site repeats the generated images as
+DICOM files of their own (a new SOP Instance UID each, so that the node's duplicate check keeps
+them) under new patient IDs, as the 1,000-image site does with the generated site's ~900.
 
     .venv/bin/python simulations/bench_message.py --out runs/bench_message
     .venv/bin/python simulations/bench_message.py --sizes 100,1000 --out runs/bench_message
@@ -36,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-SOURCE_IMAGES = 1000
+SOURCE_IMAGES = 500
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -79,23 +81,32 @@ def source_site(out: Path) -> Path:
 def make_site(source: Path, dest: Path, size: int) -> Path:
     """``size`` distinct image files taken round-robin from ``source``, new patient IDs per
     repetition (so that splits stay patient-disjoint)."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
     from fedmsk.data.manifest import ManifestRow, read_manifest, write_manifest
 
     if (dest / "manifest.csv").is_file() and len(read_manifest(dest)) == size:
         return dest
     shutil.rmtree(dest, ignore_errors=True)
     (dest / "images").mkdir(parents=True)
-    rows = read_manifest(source)[:SOURCE_IMAGES]
+    rows = read_manifest(source)
     out = []
     for i in range(size):
         row = rows[i % len(rows)]
         repeat = i // len(rows)
         src = source / row.image
         name = f"images/r{repeat:02d}-{Path(row.image).name}"
-        try:
-            os.link(src, dest / name)
-        except OSError:
-            shutil.copy2(src, dest / name)
+        if repeat == 0 or src.suffix.lower() != ".dcm":
+            try:
+                os.link(src, dest / name)
+            except OSError:
+                shutil.copy2(src, dest / name)
+        else:  # another instance of the image: a file of its own, not a duplicate to drop
+            dataset = pydicom.dcmread(src)
+            dataset.SOPInstanceUID = generate_uid()
+            dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+            dataset.save_as(dest / name)
         out.append(ManifestRow(name, row.label, f"{row.patient_id}-r{repeat}", row.view))
     write_manifest(dest, out)
     return dest
@@ -158,6 +169,7 @@ def _run_child(site_dir: Path, messages: int, threads: int) -> dict[str, object]
 
 
 def measure(site_dir: Path, cold_reps: int, warm_reps: int, threads: int) -> dict[str, object]:
+    time.sleep(2.5)  # files younger than 2 s are not indexed (their stat may not show a change)
     _run_child(site_dir, 1, threads)  # builds the image cache: a site's first run, untimed
     cold = [_run_child(site_dir, 1, threads) for _ in range(cold_reps)]
     warm = _run_child(site_dir, 1 + warm_reps, threads)
