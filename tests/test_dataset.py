@@ -505,3 +505,22 @@ def test_a_site_with_unreadable_images_is_never_indexed(
         built = build_site_datasets(site, TASK, _data(), TrainConfig())
         assert len(built.skipped) == 1 and built.dropped["unreadable_image"] == 1
     assert not list((site / ".fedmsk-cache" / "validated").glob("*.json"))
+
+
+def test_a_site_reached_by_two_paths_gets_items_under_the_path_it_was_opened_by(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A study links a held-out site into a copy of the federation: both paths share one
+    cache and one index, and each build's items must lie under its own path."""
+    import fedmsk.data.validated_index as index_module
+    from fedmsk.data.dataset import build_site_datasets
+
+    monkeypatch.setattr(index_module, "RACY_SECONDS", -1.0)
+    site = _site(tmp_path, patients=4)
+    linked = tmp_path / "copy" / "site"
+    linked.parent.mkdir()
+    linked.symlink_to(site, target_is_directory=True)
+    for root in (site, linked, site):
+        built = build_site_datasets(root, TASK, _data(), TrainConfig())
+        items = [i for d in built.datasets.values() for i in d.items]
+        assert items and all(i.path.is_relative_to(root) for i in items)

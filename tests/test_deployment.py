@@ -298,15 +298,9 @@ def test_hospitals_in_their_own_networks_only_dial_out_to_the_superlink(
     if not d.network.isolated:
         pytest.skip(f"network namespaces could not be made here: {d.network.reason}")
     with logs_on_failure(d.procs):
-        wait_until(
-            lambda: all(log_matches(n, CONNECTED) or n.exited() for n in d.nodes.values()),
-            NODE_CONNECT_S,
-            "all four SuperNodes connecting",
-            lambda: "",
-        )
+        _all_nodes_connected(d)
         superlink = f"{COORDINATOR_IP}:{d.superlink_port}"
         for site, node in d.nodes.items():
-            assert not node.exited(), f"{site}'s SuperNode exited"
             sockets = tcp_sockets(node.process.pid)
             assert sockets, f"{site}: no TCP socket seen in its namespace"
             listening = [local for state, local, _ in sockets if state == TCP_LISTEN]
@@ -318,6 +312,17 @@ def test_hospitals_in_their_own_networks_only_dial_out_to_the_superlink(
                 if state == TCP_ESTABLISHED and not remote.startswith(("127.", "::1:"))
             }
             assert outside == {superlink}, f"{site}: connections off the machine {outside}"
+
+
+def _all_nodes_connected(d: Deployment) -> None:
+    wait_until(
+        lambda: all(log_matches(n, CONNECTED) or n.exited() for n in d.nodes.values()),
+        NODE_CONNECT_S,
+        f"all {len(d.nodes)} SuperNodes connecting",
+        lambda: "",
+    )
+    exited = [site for site, node in d.nodes.items() if node.exited()]
+    assert not exited, f"SuperNodes {exited} exited"
 
 
 def _trained(run_dir: Path, round_no: int) -> set[str]:
@@ -341,12 +346,7 @@ def test_secure_aggregation_runs_over_tls_with_node_auth(deployment: Deployment)
     the protocol's own record and at the weights, not at the exit code."""
     d = deployment
     with logs_on_failure(d.procs):
-        wait_until(
-            lambda: all(log_matches(n, CONNECTED) or n.exited() for n in d.nodes.values()),
-            NODE_CONNECT_S,
-            "all four SuperNodes connecting",
-            lambda: "",
-        )
+        _all_nodes_connected(d)
         run_dir = (d.tmp / "secagg").resolve()
         secure = (
             "privacy=secagg",
@@ -380,14 +380,7 @@ def test_a_study_over_tls_with_node_auth_survives_a_crashed_node(deployment: Dep
     others, and the dropout is recorded, not waited for (issue 14 part 1)."""
     d = deployment
     with logs_on_failure(d.procs):
-        wait_until(
-            lambda: all(log_matches(n, CONNECTED) or n.exited() for n in d.nodes.values()),
-            NODE_CONNECT_S,
-            "all four SuperNodes connecting",
-            lambda: "",
-        )
-        exited = [site for site, node in d.nodes.items() if node.exited()]
-        assert not exited, f"SuperNodes {exited} exited"
+        _all_nodes_connected(d)
 
         run_dir = (d.tmp / "run").resolve()
         run = _start_run(d, run_dir)

@@ -157,6 +157,32 @@ def _kill_tree(process: subprocess.Popen, run_dir: Path) -> None:
     process.wait(timeout=30)
 
 
+def _crash_after_first_checkpoint(process: subprocess.Popen, run_dir: Path) -> None:
+    """Wait (bounded) for the run's first checkpoint, then kill everything it started."""
+    first = run_dir / "checkpoints" / "round_0001.ckpt"
+    try:
+        deadline = time.monotonic() + 400
+        while not first.is_file() and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.2)
+        assert first.is_file(), "the run never wrote its first checkpoint"
+    finally:
+        _kill_tree(process, run_dir)
+    assert not (run_dir / "checkpoints" / f"round_{ROUNDS:04d}.ckpt").exists()
+
+
+def _assert_same_final_run(reference: Path, resumed: Path) -> None:
+    """The resumed run ends with the reference weights and aggregated every round once."""
+    with (
+        np.load(reference / "final_model.npz") as ref,
+        np.load(resumed / "final_model.npz") as got,
+    ):
+        assert sorted(ref.files) == sorted(got.files)
+        for key in ref.files:
+            np.testing.assert_allclose(got[key], ref[key], rtol=0, atol=1e-6, err_msg=key)
+    rounds = [m["round"] for m in _metrics(resumed) if m["phase"] == "train" and m["site"] is None]
+    assert rounds == list(range(1, ROUNDS + 1))
+
+
 def test_killed_run_resumes_to_the_same_final_weights(
     reference_run: Path, federation: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -176,28 +202,12 @@ def test_killed_run_resumes_to_the_same_final_weights(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    first = run_dir / "checkpoints" / "round_0001.ckpt"
-    try:
-        deadline = time.monotonic() + 400
-        while not first.is_file() and time.monotonic() < deadline and process.poll() is None:
-            time.sleep(0.5)
-        assert first.is_file(), "the run never wrote its first checkpoint"
-    finally:
-        _kill_tree(process, run_dir)
-    assert not (run_dir / "checkpoints" / f"round_{ROUNDS:04d}.ckpt").exists()
+    _crash_after_first_checkpoint(process, run_dir)
     assert (
         main(["simulate", "--no-report", *_overrides(federation, run_dir), f"resume={run_dir}"])
         == 0
     )
-    with (
-        np.load(reference_run / "final_model.npz") as ref,
-        np.load(run_dir / "final_model.npz") as got,
-    ):
-        assert sorted(ref.files) == sorted(got.files)
-        for key in ref.files:
-            np.testing.assert_allclose(got[key], ref[key], rtol=0, atol=1e-6, err_msg=key)
-    rounds = [m["round"] for m in _metrics(run_dir) if m["phase"] == "train" and m["site"] is None]
-    assert rounds == list(range(1, ROUNDS + 1))
+    _assert_same_final_run(reference_run, run_dir)
     # the record of the rounds before the checkpoint survives the resume (train failures are
     # recorded before a round's checkpoint; its evaluation may not have happened before the kill)
     trained = [
@@ -216,14 +226,16 @@ def test_killed_run_resumes_to_the_same_final_weights(
     assert "held-out center site03: AUC " in shown and "[" in shown
 
 
-def _simulate(overrides: list[str]) -> subprocess.Popen:
+def _simulate(overrides: list[str], keep_errors: bool = True) -> subprocess.Popen:
+    """``fedmsk simulate`` in the background; its stderr is kept for a run that is waited for
+    (a run that is killed is never read, so its pipe could fill)."""
     command = [sys.executable, "-m", "fedmsk.cli", "simulate", "--no-report", *overrides]
     return subprocess.Popen(
         command,
         cwd=ROOT,
         start_new_session=True,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=subprocess.PIPE if keep_errors else subprocess.DEVNULL,
         text=True,
     )
 
@@ -238,30 +250,14 @@ def test_server_optimiser_with_local_norm_layers_resumes_exactly(
     strategy = ["strategy=fedadam", "strategy.local_norm_layers=true"]
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     uninterrupted = _simulate([*_overrides(federation, reference), *strategy])
-    process = _simulate([*_overrides(federation, killed), *strategy])
-    first = killed / "checkpoints" / "round_0001.ckpt"
-    try:
-        deadline = time.monotonic() + 400
-        while not first.is_file() and time.monotonic() < deadline and process.poll() is None:
-            time.sleep(0.2)
-        assert first.is_file(), "the run never wrote its first checkpoint"
-    finally:
-        _kill_tree(process, killed)
-    assert not (killed / "checkpoints" / f"round_{ROUNDS:04d}.ckpt").exists()
+    process = _simulate([*_overrides(federation, killed), *strategy], keep_errors=False)
+    _crash_after_first_checkpoint(process, killed)
     _, errors = uninterrupted.communicate(timeout=540)
     assert uninterrupted.returncode == 0, errors[-2000:]
     resumed = _simulate([*_overrides(federation, killed), *strategy, f"resume={killed}"])
     _, errors = resumed.communicate(timeout=540)
     assert resumed.returncode == 0, errors[-2000:]
-    with (
-        np.load(reference / "final_model.npz") as ref,
-        np.load(killed / "final_model.npz") as got,
-    ):
-        assert sorted(ref.files) == sorted(got.files)
-        for key in ref.files:
-            np.testing.assert_allclose(got[key], ref[key], rtol=0, atol=1e-6, err_msg=key)
-    rounds = [m["round"] for m in _metrics(killed) if m["phase"] == "train" and m["site"] is None]
-    assert rounds == list(range(1, ROUNDS + 1))
+    _assert_same_final_run(reference, killed)
 
 
 def test_a_run_with_no_aggregated_round_fails_with_its_cause_in_one_line(

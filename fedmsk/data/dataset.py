@@ -16,6 +16,7 @@ and exact duplicate files (the first copy is kept).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -287,12 +288,12 @@ def build_site_datasets(
     index = index_path(
         cache, [str(site_dir.resolve()), params.key(), _datasets_key(site_dir, task, data)]
     )
-    remembered = load_index(index, cache)
+    remembered = load_index(index, site_dir, cache)
     if remembered is not None:
         splits, dropped = remembered
         datasets = {
             split: SiteDataset(
-                [_item_from_index(row) for row in splits.get(split, [])],
+                [_item_from_index(site_dir, row) for row in splits.get(split, [])],
                 cache,
                 None,
                 [],
@@ -318,17 +319,18 @@ def build_site_datasets(
     if skipped:
         dropped["unreadable_image"] = len(skipped)
     else:  # a site with unreadable images validates in full, and reports them, every time
-        save_index(
-            index,
-            {split: [_item_to_index(i) for i in datasets[split].items] for split in order},
-            dropped,
-        )
+        with contextlib.suppress(ValueError):  # an image outside the site folder: not indexed
+            rows_by_split = {
+                split: [_item_to_index(site_dir, i) for i in datasets[split].items]
+                for split in order
+            }
+            save_index(index, site_dir, rows_by_split, dropped)
     return SiteDatasets(datasets, skipped, dropped)
 
 
-def _item_to_index(item: SiteItem) -> dict[str, Any]:
+def _item_to_index(site_dir: Path, item: SiteItem) -> dict[str, Any]:
     return {
-        "path": str(item.path),
+        "image": item.path.relative_to(site_dir).as_posix(),
         "label": item.label,
         "patient_id": item.patient_id,
         "digest": item.digest,
@@ -336,9 +338,9 @@ def _item_to_index(item: SiteItem) -> dict[str, Any]:
     }
 
 
-def _item_from_index(row: dict[str, Any]) -> SiteItem:
+def _item_from_index(site_dir: Path, row: dict[str, Any]) -> SiteItem:
     return SiteItem(
-        Path(row["path"]),
+        site_dir / str(row["image"]),
         int(row["label"]),
         str(row["patient_id"]),
         str(row["digest"]),

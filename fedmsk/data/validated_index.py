@@ -28,7 +28,7 @@ from typing import Any
 from fedmsk.data.cache import RACY_SECONDS, PreprocessCache
 from fedmsk.run_dir import atomic_write_bytes
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 
 
 def stat_signature(path: Path) -> list[int]:
@@ -44,17 +44,21 @@ def index_path(cache: PreprocessCache, settings: Any) -> Path:
 
 
 def save_index(
-    path: Path, splits: dict[str, list[dict[str, Any]]], dropped: dict[str, int]
+    path: Path, site_dir: Path, splits: dict[str, list[dict[str, Any]]], dropped: dict[str, int]
 ) -> bool:
     """Write the index unless a file changed too recently to trust its signature (the same
-    racy-timestamp rule as the hash memo). Returns whether it was written."""
+    racy-timestamp rule as the hash memo). Returns whether it was written.
+
+    Each row names its image relative to ``site_dir`` (``"image"``, as in the manifest): one
+    site can be reached by several paths (a study links a held-out site into a copy of the
+    federation), and the items must lie under the path it is opened by."""
     now = time.time()
     rows: dict[str, list[dict[str, Any]]] = {}
     for split, items in splits.items():
         rows[split] = []
         for item in items:
             try:
-                signature = stat_signature(Path(item["path"]))
+                signature = stat_signature(site_dir / item["image"])
             except OSError:
                 return False
             if now - max(signature[1], signature[2]) / 1e9 <= RACY_SECONDS:
@@ -68,7 +72,7 @@ def save_index(
 
 
 def load_index(
-    path: Path, cache: PreprocessCache
+    path: Path, site_dir: Path, cache: PreprocessCache
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, int]] | None:
     """The remembered rows per split, or None when anything they rest on has changed."""
     try:
@@ -80,7 +84,7 @@ def load_index(
     try:
         for items in splits.values():
             for item in items:
-                if stat_signature(Path(item["path"])) != item["stat"]:
+                if stat_signature(site_dir / item["image"]) != item["stat"]:
                     return None
                 if not cache.entry_path(str(item["digest"])).is_file():
                     return None
