@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-COMMAND_MODULES = ("simulate", "train", "report", "stats", "provision")
+COMMAND_MODULES = ("simulate", "train", "report", "stats", "provision", "launch")
 DATA_COMMAND_MODULES = ("data_inspect", "data_sites", "data_synth")
 
 

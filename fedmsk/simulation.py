@@ -50,7 +50,8 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _bin(name: str) -> str:
+def venv_program(name: str) -> str:
+    """A console script of this Python's environment (Flower's ``flwr``), else from PATH."""
     candidate = Path(sys.executable).parent / name
     return str(candidate) if candidate.exists() else name
 
@@ -146,7 +147,7 @@ def run_simulation(plan: SimulationPlan, progress: TextIO | None = None) -> Path
     with plan.log_path.open("a", encoding="utf-8") as log:
         superlink = subprocess.Popen(
             [
-                _bin("flower-superlink"),
+                venv_program("flower-superlink"),
                 "--insecure",
                 "--simulation",
                 "--isolation",
@@ -168,7 +169,7 @@ def run_simulation(plan: SimulationPlan, progress: TextIO | None = None) -> Path
             _wait_for_health(port, superlink)
             runner = subprocess.Popen(
                 [
-                    _bin("flwr"),
+                    venv_program("flwr"),
                     "run",
                     str(APP_DIR),
                     CONNECTION,

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -271,7 +272,7 @@ def test_node_that_does_not_trust_the_ca_refuses_the_superlink(deployment: Deplo
     assert not re.search(CONNECTED, log), log[-3000:]
 
 
-def _start_run(d: Deployment, run_dir: Path, extra: tuple[str, ...] = ()) -> Started:
+def _write_run_config(d: Deployment, run_dir: Path, extra: tuple[str, ...] = ()) -> Path:
     run_config = d.tmp / f"run_config-{run_dir.name}.toml"
     registry = (d.kits.coordinator.dir / "supernodes" / "node-ids.txt").resolve()
     replaced = {item.split("=", 1)[0] for item in extra}
@@ -282,6 +283,11 @@ def _start_run(d: Deployment, run_dir: Path, extra: tuple[str, ...] = ()) -> Sta
     ]
     overrides = json.dumps([*base, *extra])
     run_config.write_text(f"fedmsk-overrides = {toml_string(overrides)}\n")
+    return run_config
+
+
+def _start_run(d: Deployment, run_dir: Path, extra: tuple[str, ...] = ()) -> Started:
+    run_config = _write_run_config(d, run_dir, extra)
     argv = ["flwr", "run", str(REPO), "fedmsk", "--run-config", str(run_config), "--stream"]
     return d.procs.start("flwr-run", d.network.argv(COORDINATOR, argv), d.coordinator_env, d.tmp)
 
@@ -436,15 +442,19 @@ def test_a_study_over_tls_with_node_auth_survives_a_crashed_node(deployment: Dep
         assert (run_dir / "final_model.npz").is_file()
 
         # a new study while site01 is still down: the wait for it is bounded, and the cause
-        # names it where the coordinator looks (the streamed log and the run directory)
+        # names it where the coordinator looks: `fedmsk launch` exits 1 with it (`flwr run`
+        # exits 0), the streamed log shows it, run_failed.txt keeps it
         again = (d.tmp / "without-site01").resolve()
-        run = _start_run(d, again, ("federation.connect_timeout_s=10",))
-        _finished(run)
+        run_config = _write_run_config(d, again, ("federation.connect_timeout_s=10",))
+        argv = [sys.executable, "-m", "fedmsk.cli", "launch", str(run_config)]
+        argv = d.network.argv(COORDINATOR, [*argv, "--connection", "fedmsk", "--app", str(REPO)])
+        code, output = d.procs.run("launch", argv, d.coordinator_env, d.tmp, RUN_S)
         cause_file = again / FAILURE_FILE
-        assert cause_file.is_file(), run.tail(3000)
-        cause = cause_file.read_text()
-        assert cause.startswith("SiteDiscoveryError: federation.sites: site01 did not connect"), (
-            cause
-        )
-        assert "site01 did not connect within 10 s" in run.tail(20_000), run.tail(3000)
+        assert cause_file.is_file(), output[-3000:]
+        cause = cause_file.read_text().strip()
+        assert cause.startswith("SiteDiscoveryError: federation.sites: site01 did not"), cause
+        assert "site01 did not connect within 10 s" in cause
+        assert code == 1, output[-3000:]
+        assert f"fedmsk launch: {cause}" in output, output[-3000:]
+        assert "fedmsk run failed: SiteDiscoveryError" in output, output[-3000:]
         assert not (again / "results.json").exists()
