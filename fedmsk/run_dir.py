@@ -126,6 +126,13 @@ def record_failure_cause(directory: Path | str, exc: BaseException) -> None:
     atomic_write_bytes(path / FAILURE_FILE, (one_line_cause(exc) + "\n").encode("utf-8"))
 
 
+def results_written_since(directory: Path | str, since: float) -> bool:
+    """Whether a run wrote its results.json after ``since`` (a ``time.time()``): how a launcher
+    tells a finished run from a failed one, since ``flwr run`` exits 0 either way."""
+    path = Path(directory) / "results.json"
+    return path.is_file() and path.stat().st_mtime >= since
+
+
 def failure_cause(directory: Path | str, since: float) -> str | None:
     """The cause a ServerApp recorded after ``since`` (a ``time.time()``), if any."""
     path = Path(directory) / FAILURE_FILE

@@ -25,7 +25,7 @@ from typing import TextIO
 
 from fedmsk.config import ExperimentConfig, config_dir
 from fedmsk.node_registry import SELF_DECLARED
-from fedmsk.run_dir import failure_cause
+from fedmsk.run_dir import failure_cause, results_written_since
 
 APP_DIR = Path(__file__).resolve().parent.parent
 CONNECTION = "fedmsk-sim"
@@ -141,7 +141,6 @@ def run_simulation(plan: SimulationPlan, progress: TextIO | None = None) -> Path
         f"fedmsk-overrides = {_toml_string(json.dumps(overrides))}\n", encoding="utf-8"
     )
     env = _environment(home)
-    results = run_dir / "results.json"
     started = time.time()
     plan.log_path.parent.mkdir(parents=True, exist_ok=True)
     with plan.log_path.open("a", encoding="utf-8") as log:
@@ -189,7 +188,7 @@ def run_simulation(plan: SimulationPlan, progress: TextIO | None = None) -> Path
                 _stop(runner)
         finally:
             _stop(superlink)
-    finished = results.is_file() and results.stat().st_mtime >= started
+    finished = results_written_since(run_dir, started)
     if returncode != 0 or not finished:
         cause = failure_cause(run_dir, started)
         if cause:

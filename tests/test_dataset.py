@@ -446,10 +446,9 @@ def test_a_fresh_process_trusts_the_validated_index_until_a_file_changes(
 ) -> None:
     """A deployment starts a process per message: the second build must not read every cached
     array again (issue 16), and must validate in full once an image or its cache entry changed."""
-    import fedmsk.data.validated_index as index_module
     from fedmsk.data.dataset import build_site_datasets
 
-    monkeypatch.setattr(index_module, "RACY_SECONDS", -1.0)  # files here are seconds old
+    monkeypatch.setattr(cache_module, "RACY_SECONDS", -1.0)  # files here are seconds old
     site = _site(tmp_path, patients=6)
     data, train = _data(), TrainConfig()
     first = build_site_datasets(site, TASK, data, train)
@@ -492,10 +491,9 @@ def test_a_fresh_process_trusts_the_validated_index_until_a_file_changes(
 def test_a_site_with_unreadable_images_is_never_indexed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import fedmsk.data.validated_index as index_module
     from fedmsk.data.dataset import build_site_datasets
 
-    monkeypatch.setattr(index_module, "RACY_SECONDS", -1.0)
+    monkeypatch.setattr(cache_module, "RACY_SECONDS", -1.0)
     site = _site(tmp_path, patients=4)
     (site / "images" / "broken.dcm").write_bytes(b"not a dicom file")
     write_manifest(
@@ -512,10 +510,9 @@ def test_a_site_reached_by_two_paths_gets_items_under_the_path_it_was_opened_by(
 ) -> None:
     """A study links a held-out site into a copy of the federation: both paths share one
     cache and one index, and each build's items must lie under its own path."""
-    import fedmsk.data.validated_index as index_module
     from fedmsk.data.dataset import build_site_datasets
 
-    monkeypatch.setattr(index_module, "RACY_SECONDS", -1.0)
+    monkeypatch.setattr(cache_module, "RACY_SECONDS", -1.0)
     site = _site(tmp_path, patients=4)
     linked = tmp_path / "copy" / "site"
     linked.parent.mkdir()

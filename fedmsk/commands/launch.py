@@ -60,7 +60,7 @@ def run_directory(run_config: Path) -> Path:
 
 
 def run_launch(args: argparse.Namespace) -> int:
-    from fedmsk.run_dir import failure_cause
+    from fedmsk.run_dir import failure_cause, results_written_since
     from fedmsk.simulation import APP_DIR, venv_program
 
     try:
@@ -76,7 +76,7 @@ def run_launch(args: argparse.Namespace) -> int:
     started = time.time()
     returncode = subprocess.run(command, check=False).returncode
     results = run_dir / "results.json"
-    if results.is_file() and results.stat().st_mtime >= started:
+    if results_written_since(run_dir, started):
         print(f"{PROG}: finished; results in {results}", flush=True)
         return 0
     cause = failure_cause(run_dir, started)

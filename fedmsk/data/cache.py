@@ -72,6 +72,18 @@ def default_cache_dir(site_dir: Path, cache_dir: str | Path | None = None) -> Pa
     return Path(cache_dir) if cache_dir else Path(site_dir) / CACHE_DIR_NAME
 
 
+def stat_signature(path: Path) -> list[int]:
+    """What changes when a file's bytes may have changed: size, mtime, ctime, inode."""
+    stat = os.stat(path)
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+
+
+def settled(signature: list[int]) -> bool:
+    """Whether a file last changed long enough ago (``RACY_SECONDS``) that a write within the
+    same timestamp tick cannot hide behind an unchanged signature."""
+    return time.time() - max(signature[1], signature[2]) / 1e9 > RACY_SECONDS
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with Path(path).open("rb") as handle:
@@ -191,9 +203,8 @@ class PreprocessCache:
         """SHA-256 of the file's bytes, via the stat-keyed memo when it is safe."""
         path = Path(path)
         try:
-            stat = path.stat()
+            signature = stat_signature(path)
             memo = self._hash_memo / (hashlib.sha256(str(path.resolve()).encode()).hexdigest())
-            signature = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
             try:
                 record = json.loads(memo.read_text())
                 if record.get("stat") == signature:
@@ -203,7 +214,7 @@ class PreprocessCache:
             digest = file_sha256(path)
         except OSError as exc:
             raise _missing_file_error(path, exc) from exc
-        if time.time() - max(stat.st_mtime_ns, stat.st_ctime_ns) / 1e9 > RACY_SECONDS:
+        if settled(signature):
             payload = json.dumps({"stat": signature, "sha256": digest}).encode()
             with contextlib.suppress(OSError):
                 _atomic_write_bytes(memo, payload)

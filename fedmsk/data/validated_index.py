@@ -20,21 +20,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
-import time
 from pathlib import Path
 from typing import Any
 
-from fedmsk.data.cache import RACY_SECONDS, PreprocessCache
+from fedmsk.data.cache import PreprocessCache, settled, stat_signature
 from fedmsk.run_dir import atomic_write_bytes
 
 INDEX_VERSION = 2
-
-
-def stat_signature(path: Path) -> list[int]:
-    """What changes when a file's bytes may have changed (the hash memo uses the same)."""
-    stat = os.stat(path)
-    return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
 
 
 def index_path(cache: PreprocessCache, settings: Any) -> Path:
@@ -52,7 +44,6 @@ def save_index(
     Each row names its image relative to ``site_dir`` (``"image"``, as in the manifest): one
     site can be reached by several paths (a study links a held-out site into a copy of the
     federation), and the items must lie under the path it is opened by."""
-    now = time.time()
     rows: dict[str, list[dict[str, Any]]] = {}
     for split, items in splits.items():
         rows[split] = []
@@ -61,7 +52,7 @@ def save_index(
                 signature = stat_signature(site_dir / item["image"])
             except OSError:
                 return False
-            if now - max(signature[1], signature[2]) / 1e9 <= RACY_SECONDS:
+            if not settled(signature):
                 return False
             rows[split].append({**item, "stat": signature})
     payload = json.dumps({"splits": rows, "dropped": dropped}).encode()
