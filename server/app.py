@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Context, MessageType
 from flwr.serverapp import Grid, ServerApp
 
 from fedmsk.config import ExperimentConfig, compose, config_hash, overrides_from_run_config
@@ -26,7 +26,7 @@ from server.cyclic import NAME as CYCLIC
 from server.cyclic import run_cyclic_rounds
 from server.discovery import discover_sites
 from server.global_statistics import update_global_statistics, wants_global_statistics
-from server.messages import PromptGrid, to_record
+from server.messages import PromptGrid, messages_to, to_record
 from server.rounds import RoundRecorder, SiteEvaluation, arrays_to_numpy
 from server.secagg import run_secagg_rounds
 from server.strategies import build_strategy
@@ -85,15 +85,7 @@ def evaluate_sites(
     config: dict[str, Any] = {"server-round": tag}
     if threshold is not None:
         config["threshold"] = float(threshold)
-    record = to_record(arrays)
-    messages = [
-        Message(
-            RecordDict({"arrays": record, "config": ConfigRecord(config)}),
-            dst_node_id=n,
-            message_type=MessageType.EVALUATE,
-        )
-        for n in node_ids
-    ]
+    messages = messages_to(node_ids, to_record(arrays), config, MessageType.EVALUATE)
     recorder.expect("final-evaluate", tag, node_ids)
     replies = list(grid.send_and_receive(messages, timeout=recorder.cfg.federation.round_timeout_s))
     return recorder.collect_evaluations("final-evaluate", tag, replies)

@@ -20,11 +20,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import MessageType
 from flwr.serverapp import Grid
 
 from fedmsk.config import ExperimentConfig
 from fedmsk.node_registry import SELF_DECLARED, study_nodes
+from server.messages import messages_to
 from server.rounds import reply_error
 
 log = logging.getLogger("fedmsk.server")
@@ -65,17 +66,6 @@ def registered_sites(cfg: ExperimentConfig) -> dict[int, str] | None:
     return study_nodes(Path(setting), list(cfg.federation.sites))
 
 
-def _query(node_ids: list[int]) -> list[Message]:
-    return [
-        Message(
-            RecordDict({"config": ConfigRecord()}),
-            dst_node_id=n,
-            message_type=MessageType.QUERY,
-        )
-        for n in node_ids
-    ]
-
-
 def _duplicates(node_alias: dict[int, str], expected: set[str]) -> str | None:
     counts = Counter(a for a in node_alias.values() if a in expected)
     claimed = sorted(a for a, count in counts.items() if count > 1)
@@ -110,7 +100,9 @@ def discover_sites(grid: Grid, cfg: ExperimentConfig) -> Discovery:
         unknown = [n for n in connected if n not in node_alias]
         if unknown:
             answered = set()
-            for reply in grid.send_and_receive(_query(unknown), timeout=QUERY_TIMEOUT_S):
+            for reply in grid.send_and_receive(
+                messages_to(unknown, None, {}, MessageType.QUERY), timeout=QUERY_TIMEOUT_S
+            ):
                 node = reply.metadata.src_node_id
                 if not reply.has_error() and "detail" in reply.content:
                     answered.add(node)
