@@ -154,13 +154,19 @@ def run_centralized(
             counts[i] += c
     import torch
 
+    from fedmsk.data.augment import worker_init_fn
+    from fedmsk.data.dataset import training_loader_settings
+
     generator = torch.Generator().manual_seed(cfg.seed)
+    settings = training_loader_settings(cfg.data, cfg.train)
     train_loader = DataLoader(
         pooled,
         batch_size=cfg.train.batch_size,
         shuffle=True,
         generator=generator,
         drop_last=len(pooled) > cfg.train.batch_size,
+        worker_init_fn=worker_init_fn if settings.num_workers > 0 else None,
+        **settings.loader_kwargs(),
     )
     model = model_from_config(cfg)
     epochs = centralized_epochs(cfg, [len(d) for d in train_sets], len(trained_on))

@@ -94,7 +94,9 @@ class DataConfig:
     augment: bool = True
     augmentation: AugmentConfig = field(default_factory=AugmentConfig)
     standardize: bool = False
-    num_workers: int = 0
+    # auto: loader workers and pinned memory on a CUDA node, none on a CPU node
+    # (fedmsk/data/loader_settings.py); a number is used as given
+    num_workers: str = "auto"
     min_examples_per_class: int = 2
 
 

@@ -171,6 +171,9 @@ def settings(args: argparse.Namespace) -> Settings:
         s.quality_variants = []
         s.bench_fit_args = ["--image-size", "32", "--batch-size", "8", "--steps", "2"]
         s.bench_fit_args += ["--reps", "2", "--warmup", "1"]
+    for name in ("model", "image_size", "batch_size", "site_scale"):
+        if getattr(args, name) is not None:
+            setattr(s, name, getattr(args, name))
     s.bench_fit_args += ["--threads", str(s.threads), "--model", s.model]
     if not args.quick:
         s.bench_fit_args += ["--image-size", str(s.image_size), "--batch-size", str(s.batch_size)]
@@ -299,6 +302,7 @@ def client_rows(s: Settings, root: Path, device_name: str) -> list[Row]:
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
+    from fedmsk.data.dataset import training_loader_settings
     from fedmsk.models import create_model, get_arrays, set_arrays
     from fedmsk.site_runtime import ModelPool, SiteRuntime
     from fedmsk.training import resolve_device
@@ -333,6 +337,8 @@ def client_rows(s: Settings, root: Path, device_name: str) -> list[Row]:
     run_bare()
     run_round()
     fit_seconds.clear()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     times: dict[str, list[float]] = {"bare": [], "round": []}
     for rep in range(s.repeats):
         order = [("bare", run_bare), ("round", run_round)]
@@ -347,12 +353,18 @@ def client_rows(s: Settings, root: Path, device_name: str) -> list[Row]:
     setup = median([r - f for r, f in zip(times["round"], fit_seconds, strict=True)])
     where = f"{device_name}, {s.model}, {s.image_size} px, batch {s.batch_size}, {n} images"
     reps = f"median of {s.repeats} alternating reps, {s.threads} threads"
-    return [
+    memory = []
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+        memory = [Row(1, f"peak GPU memory, bare loop and round ({where})", peak, "MiB")]
+    feeding = training_loader_settings(cfg.data, cfg.train).describe()
+    return memory + [
         Row(1, f"bare PyTorch loop on cached tensors ({where})", bare_ips, "images/s",
             notes=reps),
         Row(1, f"federated round: SiteRuntime build + train ({device_name})", round_ips,
             "images/s", notes=f"set-up (site loaders over the cache, weight load) {setup:.2f} "
-            "s/round; the model is kept between rounds as the ClientApp keeps it"),
+            "s/round; the model is kept between rounds as the ClientApp keeps it; "
+            f"data.num_workers={cfg.data.num_workers}: {feeding}"),
         Row(1, f"round / bare throughput ({device_name})", round_ips / bare_ips, "ratio",
             ">= 0.95", status_for(round_ips / bare_ips, at_least=0.95),
             f"median of paired ratios {pair:.3f}"),
@@ -573,7 +585,7 @@ def loader_wait_rows(s: Settings, root: Path, device_name: str) -> list[Row]:
             fractions.append(timed.waited / result.seconds)
         share = median(fractions)
         name = f"time waiting on the DataLoader / fit time ({device_name}, augment "
-        name += f"{'on' if augment else 'off'}, num_workers {cfg.data.num_workers})"
+        name += f"{'on' if augment else 'off'}, num_workers {loaders.train.num_workers})"
         rows.append(
             Row(3, name, 100 * share, "%", "< 5 %" if augment else "",
                 status_for(-share, at_least=-0.05) if augment else "",
@@ -1233,6 +1245,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (sections 1, 3)")
     parser.add_argument("--repeats", type=int, default=5, help="repetitions per timed side")
     parser.add_argument("--fed-rounds", type=int, default=2, help="section 4 rounds")
+    # sections 1 and 3: the site and model. A realistic GPU site: --model resnet50 (or
+    # efficientnet_b0) --image-size 224 --site-scale 90 (the first training site then has
+    # about 2,000 training images; the site is generated once per --out, so use a fresh one)
+    parser.add_argument("--model", default=None, help="sections 1, 3 model (default resnet18)")
+    parser.add_argument("--image-size", type=int, default=None, help="sections 1, 3 image size")
+    parser.add_argument("--batch-size", type=int, default=None, help="sections 1, 3 batch size")
+    parser.add_argument(
+        "--site-scale", type=float, default=None, help="sections 1, 3 synthetic site size"
+    )
     parser.add_argument(
         "--fed-scale", type=float, default=3.0, help="synthetic federation size (sections 4, 5)"
     )

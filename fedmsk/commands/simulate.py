@@ -130,7 +130,8 @@ def prepare(overrides: list[str]) -> PreparedRun:
             f"federation.heldout_sites: {', '.join(sorted(unknown))} "
             f"not in {root / FEDERATION_FILE}"
         )
-    fixed += _sequential_resources(cfg, overrides)
+    resources = _sequential_resources(cfg, overrides)
+    fixed += resources + _simulated_loader_workers(cfg, overrides, resources)
     fixed = dedupe_overrides(fixed)
     return PreparedRun(compose(fixed), fixed, len(aliases))
 
@@ -151,6 +152,26 @@ def _sequential_resources(cfg: Any, overrides: list[str]) -> list[str]:
     if "federation.client_num_cpus" not in keys:
         extra.append(f"federation.client_num_cpus={cores}")
     return extra
+
+
+def _simulated_loader_workers(cfg: Any, overrides: list[str], resources: list[str]) -> list[str]:
+    """Every simulated site shares this machine, so ``data.num_workers=auto`` counts the cores
+    the engine gives one site (``federation.client_num_cpus``), not the machine's: twelve sites
+    training at once must not each start a worker per core."""
+    from fedmsk.data.loader_settings import parse_num_workers, resolve_loader_settings
+    from fedmsk.training import resolve_device
+
+    keys = {item.split("=", 1)[0].lstrip("+~") for item in overrides}
+    if "data.num_workers" in keys or parse_num_workers(cfg.data.num_workers) is not None:
+        return []
+    cpus = float(cfg.federation.client_num_cpus)
+    for item in resources:
+        key, _, value = item.partition("=")
+        if key == "federation.client_num_cpus":
+            cpus = float(value)
+    device = resolve_device(cfg.train.device).type
+    settings = resolve_loader_settings("auto", device, cores=max(1, int(cpus)))
+    return [f"data.num_workers={settings.num_workers}"]
 
 
 def expand_sweep(overrides: list[str]) -> list[list[str]]:

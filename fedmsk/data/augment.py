@@ -105,13 +105,25 @@ def worker_init_fn(worker_id: int) -> None:
     """Give each DataLoader worker its own augmentation stream.
 
     Workers receive a copy of the dataset, generator state included, so without this every
-    worker, in every epoch, would repeat one stream. ``info.seed`` differs per worker and per
-    epoch and is drawn from the loader's seeded generator, so runs stay reproducible.
+    worker would repeat one stream. ``info.seed`` differs per worker and is drawn from the
+    loader's seeded generator when its workers start (every epoch, or once per loader with
+    persistent workers, whose streams then run on), so runs stay reproducible.
     """
     info = torch.utils.data.get_worker_info()
-    transform = getattr(getattr(info, "dataset", None), "transform", None)
-    if info is not None and isinstance(transform, SeededAugment):
+    if info is None:
+        return
+    for transform in _seeded_augments(info.dataset):
         transform.reseed((transform.seed * 1_000_003 + info.seed) % 2**63)
+
+
+def _seeded_augments(dataset: object) -> list[SeededAugment]:
+    """The augmentations of a dataset or of every part of a ``ConcatDataset`` (pooled training
+    joins the sites' datasets, each with its own stream)."""
+    parts = getattr(dataset, "datasets", None)
+    if isinstance(parts, list | tuple):
+        return [t for part in parts for t in _seeded_augments(part)]
+    transform = getattr(dataset, "transform", None)
+    return [transform] if isinstance(transform, SeededAugment) else []
 
 
 def _save_png(pixels: torch.Tensor, path: Path) -> None:

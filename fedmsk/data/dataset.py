@@ -31,6 +31,7 @@ from fedmsk.config import DataConfig, TaskConfig, TrainConfig
 from fedmsk.data.augment import SeededAugment, worker_init_fn
 from fedmsk.data.cache import PreprocessCache, PreprocessParams, default_cache_dir, to_float
 from fedmsk.data.errors import ImageReadError
+from fedmsk.data.loader_settings import IN_PROCESS, LoaderSettings, resolve_loader_settings
 from fedmsk.data.manifest import ManifestRow, manifest_path, read_manifest
 from fedmsk.data.splits import assign_splits, find_split_issues
 from fedmsk.data.validated_index import index_path, load_index, save_index
@@ -235,7 +236,7 @@ def _drop_duplicates(datasets: dict[str, SiteDataset], order: tuple[str, ...]) -
 def _make_loader(
     dataset: SiteDataset,
     batch_size: int,
-    num_workers: int,
+    settings: LoaderSettings = IN_PROCESS,
     generator: torch.Generator | None = None,
     shuffle: bool = False,
     balanced: bool = False,
@@ -261,9 +262,9 @@ def _make_loader(
         drop_last=drop_last,
         shuffle=shuffle,
         sampler=sampler,
-        num_workers=num_workers,
         generator=generator,
-        worker_init_fn=worker_init_fn if num_workers > 0 else None,
+        worker_init_fn=worker_init_fn if settings.num_workers > 0 else None,
+        **settings.loader_kwargs(),
     )
 
 
@@ -385,6 +386,14 @@ def _datasets_key(site_dir: Path, task: TaskConfig, data: DataConfig) -> tuple[A
     )
 
 
+def training_loader_settings(data: DataConfig, train: TrainConfig) -> LoaderSettings:
+    """``data.num_workers`` resolved for the device ``train.device`` names (see
+    :mod:`fedmsk.data.loader_settings`)."""
+    from fedmsk.training import resolve_device
+
+    return resolve_loader_settings(data.num_workers, resolve_device(train.device).type)
+
+
 def build_site_loaders(
     site_dir: Path,
     task: TaskConfig,
@@ -417,11 +426,14 @@ def build_site_loaders(
             SeededAugment(data.augmentation, seed=seed)
         )
     generator = torch.Generator().manual_seed(seed)
+    # Only the training split is augmented and read every round; validation and test are
+    # read in order from cached arrays, which needs no worker.
+    settings = training_loader_settings(data, train)
     loaders = {
         split: _make_loader(
             datasets[split],
             train.batch_size,
-            data.num_workers,
+            settings if split == "train" else IN_PROCESS,
             generator=generator if split == "train" else None,
             shuffle=split == "train",
             balanced=split == "train" and train.class_weighting == "sampler",
