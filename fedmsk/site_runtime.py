@@ -105,7 +105,9 @@ class ModelPool:
     and building a timm model costs a noticeable share of a small site's round. Reuse is exact
     because :meth:`SiteRuntime.load_global` overwrites every exchanged array before the model is
     used, and optimizers are built per ``fit`` (their moments come from the node's files).
-    Under DP a fresh model is built every time: Opacus attaches hooks to the module it wraps.
+    Under DP too: Opacus wraps the model for a round and the session unhooks it afterwards
+    (``DPSession.after_fit``), so a model that still carries an Opacus hook or per-sample
+    attribute (an unhooking that failed) is never handed out again; a new one is built.
     """
 
     def __init__(self) -> None:
@@ -115,12 +117,35 @@ class ModelPool:
         from fedmsk.models import create_model, model_arguments
 
         arguments = model_arguments(cfg)
-        if cfg.privacy.enabled:
-            return create_model(**arguments)
         key = tuple(arguments.items())
-        if key not in self._models:
-            self._models = {key: create_model(**arguments)}  # one architecture bounds the memory
-        return self._models[key]
+        model = self._models.get(key)
+        if model is None or (cfg.privacy.enabled and not free_of_opacus(model)):
+            model = create_model(**arguments)
+            self._models = {key: model}  # one architecture bounds the memory
+        for param in model.parameters():
+            param.grad = None  # nothing of the last message's step reaches this one
+        return model
+
+
+def free_of_opacus(model: Any) -> bool:
+    """True when no hook and no per-sample gradient attribute is left on ``model``: what
+    Opacus adds while it wraps a module and removes when the wrapper is cleaned up."""
+    from opacus.grad_sample.gsm_base import OPACUS_PARAM_MONKEYPATCH_ATTRS
+
+    for module in model.modules():
+        hooks = (
+            module._forward_hooks,
+            module._forward_pre_hooks,
+            module._backward_hooks,
+            getattr(module, "_backward_pre_hooks", {}),
+        )
+        if any(hooks):
+            return False
+    return not any(
+        hasattr(param, attr)
+        for param in model.parameters()
+        for attr in OPACUS_PARAM_MONKEYPATCH_ATTRS
+    )
 
 
 class SiteRuntime:

@@ -11,7 +11,7 @@ from PIL import Image
 from fedmsk.config import compose
 from fedmsk.data.manifest import ManifestRow, write_manifest
 from fedmsk.models import get_arrays, local_parameter_names
-from fedmsk.site_runtime import ModelPool, SiteRuntime, SiteUnavailableError
+from fedmsk.site_runtime import ModelPool, SiteRuntime, SiteUnavailableError, free_of_opacus
 
 
 @pytest.fixture(scope="module")
@@ -96,12 +96,73 @@ def test_a_pooled_model_trains_exactly_like_a_fresh_one(site: Path, tmp_path: Pa
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
-def test_model_pool_builds_a_fresh_model_under_dp(tmp_path: Path) -> None:
+def test_model_pool_reuses_a_dp_model_only_once_opacus_has_let_go(tmp_path: Path) -> None:
+    from opacus import GradSampleModule
+
     pool = ModelPool()
-    plain = compose(["model=resnet18", f"run_dir={tmp_path / 'r'}"])
-    assert pool.get(plain) is pool.get(plain)
-    private = compose(["model=resnet18", "privacy=dp", f"run_dir={tmp_path / 'r'}"])
-    assert pool.get(private) is not pool.get(private)
+    private = compose(["model=resnet18_slim", "privacy=dp", f"run_dir={tmp_path / 'r'}"])
+    model = pool.get(private)
+    assert free_of_opacus(model) and pool.get(private) is model
+    wrapped = GradSampleModule(model)  # a round's wrapper that was never cleaned up
+    assert not free_of_opacus(model)
+    assert pool.get(private) is not model  # a new model rather than one with Opacus' hooks
+    wrapped.cleanup()
+    assert free_of_opacus(model)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "ew"])
+def test_a_model_reused_after_a_dp_round_trains_exactly_like_a_fresh_one(
+    tmp_path: Path, mode: str
+) -> None:
+    """A node's model, wrapped by Opacus for one round and unhooked, then given the next round's
+    global weights: same seeded DP round, same arrays as a freshly built model."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from fedmsk.config import PrivacyConfig, TrainConfig
+    from fedmsk.models import set_arrays
+    from fedmsk.privacy import DPSession
+    from fedmsk.training import fit
+
+    cfg = compose(
+        ["model=resnet18_slim", "privacy=dp", "data.image_size=32", f"run_dir={tmp_path / 'r'}"]
+    )
+    train = TrainConfig(
+        batch_size=8, class_weighting="none", device="cpu", precision="fp32", num_threads=1
+    )
+    gen = torch.Generator().manual_seed(0)
+    images, labels = torch.rand(32, 1, 32, 32, generator=gen), torch.arange(32) % 2
+    data = DataLoader(TensorDataset(images, labels), batch_size=8, shuffle=True, generator=gen)
+
+    def dp_round(model: torch.nn.Module, name: str, seed: int) -> dict[str, np.ndarray]:
+        session = DPSession.for_site(
+            PrivacyConfig(enabled=True, grad_sample_mode=mode),
+            state_path=tmp_path / name / "p.json",
+            num_examples=32,
+            batch_size=8,
+            steps_per_round=4,
+            planned_rounds=2,
+            seed=seed,
+        )
+        torch.manual_seed(5)
+        gen.manual_seed(5)
+        fit(model, data, train, 2, privacy=session)
+        assert free_of_opacus(model)
+        return get_arrays(model)
+
+    pool = ModelPool()
+    reused = pool.get(cfg)
+    start = get_arrays(reused)
+    dp_round(reused, "earlier", seed=1)  # the message before: wraps, trains and unhooks
+    assert pool.get(cfg) is reused
+    set_arrays(reused, start)
+    fresh = ModelPool().get(cfg)
+    set_arrays(fresh, start)
+    a, b = dp_round(reused, "a", seed=2), dp_round(fresh, "b", seed=2)
+    assert a.keys() == b.keys()
+    assert any(not np.array_equal(a[k], start[k]) for k in a)  # the round did train
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
 def test_under_dp_a_site_with_static_augmented_copies_refuses_to_train(tmp_path: Path) -> None:
