@@ -39,6 +39,7 @@ from fedmsk.protocol import (
     count_bound,
 )
 from fedmsk.site_runtime import SiteRuntime, derive_seed, node_logger
+from fedmsk.wire import is_packed, pack_arrays, unpack_arrays
 
 app = ClientApp()
 
@@ -50,9 +51,15 @@ def _finite_numbers(metrics: dict[str, float]) -> dict[str, float]:
 
 
 def train_reply_content(
-    arrays: dict[str, np.ndarray], num_examples: int, metrics: dict[str, float]
+    arrays: dict[str, np.ndarray],
+    num_examples: int,
+    metrics: dict[str, float],
+    packed: bool = False,
 ) -> RecordDict:
+    """``packed``: the arrays as :mod:`fedmsk.wire` buffers, as the coordinator sent them."""
     record = MetricRecord({"num-examples": int(num_examples), **_finite_numbers(metrics)})
+    if packed:
+        arrays = pack_arrays(arrays)
     array_record = ArrayRecord(
         OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in arrays.items())
     )
@@ -127,6 +134,9 @@ def _handle(msg: Message, context: Context, action: str) -> Message:
             detail = ConfigRecord({"site-alias": alias, COUNT_BOUND_KEY: bound})
             return Message(RecordDict({"detail": detail}), reply_to=msg)
         arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+        packed = is_packed(arrays)  # answered the way it was asked (fedmsk/wire.py)
+        if packed:
+            arrays = unpack_arrays(arrays)
         if action == "norm-stats":
             stats = runtime.norm_statistics(arrays)
             content = norm_stats_reply_content(stats)
@@ -135,7 +145,9 @@ def _handle(msg: Message, context: Context, action: str) -> Message:
             if not cfg.privacy.enabled:  # timings depend on the sampled images (site_runtime)
                 outcome.metrics["setup-seconds"] = setup_seconds
                 outcome.metrics["client-seconds"] = time.perf_counter() - started
-            content = train_reply_content(outcome.arrays, outcome.num_examples, outcome.metrics)
+            content = train_reply_content(
+                outcome.arrays, outcome.num_examples, outcome.metrics, packed
+            )
         else:
             threshold = config.get(THRESHOLD_KEY)
             result = runtime.evaluate(arrays, None if threshold is None else float(threshold))

@@ -183,7 +183,9 @@ def main(grid: Grid, context: Context) -> None:
 
 def run_federation(grid: Grid, context: Context, cfg: ExperimentConfig) -> None:
     started = time.monotonic()
-    grid = PromptGrid(grid)  # type: ignore[assignment]  # replies without Flower's 3-s polling
+    # replies without Flower's 3-s polling; model arrays packed (fedmsk/wire.py) except under
+    # SecAgg+, whose masking works on the arrays as Flower's workflow sends them
+    grid = PromptGrid(grid, pack=not cfg.privacy.secure_aggregation)  # type: ignore[assignment]
     if not Path(cfg.run_dir).is_absolute():
         raise ValueError(f"run_dir={cfg.run_dir!r} must be an absolute path for a federated run")
     check_heldout(cfg)

@@ -172,9 +172,9 @@ def fedmsk_run(fed: Federation, args: argparse.Namespace, index: int) -> list[di
 
 
 def bare_run(
-    fed: Federation, args: argparse.Namespace, index: int, poll: str
+    fed: Federation, args: argparse.Namespace, index: int, poll: str, pack: bool = False
 ) -> list[dict[str, Any]]:
-    out = (fed.work / f"bare-{poll}-{index}.json").resolve()
+    out = (fed.work / f"bare-{poll}{'-packed' if pack else ''}-{index}.json").resolve()
     out.unlink(missing_ok=True)
     settings = {
         "rounds": args.rounds,
@@ -183,10 +183,11 @@ def bare_run(
         "batch-size": args.batch_size,
         "image-size": args.image_size,
         "poll": f'"{poll}"',
+        "pack": str(pack).lower(),
         "out": f'"{out}"',
     }
     run_config = " ".join(f"{k}={v}" for k, v in settings.items())
-    fed.flwr_run(f"flwr-run-bare-{poll}-{index}", BARE_APP, run_config, 900)
+    fed.flwr_run(f"flwr-run-{out.stem}", BARE_APP, run_config, 900)
     rounds = json.loads(out.read_text())["rounds"]
     return rounds[1:]  # like fedmsk's: rounds after the first
 

@@ -220,3 +220,36 @@ def test_a_node_without_data_dir_is_told_what_to_set(tmp_path: Path) -> None:
         tmp_path,
         "site01",
     )
+
+
+def test_a_packed_train_message_gets_a_packed_reply_with_the_same_arrays(
+    site: Path, tmp_path: Path
+) -> None:
+    """The coordinator sends the model as fedmsk.wire buffers: the node trains on the same
+    tensors and answers in the same form, and its layout names layers, nothing of the site."""
+    from fedmsk.wire import LAYOUT_KEY, is_packed, pack_arrays, unpack_arrays
+
+    plain = _message("train", {"fedmsk-round": 1})
+    arrays = {k: v.numpy() for k, v in plain.content["arrays"].items()}
+    packed_record = ArrayRecord(OrderedDict((k, Array(v)) for k, v in pack_arrays(arrays).items()))
+    packed = Message(
+        RecordDict({"arrays": packed_record, "config": ConfigRecord({"fedmsk-round": 1})}),
+        dst_node_id=7,
+        message_type="train",
+    )
+    replies = []
+    for index, message in enumerate((plain, packed)):
+        context = _context(site, tmp_path / f"run{index}")
+        replies.append(client_app._handle(message, context, "train"))
+    assert not any(r.has_error() for r in replies)
+    from_plain = {k: v.numpy() for k, v in replies[0].content["arrays"].items()}
+    sent = {k: v.numpy() for k, v in replies[1].content["arrays"].items()}
+    assert not is_packed(from_plain) and is_packed(sent) and len(sent) <= 3
+    layout = bytes(sent[LAYOUT_KEY]).decode()
+    assert "layer1" in layout
+    _assert_no_phi(layout + _everything_sent(replies[1]), site)
+    from_packed = unpack_arrays(sent)
+    assert list(from_packed) == list(from_plain)
+    for key, value in from_plain.items():
+        assert from_packed[key].dtype == value.dtype
+        np.testing.assert_array_equal(from_packed[key], value, err_msg=key)
