@@ -302,13 +302,16 @@ def client_rows(s: Settings, root: Path, device_name: str) -> list[Row]:
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
-    from fedmsk.data.dataset import training_loader_settings
+    from fedmsk.data.dataset import DatasetPool, training_loader_settings
     from fedmsk.models import create_model, get_arrays, set_arrays
     from fedmsk.site_runtime import ModelPool, SiteRuntime
     from fedmsk.training import resolve_device
 
     site_dir, alias = first_training_site(root)
-    cfg = site_config(s, root, device_name, ["data.augment=false"])
+    # one epoch on each side: train.local_steps (the default's fixed steps per round) would
+    # make the round train several epochs of a small site against the bare loop's one
+    extra = ["data.augment=false", "train.local_steps=null", "train.local_epochs=1"]
+    cfg = site_config(s, root, device_name, extra)
     device = resolve_device(device_name)
     torch.set_num_threads(s.threads)
     torch.manual_seed(0)
@@ -316,10 +319,16 @@ def client_rows(s: Settings, root: Path, device_name: str) -> list[Row]:
     global_arrays = get_arrays(reference)
     warm = SiteRuntime(cfg, site_dir, alias, heldout=False, seed=0)  # fills the cache
     images, labels = cached_tensors(warm.loaders.dataset("train"))
-    n = len(labels)
+    # both sides drop a last partial batch, as the site's training loader does
+    drop_last = len(labels) > s.batch_size
+    n = len(labels) // s.batch_size * s.batch_size if drop_last else len(labels)
     generator = torch.Generator().manual_seed(0)
     bare_loader = DataLoader(
-        TensorDataset(images, labels), batch_size=s.batch_size, shuffle=True, generator=generator
+        TensorDataset(images, labels),
+        batch_size=s.batch_size,
+        shuffle=True,
+        generator=generator,
+        drop_last=drop_last,
     )
 
     def run_bare() -> None:
@@ -327,10 +336,14 @@ def client_rows(s: Settings, root: Path, device_name: str) -> list[Row]:
         bare_epoch(reference, bare_loader, cfg.train, device)
 
     fit_seconds: list[float] = []
-    pool = ModelPool()  # what a node process keeps between messages (client/app.py)
+    # what a node process keeps between messages (client/app.py): the model and the site's
+    # validated datasets
+    pool, datasets = ModelPool(), DatasetPool()
 
     def run_round() -> None:
-        runtime = SiteRuntime(cfg, site_dir, alias, heldout=False, seed=0, model_pool=pool)
+        runtime = SiteRuntime(
+            cfg, site_dir, alias, heldout=False, seed=0, model_pool=pool, dataset_pool=datasets
+        )
         outcome = runtime.train(global_arrays, server_round=1)
         fit_seconds.append(outcome.metrics["train-seconds"])
 
@@ -351,7 +364,7 @@ def client_rows(s: Settings, root: Path, device_name: str) -> list[Row]:
     pair = median([b / r for b, r in zip(times["bare"], times["round"], strict=True)])
     fit_only = n / median(fit_seconds)
     setup = median([r - f for r, f in zip(times["round"], fit_seconds, strict=True)])
-    where = f"{device_name}, {s.model}, {s.image_size} px, batch {s.batch_size}, {n} images"
+    where = f"{device_name}, {s.model}, {s.image_size} px, batch {s.batch_size}, {n} images/epoch"
     reps = f"median of {s.repeats} alternating reps, {s.threads} threads"
     memory = []
     if device.type == "cuda":
