@@ -30,6 +30,13 @@ class RoundFiles:
     def path(self, round_no: int) -> Path:
         return self.directory / f"{self.stem}-r{round_no:04d}{self.suffix}"
 
+    def round_of(self, path: Path) -> int:
+        """The round a file of this series was written for."""
+        found = self._pattern.match(Path(path).name)
+        if found is None:
+            raise ValueError(f"{Path(path).name} is not a {self.stem}{self.suffix} round file")
+        return int(found.group(1))
+
     def rounds(self) -> list[int]:
         if not self.directory.is_dir():
             return []

@@ -104,7 +104,8 @@ class ModelPool:
     A node answers many messages in one process (a SuperNode's ClientApp, a simulation actor),
     and building a timm model costs a noticeable share of a small site's round. Reuse is exact
     because :meth:`SiteRuntime.load_global` overwrites every exchanged array before the model is
-    used, and optimizers are built per ``fit`` (their moments come from the node's files).
+    used, and optimizers are built per ``fit`` (their moments come from the node's files, or
+    from the copy this pool holds of what the same site wrote in its previous round).
     Under DP too: Opacus wraps the model for a round and the session unhooks it afterwards
     (``DPSession.after_fit``), so a model that still carries an Opacus hook or per-sample
     attribute (an unhooking that failed) is never handed out again; a new one is built.
@@ -112,6 +113,22 @@ class ModelPool:
 
     def __init__(self) -> None:
         self._models: dict[tuple[Any, ...], Any] = {}
+        self._optimizer: tuple[Path, int, dict] | None = None
+
+    def keep_optimizer_state(self, state_dir: Path, server_round: int, state: dict) -> None:
+        """Hold the state a site just wrote for ``server_round`` so that the next round of the
+        same site in this process skips reading it back; one site's state at a time bounds
+        the memory. The file stays the record a new process or a resumed run reads."""
+        self._optimizer = (Path(state_dir), server_round, state)
+
+    def take_optimizer_state(self, state_dir: Path, server_round: int) -> dict | None:
+        """The held state when it is the one written for ``server_round`` by this site, else
+        None. It is handed out once: the optimizer it restores updates its tensors in place,
+        so a round that fails half-way must not leave them to the next."""
+        held, self._optimizer = self._optimizer, None
+        if held is None or held[0] != Path(state_dir) or held[1] != server_round:
+            return None
+        return held[2]
 
     def get(self, cfg: ExperimentConfig) -> Any:
         from fedmsk.models import create_model, model_arguments
@@ -182,7 +199,8 @@ class SiteRuntime:
         )
         if self.loaders.skipped:
             self.log.warning("%d unreadable image(s) left out", len(self.loaders.skipped))
-        self.model = (model_pool or ModelPool()).get(cfg)
+        self.model_pool = model_pool or ModelPool()
+        self.model = self.model_pool.get(cfg)
 
     # -- weights ---------------------------------------------------------------------------
 
@@ -229,9 +247,13 @@ class SiteRuntime:
             return None
         import torch
 
-        path = self._optimizer_files().latest_before(server_round)
+        files = self._optimizer_files()
+        path = files.latest_before(server_round)
         if path is None:
             return None
+        held = self.model_pool.take_optimizer_state(self.state_dir, files.round_of(path))
+        if held is not None:
+            return held
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception:  # noqa: BLE001 - an unreadable state file means a fresh optimizer
@@ -244,6 +266,7 @@ class SiteRuntime:
         import torch
 
         self._optimizer_files().write(server_round, lambda path: torch.save(state, path))
+        self.model_pool.keep_optimizer_state(self.state_dir, server_round, state)
 
     # -- train -----------------------------------------------------------------------------
 

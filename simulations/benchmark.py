@@ -340,11 +340,17 @@ def client_rows(s: Settings, root: Path, device_name: str) -> list[Row]:
     # validated datasets
     pool, datasets = ModelPool(), DatasetPool()
 
+    rounds_run = 0
+
     def run_round() -> None:
+        # rounds follow each other so each one continues the optimizer state of the one before,
+        # as a run's rounds do
+        nonlocal rounds_run
+        rounds_run += 1
         runtime = SiteRuntime(
             cfg, site_dir, alias, heldout=False, seed=0, model_pool=pool, dataset_pool=datasets
         )
-        outcome = runtime.train(global_arrays, server_round=1)
+        outcome = runtime.train(global_arrays, server_round=rounds_run)
         fit_seconds.append(outcome.metrics["train-seconds"])
 
     run_bare()

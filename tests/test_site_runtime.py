@@ -96,6 +96,42 @@ def test_a_pooled_model_trains_exactly_like_a_fresh_one(site: Path, tmp_path: Pa
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
+def test_the_next_round_in_the_same_process_skips_reading_the_optimizer_state_back(
+    site: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pool hands the state a site wrote back to that site's next round once; a new
+    process (no pool) and any other round read the file, and both train the same."""
+    import torch
+
+    cfg = compose(
+        ["model=resnet18", "data.image_size=32", "train.batch_size=8", f"run_dir={tmp_path / 'r'}"]
+    )
+    pool = ModelPool()
+    first = SiteRuntime(cfg, site, "site-a", heldout=False, seed=3, model_pool=pool)
+    start = get_arrays(first.model)
+    first.train(start, server_round=1)
+    reads: list[object] = []
+    real_load = torch.load
+
+    def counting_load(*args: object, **kwargs: object) -> object:
+        reads.append(args[0])
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    held = SiteRuntime(cfg, site, "site-a", heldout=False, seed=3, model_pool=pool)
+    a = held.train(start, server_round=2).arrays
+    assert reads == [], "the state written in round 1 should come from the pool"
+    assert pool.take_optimizer_state(held.state_dir, 1) is None, "handed out once only"
+    b = SiteRuntime(cfg, site, "site-a", heldout=False, seed=3).train(start, server_round=2).arrays
+    assert len(reads) == 1, "a runtime without the pool reads the file"
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    other_site = tmp_path / "elsewhere"
+    pool.keep_optimizer_state(held.state_dir, 2, {"state": {}})
+    assert pool.take_optimizer_state(other_site, 2) is None
+    assert pool.take_optimizer_state(held.state_dir, 2) is None, "a miss drops the held state"
+
+
 def test_model_pool_reuses_a_dp_model_only_once_opacus_has_let_go(tmp_path: Path) -> None:
     from opacus import GradSampleModule
 
