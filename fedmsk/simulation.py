@@ -119,10 +119,15 @@ def _environment(home: Path) -> dict[str, str]:
 
 def simulated_node_identity(overrides: list[str]) -> list[str]:
     """Simulated nodes have no keys to bind a site to: their aliases are taken as declared
-    (``federation.node_registry=none``) unless the overrides name a registry themselves."""
-    if any(o.lstrip("+").startswith("federation.node_registry=") for o in overrides):
+    (``federation.node_registry=none``) unless the overrides name a registry themselves.
+    An empty value names none: a study's variant runs repeat every setting of the main run's
+    config, where the registry is still unset."""
+    key = "federation.node_registry="
+    named = [o for o in overrides if o.lstrip("+").startswith(key)]
+    if named and named[-1].lstrip("+")[len(key) :].strip().strip("'\"").strip():
         return list(overrides)
-    return [*overrides, f"federation.node_registry={SELF_DECLARED}"]
+    kept = [o for o in overrides if o not in named]
+    return [*kept, f"{key}{SELF_DECLARED}"]
 
 
 def run_simulation(plan: SimulationPlan, progress: TextIO | None = None) -> Path:

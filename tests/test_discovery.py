@@ -13,6 +13,7 @@ from flwr.app import ConfigRecord, Error, Message, RecordDict
 from fedmsk.config import compose, config_hash
 from fedmsk.node_registry import NodeRegistryError, read_node_registry
 from fedmsk.simulation import simulated_node_identity
+from fedmsk.studies.runner import config_overrides
 from server.discovery import SiteDiscoveryError, discover_sites, discovery_failure
 
 
@@ -135,6 +136,12 @@ def test_simulations_declare_self_declared_aliases_and_the_hash_ignores_the_bind
     assert simulated_node_identity(["seed=1"]) == ["seed=1", "federation.node_registry=none"]
     given = ["federation.node_registry=/x/node-ids.txt"]
     assert simulated_node_identity(given) == given
+    # a study's variant repeats every setting of the main run, the unset registry included
+    variant = [*config_overrides(compose(["federation.sites=[a,b]"])), "seed=2"]
+    assert any(o.startswith("federation.node_registry=") for o in variant)
+    resolved = simulated_node_identity(variant)
+    assert [o for o in resolved if "node_registry" in o] == ["federation.node_registry=none"]
+    assert compose(resolved).federation.node_registry == "none"
     base = compose(["federation.sites=[a,b]"])
     bound = compose(["federation.sites=[a,b]", "federation.node_registry=/x/node-ids.txt"])
     assert config_hash(base) == config_hash(bound)  # a run resumes after the kit moved
