@@ -204,6 +204,16 @@ def _pointing_warnings(data: RunData) -> list[str]:
     ]
 
 
+def _combined_validation_auc(data: RunData) -> float | None:
+    """The last validated round's AUC over every training center's validation images at once:
+    a small center's own AUC swings widely (a center with two positives scores 0 to 1), so the
+    range alone reads worse than the model is."""
+    points = [p for p in data.history if p.phase == "val" and p.site is None and "auc" in p.values]
+    if not points:
+        return None
+    return max(points, key=lambda p: p.round).values["auc"]
+
+
 def build_summary(data: RunData) -> Summary:
     summary = Summary()
     heldout = [s for s in data.sites if s.role == "heldout"]
@@ -220,10 +230,18 @@ def build_summary(data: RunData) -> Summary:
             if s.summary.auc is not None and s.summary.auc.value is not None
         ]
         if aucs:
-            text = (
-                f"Training centers' validation: AUC from {min(aucs):.3f} to {max(aucs):.3f} "
-                f"over {len(aucs)} centers"
-            )
+            sizes = [s.summary.n for s in training if s.summary.n]
+            per_center = f"AUC from {min(aucs):.3f} to {max(aucs):.3f} over {len(aucs)} centers"
+            if sizes:
+                per_center += f" of {min(sizes)} to {max(sizes)} images"
+            combined = _combined_validation_auc(data)
+            if combined is None:
+                text = f"Training centers' validation: {per_center}"
+            else:
+                text = (
+                    f"Training centers' validation: AUC {combined:.3f} with all their "
+                    f"validation images together (last round); per center {per_center}"
+                )
             if reference is not None:
                 text += f"; sensitivity/specificity {reference[0]:.2f}/{reference[1]:.2f}"
             summary.headline.append(text + ".")

@@ -713,6 +713,19 @@ def _set_point(summary: dict, sensitivity: float, specificity: float) -> None:
     summary["at_threshold"]["specificity"] = {"value": specificity, "ci95": [0.0, 1.0]}
 
 
+def test_summary_gives_the_centers_range_alone_when_no_combined_validation_was_logged(
+    tmp_path: Path,
+) -> None:
+    from fedmsk.report_summary import build_summary
+
+    write_run(tmp_path, with_metrics=False)
+    validation = next(
+        line for line in build_summary(load_run(tmp_path)).headline if "validation" in line
+    )
+    assert validation.startswith("Training centers' validation: AUC from ")
+    assert "together" not in validation
+
+
 def test_summary_leads_with_the_heldout_result_and_warns_in_plain_words(tmp_path: Path) -> None:
     from fedmsk.report_summary import build_summary
 
@@ -738,6 +751,12 @@ def test_summary_leads_with_the_heldout_result_and_warns_in_plain_words(tmp_path
     assert "site01's val images are all of one class (normal)" in text
     assert "not distinguishable from chance" in text
     assert "did not converge" not in text  # the loss fell from 0.7 to 0.14
+    validation = next(line for line in summary.headline if "validation" in line)
+    # round 5's AUC over both centers' validation images (0.62 + 0.05 * 5), then each center's
+    assert validation.startswith(
+        "Training centers' validation: AUC 0.870 with all their validation images together"
+    )
+    assert "per center AUC from" in validation and "of 90 to 120 images" in validation
 
     html_text = (build_report(tmp_path).html).read_text()
     assert html_text.index("<h2>Summary</h2>") < html_text.index("<h2>Run</h2>")
