@@ -30,25 +30,23 @@ class RoundFiles:
     def path(self, round_no: int) -> Path:
         return self.directory / f"{self.stem}-r{round_no:04d}{self.suffix}"
 
-    def round_of(self, path: Path) -> int:
-        """The round a file of this series was written for."""
-        found = self._pattern.match(Path(path).name)
-        if found is None:
-            raise ValueError(f"{Path(path).name} is not a {self.stem}{self.suffix} round file")
-        return int(found.group(1))
-
     def rounds(self) -> list[int]:
         if not self.directory.is_dir():
             return []
         found = (self._pattern.match(p.name) for p in self.directory.iterdir())
         return sorted(int(m.group(1)) for m in found if m)
 
-    def latest_before(self, round_no: int) -> Path | None:
-        """The file of the newest round before ``round_no``; None in a run's first round."""
+    def latest_round_before(self, round_no: int) -> int | None:
+        """The newest round before ``round_no`` that has a file; None in a run's first round."""
         if round_no <= 1:
             return None
         earlier = [r for r in self.rounds() if r < round_no]
-        return self.path(earlier[-1]) if earlier else None
+        return earlier[-1] if earlier else None
+
+    def latest_before(self, round_no: int) -> Path | None:
+        """The file of :meth:`latest_round_before`."""
+        previous = self.latest_round_before(round_no)
+        return None if previous is None else self.path(previous)
 
     def write(self, round_no: int, write: Callable[[Path], None]) -> Path:
         """``write(path)`` fills a temporary file that then replaces round ``round_no``'s

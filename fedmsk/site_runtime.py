@@ -248,14 +248,14 @@ class SiteRuntime:
         import torch
 
         files = self._optimizer_files()
-        path = files.latest_before(server_round)
-        if path is None:
+        previous = files.latest_round_before(server_round)
+        if previous is None:
             return None
-        held = self.model_pool.take_optimizer_state(self.state_dir, files.round_of(path))
+        held = self.model_pool.take_optimizer_state(self.state_dir, previous)
         if held is not None:
             return held
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(files.path(previous), map_location="cpu", weights_only=True)
         except Exception:  # noqa: BLE001 - an unreadable state file means a fresh optimizer
             self.log.warning("optimizer state unreadable, starting a fresh optimizer")
             return None

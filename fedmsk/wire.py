@@ -25,7 +25,7 @@ LAYOUT_VERSION = 1
 
 
 def is_packed(names: Iterable[str]) -> bool:
-    return LAYOUT_KEY in set(names)
+    return LAYOUT_KEY in names
 
 
 def pack_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -40,7 +40,7 @@ def pack_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     document = json.dumps({"version": LAYOUT_VERSION, "tensors": layout}).encode()
     packed = {LAYOUT_KEY: np.frombuffer(document, dtype=np.uint8).copy()}
     for dtype, pieces in parts.items():
-        packed[PACKED_PREFIX + dtype] = np.concatenate(pieces) if pieces else np.empty(0, dtype)
+        packed[PACKED_PREFIX + dtype] = np.concatenate(pieces)
     return packed
 
 

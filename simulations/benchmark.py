@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import itertools
 import json
 import math
 import os
@@ -340,17 +341,15 @@ def client_rows(s: Settings, root: Path, device_name: str) -> list[Row]:
     # validated datasets
     pool, datasets = ModelPool(), DatasetPool()
 
-    rounds_run = 0
+    # rounds follow each other so each one continues the optimizer state of the one before,
+    # as a run's rounds do
+    round_numbers = itertools.count(1)
 
     def run_round() -> None:
-        # rounds follow each other so each one continues the optimizer state of the one before,
-        # as a run's rounds do
-        nonlocal rounds_run
-        rounds_run += 1
         runtime = SiteRuntime(
             cfg, site_dir, alias, heldout=False, seed=0, model_pool=pool, dataset_pool=datasets
         )
-        outcome = runtime.train(global_arrays, server_round=rounds_run)
+        outcome = runtime.train(global_arrays, server_round=next(round_numbers))
         fit_seconds.append(outcome.metrics["train-seconds"])
 
     run_bare()
