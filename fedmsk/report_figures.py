@@ -32,6 +32,16 @@ def _grid(n: int, size: float = 3.1, max_cols: int = 4) -> tuple[Figure, list[Ax
     return fig, axes[:n]
 
 
+def center_colours(names: Sequence[str]) -> dict[str, tuple[float, ...]]:
+    """A distinct colour per center, the same in every figure that lists the same centers:
+    tab10 up to ten, tab20 beyond (matplotlib's default cycle repeats after ten, so a
+    13-center federation would draw two centers alike)."""
+    from matplotlib import colormaps
+
+    palette = colormaps["tab20"] if len(names) > 10 else colormaps["tab10"]
+    return {name: palette(i % palette.N) for i, name in enumerate(sorted(names))}
+
+
 def _save(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
@@ -124,11 +134,15 @@ def roc_overlay(sites: Sequence[SiteResult], pooled: SummaryView | None, path: P
     fig = Figure(figsize=(5.2, 5.0))
     ax = fig.subplots()
     styles = {"train": "-", "heldout": "--", "pooled": "-."}
+    colours = center_colours([name for name, role, _ in curves if role != "pooled"])
     for name, role, summary in curves:
         assert summary.roc is not None
         auc = summary.auc.value if summary.auc and summary.auc.value is not None else None
         label = f"{name} ({auc:.3f})" if auc is not None else name
-        ax.plot(summary.roc.fpr, summary.roc.tpr, styles[role], linewidth=1.3, label=label)
+        colour = colours.get(name, "black")
+        ax.plot(
+            summary.roc.fpr, summary.roc.tpr, styles[role], color=colour, linewidth=1.3, label=label
+        )
     _roc_axes(ax, "ROC by center (AUC); dashed = held-out")
     ax.legend(loc="lower right", fontsize=7, ncol=2 if len(curves) > 8 else 1)
     return _save(fig, path)
@@ -360,15 +374,13 @@ def training_curves(history: Sequence[MetricPoint], path: Path) -> Path | None:
     """Loss per round (training) and AUC (or top-1 accuracy) per round on val / held-out.
 
     Each center keeps one colour in both panels, named in the legend under the figure."""
-    from matplotlib import colormaps
     from matplotlib.lines import Line2D
 
     if not history:
         return None
     score_key = "auc" if any("auc" in p.values for p in history) else "top1_accuracy"
     sites = sorted({p.site for p in history if p.site is not None})
-    palette = colormaps["tab20"] if len(sites) > 10 else colormaps["tab10"]
-    colours = {site: palette(i % palette.N) for i, site in enumerate(sites)}
+    colours = center_colours(sites)
     fig = Figure(figsize=(10, 4.6 if sites else 4.0))
     loss_ax, score_ax = fig.subplots(1, 2)
     panels = (

@@ -133,3 +133,31 @@ def test_calibration_of_many_centers_is_pooled_by_count() -> None:
     a = CalibrationView(None, None, [0.1, 0.5], [0.0, 1.0], [10, 0])
     b = CalibrationView(None, None, [0.3, 0.6], [0.5, 0.5], [30, 4])
     assert _pooled_bins([a, b]) == [(0.25, 0.375), (0.6, 0.5)]
+
+
+def test_roc_overlay_gives_each_of_thirteen_centers_its_own_colour(tmp_path, monkeypatch) -> None:
+    """Matplotlib's default cycle has ten colours: a 13-center federation drew site00 and
+    site10 alike. Each center's curve now has a colour of its own."""
+    from matplotlib.colors import to_hex
+
+    import fedmsk.report_figures as figures
+    from fedmsk.report_data import Curve, SiteResult, SummaryView
+
+    drawn = []
+    monkeypatch.setattr(figures, "_save", lambda fig, path: drawn.append(fig) or path)
+    roc = Curve(fpr=[0.0, 0.5, 1.0], tpr=[0.0, 0.8, 1.0])
+    sites = [
+        SiteResult(
+            f"site{i:02d}",
+            "heldout" if i == 12 else "train",
+            "test" if i == 12 else "val",
+            SummaryView("binary", ["no", "yes"], 10, [5, 5], roc=roc),
+        )
+        for i in range(13)
+    ]
+    assert figures.roc_overlay(sites, None, tmp_path / "roc.png") is not None
+    lines = [ln for ln in drawn[0].axes[0].get_lines() if ln.get_label().startswith("site")]
+    assert len(lines) == 13
+    assert len({to_hex(ln.get_color()) for ln in lines}) == 13
+    by_name = figures.center_colours([s.alias for s in reversed(sites)])
+    assert by_name == figures.center_colours([s.alias for s in sites])
