@@ -36,8 +36,13 @@ browser:
 
 # pytest exits 5 when it collects no tests: fail loudly rather than by accident. The slowest
 # tests are listed at the end, so that a CI log shows where the 25-minute budget goes.
+# Two pytest workers (pytest-xdist), one test file each at a time so that a module's fixture
+# (a deployment, a federation) is built once: the tests run torch on one thread and the
+# deployment tests spend minutes waiting on heartbeats and process start-up, so a second
+# worker uses the core they leave idle (2 cores: 17:15 against 21:13 in one process).
+TEST_WORKERS ?= 2
 test: $(STAMP) browser
-	@$(BIN)/python -m pytest -q --durations=15; rc=$$?; \
+	@$(BIN)/python -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests"; exit 1; fi; exit $$rc
 
 lint: $(STAMP)
