@@ -40,9 +40,12 @@ browser:
 # (a deployment, a federation) is built once: the tests run torch on one thread and the
 # deployment tests spend minutes waiting on heartbeats and process start-up, so a second
 # worker uses the core they leave idle (2 cores: 17:15 against 21:13 in one process).
+# OMP_WAIT_POLICY=PASSIVE: torch's OpenMP workers sleep at once instead of spinning for the
+# next parallel region; two torch processes on two cores otherwise steal each other's core
+# (two 1-epoch pooled runs side by side: 296 s each, 45 s passive; docs/benchmarks.md).
 TEST_WORKERS ?= 2
 test: $(STAMP) browser
-	@$(BIN)/python -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile; rc=$$?; \
+	@OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests"; exit 1; fi; exit $$rc
 
 lint: $(STAMP)
