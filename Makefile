@@ -39,7 +39,8 @@ browser:
 # Two pytest workers (pytest-xdist), one test file each at a time so that a module's fixture
 # (a deployment, a federation) is built once: the tests run torch on one thread and the
 # deployment tests spend minutes waiting on heartbeats and process start-up, so a second
-# worker uses the core they leave idle (2 cores: 17:15 against 21:13 in one process).
+# worker uses the core they leave idle (2 cores: 15:58 with passive OpenMP threads, below,
+# against 21:13 in one process).
 # OMP_WAIT_POLICY=PASSIVE: torch's OpenMP workers sleep at once instead of spinning for the
 # next parallel region; two torch processes on two cores otherwise steal each other's core
 # (two 1-epoch pooled runs side by side: 296 s each, 45 s passive; docs/benchmarks.md).
