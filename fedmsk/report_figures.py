@@ -140,10 +140,16 @@ def roc_overlay(sites: Sequence[SiteResult], pooled: SummaryView | None, path: P
         auc = summary.auc.value if summary.auc and summary.auc.value is not None else None
         label = f"{name} ({auc:.3f})" if auc is not None else name
         colour = colours.get(name, "black")
+        width = 2.2 if role == "heldout" else 1.3  # the external result stands out
         ax.plot(
-            summary.roc.fpr, summary.roc.tpr, styles[role], color=colour, linewidth=1.3, label=label
+            summary.roc.fpr,
+            summary.roc.tpr,
+            styles[role],
+            color=colour,
+            linewidth=width,
+            label=label,
         )
-    _roc_axes(ax, "ROC by center (AUC); dashed = held-out")
+    _roc_axes(ax, "ROC by center (AUC); dashed, thick = held-out")
     ax.legend(loc="lower right", fontsize=7, ncol=2 if len(curves) > 8 else 1)
     return _save(fig, path)
 
