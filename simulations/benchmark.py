@@ -19,7 +19,9 @@ smoke test runs end to end:
    seeds, local-only and FedAvg / FedAvgM / FedProx / FedAdam / FedBN / FedAvg with DP (eps 8)
    on the first, each at the recommended budget (the defaults) and at an equal budget (every
    image once per round or epoch); held-out AUC with DeLong CIs, mean and spread over seeds,
-   paired DeLong tests, and a figure of held-out AUC against optimizer steps. Targets: pooled
+   paired DeLong tests, and a figure of held-out AUC against optimizer steps; with
+   ``--quality-training-seeds`` also repeats of pooled and the recommended strategy on every
+   draw (mean and spread over training seeds). Targets: pooled
    >= 0.85 on every seed; recommended minus pooled >= -0.02 (mean over seeds); best federated
    above every local-only model.
 
@@ -121,6 +123,10 @@ class Settings:
         ]
     )  # fmt: skip
     quality_budgets: list[str] = field(default_factory=lambda: ["recommended", "equal"])
+    # more runs of pooled and the recommended strategy on every draw, each with another
+    # ``seed=`` (initial weights, batch order, augmentation): the run-to-run spread on one draw,
+    # which one run per cell cannot show (on the hard draws it is several hundredths)
+    quality_training_seeds: list[int] = field(default_factory=list)
     quality_local: bool = True  # local-only baselines, one per training site
     quality_overrides: list[str] = field(default_factory=list)
     bench_fit_args: list[str] = field(default_factory=list)
@@ -150,6 +156,10 @@ def settings(args: argparse.Namespace) -> Settings:
         s.quality_seeds = [int(x) for x in args.quality_seeds.split(",") if x.strip()]
     if args.quality_variants is not None:
         s.quality_variants = [x for x in args.quality_variants.split(",") if x]
+    if args.quality_training_seeds:
+        s.quality_training_seeds = [
+            int(x) for x in args.quality_training_seeds.split(",") if x.strip()
+        ]
     if args.quality_budgets:
         s.quality_budgets = [x for x in args.quality_budgets.split(",") if x]
         if not set(s.quality_budgets) <= {"recommended", "equal"}:
@@ -839,22 +849,27 @@ class QualityRun:
     every image count the same in every method: one pass over each site's images per round
     (``train.local_epochs=1``, no fixed local steps) and as many pooled epochs as rounds.
     ``curve``: also score the held-out center after every round or epoch (for the figure).
+    ``training_seed``: a repeat of the run on the same draw with ``seed=`` set to it (None: the
+    configured seed, the run every other row uses).
     """
 
     method: str
     seed: int
     budget: str
     curve: bool = False
+    training_seed: int | None = None
 
     @property
     def label(self) -> str:
         suffix = "" if self.budget == "recommended" else f" @{self.budget}"
-        return f"{self.method}{suffix} (seed {self.seed})"
+        repeat = "" if self.training_seed is None else f", training seed {self.training_seed}"
+        return f"{self.method}{suffix} (seed {self.seed}{repeat})"
 
     @property
     def directory(self) -> str:
         name = self.method.replace("+", "-").replace(":", "-")
-        return f"{name}-{self.budget}-seed{self.seed}"
+        repeat = "" if self.training_seed is None else f"-train{self.training_seed}"
+        return f"{name}-{self.budget}-seed{self.seed}{repeat}"
 
 
 def quality_root(s: Settings, seed: int) -> Path:
@@ -877,6 +892,8 @@ def quality_overrides(s: Settings, run: QualityRun, run_dir: Path) -> list[str]:
         overrides.append(f"federation.num_rounds={s.quality_rounds}")
     if run.budget == "equal":
         overrides += ["train.local_steps=null", "train.local_epochs=1"]
+    if run.training_seed is not None:
+        overrides.append(f"seed={run.training_seed}")
     if run.curve:
         overrides.append("evaluation.heldout_each_round=true")
     base, _, variant = run.method.partition("~")
@@ -945,6 +962,10 @@ def quality_plan(s: Settings, training_sites: list[str]) -> list[QualityRun]:
             plan += [QualityRun(f"local:{a}", first, budget) for a in training_sites]
         plan += [QualityRun(m, first, budget) for m in s.quality_strategies]
     plan += [QualityRun(m, first, "recommended") for m in s.quality_variants]
+    for training_seed in s.quality_training_seeds:
+        for seed in s.quality_seeds:
+            for method in ("pooled", s.quality_recommended):
+                plan.append(QualityRun(method, seed, "recommended", training_seed=training_seed))
     return plan
 
 
@@ -1062,6 +1083,11 @@ def section_quality(s: Settings) -> list[Row]:
             Row(5, f"{run.label}: held-out AUC", auc, "AUC",
                 notes=f"{text}; {seconds[run]:.0f} s of training and evaluation")
         )  # fmt: skip
+    repeats = {r: d for r, d in dirs.items() if r.training_seed is not None}
+    rows += training_seed_rows(s, dirs, lambda path: heldout_auc(path)[0])
+    # every other row compares the runs made with the configured seed
+    dirs = {r: d for r, d in dirs.items() if r not in repeats}
+    seconds = {r: v for r, v in seconds.items() if r not in repeats}
     rows += quality_summary_rows(s, dirs, seconds, paired_heldout_test)
     rows += variant_rows(s, dirs)
     for budget in ("recommended", "equal"):
@@ -1106,6 +1132,46 @@ def variant_rows(s: Settings, dirs: dict[QualityRun, Path]) -> list[Row]:
             Row(5, f"{base} defaults minus {base} with {variant} (seed {run.seed})", diff, "AUC",
                 target, status, f"{ours:.3f} vs {theirs:.3f}; {setting}")
         )  # fmt: skip
+    return rows
+
+
+def training_seed_rows(
+    s: Settings, dirs: dict[QualityRun, Path], auc_of: Callable[[Path], float | None]
+) -> list[Row]:
+    """Per draw: pooled and the recommended strategy over their training seeds (the configured
+    seed's run and its repeats), mean and spread, and the gap between the two means."""
+    rows: list[Row] = []
+    if not s.quality_training_seeds:
+        return rows
+    recommended = s.quality_recommended
+    for seed in s.quality_seeds:
+        means: dict[str, float] = {}
+        for method in ("pooled", recommended):
+            found = {
+                run.training_seed: auc_of(run_dir)
+                for run, run_dir in dirs.items()
+                if run.method == method and run.seed == seed and run.budget == "recommended"
+            }
+            values = {k: v for k, v in found.items() if v is not None}
+            if len(values) < 2:
+                continue
+            mean, sd = mean_and_spread(list(values.values()))
+            means[method] = mean
+            each = ", ".join(
+                f"{'configured' if k is None else k}: {v:.3f}"
+                for k, v in sorted(values.items(), key=lambda kv: -1 if kv[0] is None else kv[0])
+            )
+            rows.append(
+                Row(5, f"{method}: held-out AUC over {len(values)} training seeds (seed {seed})",
+                    mean, "AUC", notes=f"sd {sd:.3f}, range {min(values.values()):.3f}-"
+                    f"{max(values.values()):.3f}; per training seed {each}")
+            )  # fmt: skip
+        if len(means) == 2:
+            gap = means[recommended] - means["pooled"]
+            rows.append(
+                Row(5, f"{recommended} minus pooled, means over training seeds (seed {seed})",
+                    gap, "AUC", notes="recommended budget; same held-out images")
+            )  # fmt: skip
     return rows
 
 
@@ -1289,6 +1355,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--quality-variants", default=None, help="section 5 METHOD~VARIANT runs ('' for none)"
+    )
+    parser.add_argument(
+        "--quality-training-seeds",
+        default="",
+        help="section 5: repeat pooled and the recommended strategy on every draw with these "
+        "seed= values (the run-to-run spread), e.g. 43,44",
     )
     parser.add_argument(
         "--quality-budgets", default="", help="section 5 budgets: recommended,equal (default both)"

@@ -95,6 +95,64 @@ def test_a_run_is_reused_only_when_its_results_came_after_its_configuration(
     assert not bench.finished_run(tmp_path, cfg)
 
 
+def _quality_settings(tmp_path: Path, training_seeds: list[int]):
+    return bench.Settings(
+        out=tmp_path,
+        quick=False,
+        threads=1,
+        repeats=1,
+        devices=["cpu"],
+        quality_seeds=[0, 5],
+        quality_strategies=[],
+        quality_variants=[],
+        quality_budgets=["recommended"],
+        quality_local=False,
+        quality_training_seeds=training_seeds,
+    )
+
+
+def test_training_seeds_repeat_pooled_and_the_recommended_strategy_on_every_draw(
+    tmp_path: Path,
+) -> None:
+    s = _quality_settings(tmp_path, [43, 44])
+    plan = bench.quality_plan(s, [])
+    repeats = [r for r in plan if r.training_seed is not None]
+    assert len(plan) == 4 + 8  # 2 draws x (pooled, cyclic), then 2 training seeds of each
+    assert {(r.method, r.seed, r.training_seed) for r in repeats} == {
+        (m, seed, t) for m in ("pooled", "cyclic") for seed in (0, 5) for t in (43, 44)
+    }
+    assert len({r.directory for r in plan}) == len(plan)  # no run overwrites another
+    repeat = next(r for r in repeats if r.training_seed == 44)
+    assert "seed=44" in bench.quality_overrides(s, repeat, tmp_path / "run")
+    first = plan[0]
+    assert not any(o.startswith("seed=") for o in bench.quality_overrides(s, first, tmp_path))
+    assert bench.quality_plan(_quality_settings(tmp_path, []), []) == plan[:4]
+
+
+def test_training_seed_rows_give_mean_spread_and_gap_per_draw(tmp_path: Path) -> None:
+    s = _quality_settings(tmp_path, [43, 44])
+    aucs = {
+        ("pooled", 0, None): 0.80, ("pooled", 0, 43): 0.84, ("pooled", 0, 44): 0.82,
+        ("cyclic", 0, None): 0.85, ("cyclic", 0, 43): 0.83, ("cyclic", 0, 44): 0.87,
+        ("pooled", 5, None): 0.90, ("pooled", 5, 43): None, ("pooled", 5, 44): None,
+    }  # fmt: skip
+    dirs = {
+        bench.QualityRun(m, seed, "recommended", training_seed=t): tmp_path / f"{m}{seed}{t}"
+        for (m, seed, t) in aucs
+    }
+    by_path = {tmp_path / f"{m}{seed}{t}": auc for (m, seed, t), auc in aucs.items()}
+    rows = {r.name: r for r in bench.training_seed_rows(s, dirs, by_path.__getitem__)}
+    pooled = rows["pooled: held-out AUC over 3 training seeds (seed 0)"]
+    assert math.isclose(pooled.value, 0.82)
+    assert "sd 0.020" in pooled.notes and "configured: 0.800" in pooled.notes
+    assert math.isclose(rows["cyclic: held-out AUC over 3 training seeds (seed 0)"].value, 0.85)
+    gap = rows["cyclic minus pooled, means over training seeds (seed 0)"]
+    assert math.isclose(gap.value, 0.03)
+    # draw 5: one finished pooled run and no cyclic run is not a spread
+    assert not any("(seed 5)" in name for name in rows)
+    assert bench.training_seed_rows(_quality_settings(tmp_path, []), dirs, by_path.get) == []
+
+
 def test_round_timings_from_time_stamped_metrics() -> None:
     lines = [
         (10.0, {"round": 1, "phase": "train", "site": "a", "train-seconds": 2.0}),
