@@ -134,6 +134,11 @@ class Settings:
     finished_runs: dict[str, Path] = field(default_factory=dict)
 
 
+def int_list(text: str) -> list[int]:
+    """``"0,5, 6"`` -> [0, 5, 6] (a command-line list of seeds)."""
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
 def settings(args: argparse.Namespace) -> Settings:
     import torch
 
@@ -153,13 +158,11 @@ def settings(args: argparse.Namespace) -> Settings:
     if args.quality_strategies:
         s.quality_strategies = [x for x in args.quality_strategies.split(",") if x]
     if args.quality_seeds:
-        s.quality_seeds = [int(x) for x in args.quality_seeds.split(",") if x.strip()]
+        s.quality_seeds = int_list(args.quality_seeds)
     if args.quality_variants is not None:
         s.quality_variants = [x for x in args.quality_variants.split(",") if x]
     if args.quality_training_seeds:
-        s.quality_training_seeds = [
-            int(x) for x in args.quality_training_seeds.split(",") if x.strip()
-        ]
+        s.quality_training_seeds = int_list(args.quality_training_seeds)
     if args.quality_budgets:
         s.quality_budgets = [x for x in args.quality_budgets.split(",") if x]
         if not set(s.quality_budgets) <= {"recommended", "equal"}:
@@ -1077,17 +1080,17 @@ def section_quality(s: Settings) -> list[Row]:
         if reused:
             print(f"#   (finished earlier, reused: {dirs[run]})", flush=True)
     rows: list[Row] = []
+    aucs: dict[QualityRun, float | None] = {}
     for run, run_dir in dirs.items():
-        auc, _, text = heldout_auc(run_dir)
+        aucs[run], _, text = heldout_auc(run_dir)
         rows.append(
-            Row(5, f"{run.label}: held-out AUC", auc, "AUC",
+            Row(5, f"{run.label}: held-out AUC", aucs[run], "AUC",
                 notes=f"{text}; {seconds[run]:.0f} s of training and evaluation")
         )  # fmt: skip
-    repeats = {r: d for r, d in dirs.items() if r.training_seed is not None}
-    rows += training_seed_rows(s, dirs, lambda path: heldout_auc(path)[0])
+    rows += training_seed_rows(s, aucs)
     # every other row compares the runs made with the configured seed
-    dirs = {r: d for r, d in dirs.items() if r not in repeats}
-    seconds = {r: v for r, v in seconds.items() if r not in repeats}
+    dirs = {r: d for r, d in dirs.items() if r.training_seed is None}
+    seconds = {r: v for r, v in seconds.items() if r.training_seed is None}
     rows += quality_summary_rows(s, dirs, seconds, paired_heldout_test)
     rows += variant_rows(s, dirs)
     for budget in ("recommended", "equal"):
@@ -1135,9 +1138,7 @@ def variant_rows(s: Settings, dirs: dict[QualityRun, Path]) -> list[Row]:
     return rows
 
 
-def training_seed_rows(
-    s: Settings, dirs: dict[QualityRun, Path], auc_of: Callable[[Path], float | None]
-) -> list[Row]:
+def training_seed_rows(s: Settings, aucs: dict[QualityRun, float | None]) -> list[Row]:
     """Per draw: pooled and the recommended strategy over their training seeds (the configured
     seed's run and its repeats), mean and spread, and the gap between the two means."""
     rows: list[Row] = []
@@ -1147,12 +1148,14 @@ def training_seed_rows(
     for seed in s.quality_seeds:
         means: dict[str, float] = {}
         for method in ("pooled", recommended):
-            found = {
-                run.training_seed: auc_of(run_dir)
-                for run, run_dir in dirs.items()
-                if run.method == method and run.seed == seed and run.budget == "recommended"
+            values = {
+                run.training_seed: auc
+                for run, auc in aucs.items()
+                if run.method == method
+                and run.seed == seed
+                and run.budget == "recommended"
+                and auc is not None
             }
-            values = {k: v for k, v in found.items() if v is not None}
             if len(values) < 2:
                 continue
             mean, sd = mean_and_spread(list(values.values()))
@@ -1381,7 +1384,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     try:
-        args.section_list = sorted({int(x) for x in args.sections.split(",") if x.strip()})
+        args.section_list = sorted(set(int_list(args.sections)))
     except ValueError:
         parser.error(f"--sections {args.sections!r}: use a comma list of numbers 1-5")
     if not args.section_list or not set(args.section_list) <= set(SECTIONS):

@@ -136,12 +136,11 @@ def test_training_seed_rows_give_mean_spread_and_gap_per_draw(tmp_path: Path) ->
         ("cyclic", 0, None): 0.85, ("cyclic", 0, 43): 0.83, ("cyclic", 0, 44): 0.87,
         ("pooled", 5, None): 0.90, ("pooled", 5, 43): None, ("pooled", 5, 44): None,
     }  # fmt: skip
-    dirs = {
-        bench.QualityRun(m, seed, "recommended", training_seed=t): tmp_path / f"{m}{seed}{t}"
-        for (m, seed, t) in aucs
+    by_run = {
+        bench.QualityRun(m, seed, "recommended", training_seed=t): auc
+        for (m, seed, t), auc in aucs.items()
     }
-    by_path = {tmp_path / f"{m}{seed}{t}": auc for (m, seed, t), auc in aucs.items()}
-    rows = {r.name: r for r in bench.training_seed_rows(s, dirs, by_path.__getitem__)}
+    rows = {r.name: r for r in bench.training_seed_rows(s, by_run)}
     pooled = rows["pooled: held-out AUC over 3 training seeds (seed 0)"]
     assert math.isclose(pooled.value, 0.82)
     assert "sd 0.020" in pooled.notes and "configured: 0.800" in pooled.notes
@@ -150,7 +149,7 @@ def test_training_seed_rows_give_mean_spread_and_gap_per_draw(tmp_path: Path) ->
     assert math.isclose(gap.value, 0.03)
     # draw 5: one finished pooled run and no cyclic run is not a spread
     assert not any("(seed 5)" in name for name in rows)
-    assert bench.training_seed_rows(_quality_settings(tmp_path, []), dirs, by_path.get) == []
+    assert bench.training_seed_rows(_quality_settings(tmp_path, []), by_run) == []
 
 
 def test_round_timings_from_time_stamped_metrics() -> None:
