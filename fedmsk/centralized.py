@@ -122,9 +122,7 @@ def run_centralized(
         evaluate,
         fit,
         planned_steps,
-        resolve_device,
         seed_everything,
-        training_precision,
     )
 
     if mode not in ("pooled", "local"):
@@ -173,6 +171,7 @@ def run_centralized(
     train_cfg = replace(cfg.train, local_steps=None, local_epochs=1)
     per_epoch = planned_steps(train_loader, train_cfg)
     state = None
+    trained_in: str | None = None  # the precision fit() resolved on this machine
     printer = ProgressPrinter(total=epochs, unit="epoch", stream=progress) if progress else None
     for epoch in range(1, epochs + 1):
         result = fit(
@@ -185,6 +184,7 @@ def run_centralized(
             optimizer_state=state,
         )
         state = result.optimizer_state
+        trained_in = result.precision
         row = {
             "round": epoch,
             "phase": "train",
@@ -198,12 +198,12 @@ def run_centralized(
         if cfg.evaluation.heldout_each_round and epoch < epochs:
             _log_heldout(cfg, run_dir, model, loaders, heldout, trained_on, epoch, per_epoch)
     precise_statistics(cfg, model, loaders, trained_on)
-    precision = training_precision(model, cfg.train, resolve_device(cfg.train.device))
     evaluations = {}
     for alias in sorted(loaders):
         loader = all_images_loader(loaders[alias], cfg) if alias in heldout else loaders[alias].val
         if loader is not None:
-            evaluations[alias] = evaluate(model, loader, precision=precision)
+            # fp32 whatever the training precision, as a federated node scores (SiteRuntime)
+            evaluations[alias] = evaluate(model, loader, precision=None)
     histograms = [
         score_histogram(e.labels, e.probs) for a, e in evaluations.items() if a not in heldout
     ]
@@ -250,6 +250,7 @@ def run_centralized(
                 "task": cfg.task.name,
                 "classes": list(cfg.task.classes),
                 "rounds": epochs,
+                "precision": trained_in,
                 "config_hash": config_hash(cfg),
                 "training_sites": trained_on,
                 "heldout_sites": sorted(heldout),

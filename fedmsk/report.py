@@ -450,6 +450,7 @@ def _run_section(doc: Document, data: RunData) -> None:
         "model": "Model",
         "task": "Task",
         "rounds": "Rounds",
+        "precision": "Trained in (scored in fp32)",
         "config_hash": "Config hash",
         "privacy_unit": "DP protects one",
     }

@@ -19,7 +19,16 @@ from typing import Any
 
 AT_THRESHOLD_METRICS = ("accuracy", "sensitivity", "specificity", "precision", "npv", "f1")
 PER_CLASS_METRICS = ("precision", "sensitivity", "specificity", "f1")
-RUN_FIELDS = ("mode", "strategy", "model", "task", "rounds", "config_hash", "privacy_unit")
+RUN_FIELDS = (
+    "mode",
+    "strategy",
+    "model",
+    "task",
+    "rounds",
+    "precision",
+    "config_hash",
+    "privacy_unit",
+)
 
 _SAFE_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.+\-()%,=]*$")
 # A model label names its timm settings ("resnet18 (channels=32 64 128 256, global_pool=max,

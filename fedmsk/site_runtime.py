@@ -384,17 +384,23 @@ class SiteRuntime:
     def evaluate(
         self, global_arrays: dict[str, np.ndarray], threshold: float | None
     ) -> EvaluationOutcome:
-        """Validation split at training sites, all images at a held-out site."""
+        """Validation split at training sites, all images at a held-out site.
+
+        Scored in fp32 whatever the node trains in: a reported AUC must not depend on which
+        CPU or GPU the hospital has. bf16 autocast rounds the logits to three significant
+        digits, which ties scores and moved a held-out AUC by 0.003 against the same weights
+        scored in fp32 (docs/benchmarks.md); fp32 is also what `fedmsk compare` and the study
+        analyses re-score with.
+        """
         from fedmsk.evaluation import score_histogram, summarize
-        from fedmsk.training import evaluate, resolve_device, training_precision
+        from fedmsk.training import evaluate, resolve_device
 
         loader = all_images_loader(self.loaders, self.cfg) if self.heldout else self.loaders.val
         if loader is None:
             raise SiteUnavailableError("no usable evaluation images")
         self.load_global(global_arrays)
         device = resolve_device(self.cfg.train.device)
-        precision = training_precision(self.model, self.cfg.train, device, self.cfg.privacy.enabled)
-        result = evaluate(self.model, loader, device=device, precision=precision)
+        result = evaluate(self.model, loader, device=device, precision=None)
         patient_ids = _patient_ids(loader)
         summary = summarize(
             result.labels,

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fedmsk.centralized import run_centralized
 from fedmsk.commands.simulate import dedupe_overrides, expand_sweep, prepare
-from fedmsk.comparison import write_comparison
+from fedmsk.comparison import heldout_scores, write_comparison
 from fedmsk.data.synthetic import generate_federation
+from fedmsk.evaluation import summarize
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +59,30 @@ def test_pooled_and_local_runs_feed_one_comparison_table(fed: Path, tmp_path: Pa
     assert "| pooled |" in table and "| local:site01 |" in table and "site02" in table
     rows = json.loads(paths["json"].read_text())["rows"]
     assert [r["method"] for r in rows] == ["pooled", "local:site01"]
+
+
+def test_a_bf16_run_records_it_and_reports_fp32_scores(fed: Path, tmp_path: Path) -> None:
+    """The run's own held-out figures equal an fp32 re-score of its final model (the scores
+    `fedmsk compare` and the studies compute), whatever precision it trained in."""
+    cfg = _cfg(fed, tmp_path / "bf16")
+    cfg.train.precision = "bf16"
+    cfg.train.lr = 1e-6  # scores near the initial model's: not all saturated at 0 or 1
+    run = run_centralized(cfg, "pooled")
+    results = json.loads((run / "results.json").read_text())
+    assert results["run"]["precision"] == "bf16"
+    labels, scores = heldout_scores(run)
+    own = results["sites"]["site02"]["summary"]
+    rescored = summarize(labels, np.stack([1 - scores, scores], axis=1), list(cfg.task.classes))
+    assert len(labels) == results["sites"]["site02"]["n"]
+    assert own["auc"] == pytest.approx(rescored["auc"], abs=1e-12)
+    # the mean score per calibration bin: bf16 logits move these by percents, fp32 layouts by 1e-6
+    own_bins, fp32_bins = own["calibration"]["bins"], rescored["calibration"]["bins"]
+    assert own_bins["count"] == fp32_bins["count"]
+    pairs = zip(own_bins["mean_predicted"], fp32_bins["mean_predicted"], strict=True)
+    filled = [(own_mean, fp32_mean) for own_mean, fp32_mean in pairs if fp32_mean is not None]
+    assert filled
+    for own_mean, fp32_mean in filled:
+        assert own_mean == pytest.approx(fp32_mean, rel=1e-4)
 
 
 def test_local_mode_refuses_a_heldout_or_unknown_site(fed: Path, tmp_path: Path) -> None:

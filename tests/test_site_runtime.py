@@ -34,7 +34,9 @@ def write_site(root: Path) -> Path:
     return root
 
 
-def _runtime(site: Path, tmp_path: Path, heldout: bool = False) -> SiteRuntime:
+def _runtime(
+    site: Path, tmp_path: Path, heldout: bool = False, extra: tuple[str, ...] = ()
+) -> SiteRuntime:
     cfg = compose(
         [
             "strategy=fedbn",
@@ -42,6 +44,7 @@ def _runtime(site: Path, tmp_path: Path, heldout: bool = False) -> SiteRuntime:
             "data.image_size=32",
             "train.batch_size=8",
             f"run_dir={tmp_path / 'run'}",
+            *extra,
         ]
     )
     return SiteRuntime(cfg, site, "site-a", heldout=heldout, seed=3)
@@ -74,6 +77,25 @@ def test_heldout_site_never_trains_and_evaluates_every_image(site: Path, tmp_pat
         runtime.train(arrays, server_round=1)
     result = runtime.evaluate(arrays, threshold=0.5)
     assert result.num_examples == 20 and result.summary["n"] == 20
+
+
+def test_a_node_training_in_bf16_scores_in_fp32(site: Path, tmp_path: Path) -> None:
+    """A reported figure must not depend on the node's hardware: same loss as fp32 scoring."""
+    from fedmsk.site_runtime import all_images_loader
+    from fedmsk.training import evaluate, resolve_device, training_precision
+
+    runtime = _runtime(site, tmp_path, heldout=True, extra=("train.precision=bf16",))
+    arrays = get_arrays(runtime.model)
+    head = "fc.weight"  # a head of unit-variance weights: logits far from 0, where bf16 shows
+    arrays[head] = np.random.default_rng(0).normal(0, 1, arrays[head].shape).astype(np.float32)
+    outcome = runtime.evaluate(arrays, threshold=0.5)
+    loader = all_images_loader(runtime.loaders, runtime.cfg)
+    bf16 = training_precision(runtime.model, runtime.cfg.train, resolve_device("cpu"))
+    assert bf16.name == "bf16"
+    fp32_loss = evaluate(runtime.model, loader).loss
+    bf16_loss = evaluate(runtime.model, loader, precision=bf16).loss
+    assert bf16_loss != pytest.approx(fp32_loss, rel=1e-5), "bf16 should differ from fp32 here"
+    assert outcome.metrics["eval-loss"] == pytest.approx(fp32_loss, rel=1e-5)
 
 
 def test_a_pooled_model_trains_exactly_like_a_fresh_one(site: Path, tmp_path: Path) -> None:
