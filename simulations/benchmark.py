@@ -36,6 +36,7 @@ repetitions and each section says how many. Exit status 1 when a section failed 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import itertools
 import json
@@ -271,13 +272,23 @@ def first_training_site(root: Path) -> tuple[Path, str]:
 # -- section 1 ---------------------------------------------------------------------------------
 
 
-def bare_epoch(model, loader, cfg, device) -> None:
-    """What a PyTorch tutorial writes: the same optimizer settings, no framework."""
+def bare_epoch(model, loader, cfg, device, precision=None) -> None:
+    """What a PyTorch tutorial writes: the same optimizer settings, no framework.
+
+    ``precision`` (a :class:`fedmsk.precision.Precision`): the autocast and memory layout the
+    round trains in, so that on a bf16 machine the ratio measures the round's overhead, not
+    bf16 against fp32 (that speed-up has its own row, from bench_fit.py).
+    """
     import torch
     from torch import nn
 
     model.to(device)
     model.train()
+    channels_last = precision is not None and precision.channels_last
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    autocast = precision.autocast(device) if precision is not None else contextlib.nullcontext()
+    scaler = torch.amp.GradScaler("cuda") if precision and precision.needs_grad_scaler else None
     if cfg.optimizer == "adamw":  # the default of configs/train/default.yaml
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
@@ -287,9 +298,18 @@ def bare_epoch(model, loader, cfg, device) -> None:
     criterion = nn.CrossEntropyLoss()
     for inputs, targets in loader:
         inputs, targets = inputs.to(device), targets.to(device)
+        if channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
         optimizer.zero_grad()
-        criterion(model(inputs), targets).backward()
-        optimizer.step()
+        with autocast:
+            loss = criterion(model(inputs), targets)
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -319,7 +339,7 @@ def client_rows(s: Settings, root: Path, device_name: str) -> list[Row]:
     from fedmsk.data.dataset import DatasetPool, training_loader_settings
     from fedmsk.models import create_model, get_arrays, set_arrays
     from fedmsk.site_runtime import ModelPool, SiteRuntime
-    from fedmsk.training import resolve_device
+    from fedmsk.training import resolve_device, training_precision
 
     site_dir, alias = first_training_site(root)
     # one epoch on each side: train.local_steps (the default's fixed steps per round) would
@@ -331,6 +351,7 @@ def client_rows(s: Settings, root: Path, device_name: str) -> list[Row]:
     torch.manual_seed(0)
     reference = create_model(s.model, num_classes=2, in_chans=cfg.data.in_chans)
     global_arrays = get_arrays(reference)
+    precision = training_precision(reference, cfg.train, device)  # what the round trains in
     warm = SiteRuntime(cfg, site_dir, alias, heldout=False, seed=0)  # fills the cache
     images, labels = cached_tensors(warm.loaders.dataset("train"))
     # both sides drop a last partial batch, as the site's training loader does
@@ -347,7 +368,7 @@ def client_rows(s: Settings, root: Path, device_name: str) -> list[Row]:
 
     def run_bare() -> None:
         set_arrays(reference, global_arrays)
-        bare_epoch(reference, bare_loader, cfg.train, device)
+        bare_epoch(reference, bare_loader, cfg.train, device, precision)
 
     fit_seconds: list[float] = []
     # what a node process keeps between messages (client/app.py): the model and the site's
@@ -382,7 +403,10 @@ def client_rows(s: Settings, root: Path, device_name: str) -> list[Row]:
     pair = median([b / r for b, r in zip(times["bare"], times["round"], strict=True)])
     fit_only = n / median(fit_seconds)
     setup = median([r - f for r, f in zip(times["round"], fit_seconds, strict=True)])
-    where = f"{device_name}, {s.model}, {s.image_size} px, batch {s.batch_size}, {n} images/epoch"
+    where = (
+        f"{device_name}, {s.model}, {s.image_size} px, batch {s.batch_size}, {n} images/epoch, "
+        f"{precision.name} on both sides"
+    )
     reps = f"median of {s.repeats} alternating reps, {s.threads} threads"
     memory = []
     if device.type == "cuda":
