@@ -72,17 +72,19 @@ def evaluate_reply_content(
     metrics: dict[str, float],
     summary: dict[str, Any],
     histogram: dict[str, Any],
+    trained_in: str | None = None,
 ) -> RecordDict:
-    """Aggregate evaluation only: numbers, class names and fixed-grid curves."""
+    """Aggregate evaluation only: numbers, class names and fixed-grid curves, plus the number
+    format this node trains in (``trained_in``: fp32, bf16 or fp16), for the run's record."""
     record = MetricRecord({"num-examples": int(num_examples), **_finite_numbers(metrics)})
-    detail = ConfigRecord(
-        {
-            "site-alias": alias,
-            "summary": json.dumps(summary, sort_keys=True, default=_json_number),
-            "histogram": json.dumps(histogram, sort_keys=True, default=_json_number),
-        }
-    )
-    return RecordDict({"metrics": record, "detail": detail})
+    fields = {
+        "site-alias": alias,
+        "summary": json.dumps(summary, sort_keys=True, default=_json_number),
+        "histogram": json.dumps(histogram, sort_keys=True, default=_json_number),
+    }
+    if trained_in is not None:
+        fields["trained-in"] = trained_in
+    return RecordDict({"metrics": record, "detail": ConfigRecord(fields)})
 
 
 def norm_stats_reply_content(stats: dict[str, np.ndarray]) -> RecordDict:
@@ -153,7 +155,12 @@ def _handle(msg: Message, context: Context, action: str) -> Message:
             result = runtime.evaluate(arrays, None if threshold is None else float(threshold))
             result.metrics.update(runtime.privacy_status())
             content = evaluate_reply_content(
-                alias, result.num_examples, result.metrics, result.summary, result.histogram
+                alias,
+                result.num_examples,
+                result.metrics,
+                result.summary,
+                result.histogram,
+                result.trained_in,
             )
         return Message(content, reply_to=msg)
     except Exception as error:  # noqa: BLE001 - every failure becomes a PHI-free reply

@@ -116,3 +116,26 @@ def _choose_dtype(
     if model_name not in BF16_VALIDATED:
         return None, f"fp32: auto, {model_name} is not validated for bf16"
     return torch.bfloat16, "bf16: auto, CPU with native bf16 (AVX512-BF16/AMX)"
+
+
+PRECISION_NAMES = ("fp32", "bf16", "fp16")
+"""What a node may report it trained in; anything else is dropped by the coordinator."""
+
+
+def describe_precisions(trained_in: dict[str, str | None]) -> str | None:
+    """One line for a run's record: "bf16" when every training site agrees, else the counts
+    ("bf16 at 7 centers, fp32 at 5"), since runs trained in different precisions take
+    different paths (docs/benchmarks.md, "bf16 on a CPU that has it")."""
+    known = [name for name in trained_in.values() if name in PRECISION_NAMES]
+    if not known:
+        return None
+    counts = {name: known.count(name) for name in PRECISION_NAMES if name in known}
+    if len(counts) == 1 and len(known) == len(trained_in):
+        return known[0]
+    parts = [
+        f"{name} at {count} center{'s' if count > 1 else ''}" for name, count in counts.items()
+    ]
+    unknown = len(trained_in) - len(known)
+    if unknown:
+        parts.append(f"not reported by {unknown}")
+    return ", ".join(parts)

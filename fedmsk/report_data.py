@@ -34,7 +34,7 @@ _SAFE_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.+\-()%,=]*$")
 # A model label names its timm settings ("resnet18 (channels=32 64 128 256, global_pool=max,
 # output_stride=16, stem_width=32)", 84 characters): the run's model may be longer than a label.
 _LABEL_MAX_LENGTH = 64
-_LONG_FIELDS = {"model": 160}
+_LONG_FIELDS = {"model": 160, "precision": 100}
 _DATE_LIKE = re.compile(r"(\d{4}[-.]?\d{2}[-.]?\d{2})|(\d{2}[-.]\d{2}[-.]\d{2,4})")
 _ERROR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]{0,79}$")
 

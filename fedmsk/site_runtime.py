@@ -69,6 +69,7 @@ class EvaluationOutcome:
     summary: dict[str, Any]
     histogram: dict[str, Any]
     metrics: dict[str, float] = field(default_factory=dict)
+    trained_in: str | None = None  # the precision this node trains in (None: held-out)
 
 
 class SiteUnavailableError(RuntimeError):
@@ -393,7 +394,7 @@ class SiteRuntime:
         analyses re-score with.
         """
         from fedmsk.evaluation import score_histogram, summarize
-        from fedmsk.training import evaluate, resolve_device
+        from fedmsk.training import evaluate, resolve_device, training_precision
 
         loader = all_images_loader(self.loaders, self.cfg) if self.heldout else self.loaders.val
         if loader is None:
@@ -418,7 +419,11 @@ class SiteRuntime:
             value = summary.get(key)
             if isinstance(value, int | float):
                 metrics[key] = float(value)
-        return EvaluationOutcome(int(result.num_examples), summary, histogram, metrics)
+        trained_in = None
+        if not self.heldout:
+            private = self.cfg.privacy.enabled
+            trained_in = training_precision(self.model, self.cfg.train, device, private).name
+        return EvaluationOutcome(int(result.num_examples), summary, histogram, metrics, trained_in)
 
 
 def plain_loader(loaders: Any, split: str, cfg: ExperimentConfig) -> Any:

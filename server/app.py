@@ -123,6 +123,7 @@ def final_evaluation(
             "split": "test" if ev.role == "heldout" else "val",
             "n": ev.num_examples,
             "summary": ev.summary,
+            **({"trained_in": ev.trained_in} if ev.trained_in else {}),
         }
         for ev in evaluations
     }
@@ -134,6 +135,7 @@ def write_results(
     recorder: RoundRecorder, sites: dict[str, Any], seconds: float, ignored_nodes: list[int]
 ) -> None:
     from fedmsk.models import model_label
+    from fedmsk.precision import describe_precisions
 
     cfg = recorder.cfg
     recorder.run_dir.write_json(
@@ -146,6 +148,9 @@ def write_results(
                 "task": cfg.task.name,
                 "classes": list(cfg.task.classes),
                 "rounds": cfg.federation.num_rounds,
+                "precision": describe_precisions(
+                    {a: s.get("trained_in") for a, s in sites.items() if s.get("role") == "train"}
+                ),
                 "config_hash": config_hash(cfg),
                 "privacy": "dp" if cfg.privacy.enabled else "none",
                 **({"privacy_unit": str(cfg.privacy.unit)} if cfg.privacy.enabled else {}),

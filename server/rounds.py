@@ -50,6 +50,14 @@ def reply_error(message: Message) -> str:
     return describe_error(message.error.reason)
 
 
+def _reported_precision(detail: Any) -> str | None:
+    """A node's training precision, kept only when it is one of the known names."""
+    from fedmsk.precision import PRECISION_NAMES
+
+    value = str(detail["trained-in"]) if "trained-in" in detail else None
+    return value if value in PRECISION_NAMES else None
+
+
 @dataclass
 class SiteEvaluation:
     alias: str
@@ -58,6 +66,7 @@ class SiteEvaluation:
     summary: dict[str, Any]
     histogram: dict[str, Any]
     metrics: dict[str, float]
+    trained_in: str | None = None  # fp32 / bf16 / fp16 as the node reported; None: not given
 
 
 @dataclass
@@ -328,6 +337,7 @@ class RoundRecorder:
                 summary=json.loads(str(detail["summary"])),
                 histogram=json.loads(str(detail["histogram"])),
                 metrics=metrics,
+                trained_in=_reported_precision(detail),
             )
             if "epsilon" in metrics:
                 self.privacy.setdefault(alias, {}).update(

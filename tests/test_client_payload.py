@@ -192,6 +192,18 @@ def test_evaluate_reply_is_aggregate_only(site: Path, tmp_path: Path) -> None:
 
     assert n > 3 and n not in set(lengths(summary))
     assert len(summary["roc"]["fpr"]) == 101
+    assert "trained-in" not in reply.content["detail"]  # a held-out node never trains
+
+
+def test_a_training_nodes_evaluate_reply_names_the_precision_it_trains_in(
+    site: Path, tmp_path: Path
+) -> None:
+    context = _context(site, tmp_path, False, "train.precision=fp32")
+    reply = client_app._handle(
+        _message("evaluate", {"fedmsk-round": 1, "threshold": 0.5}), context, "evaluate"
+    )
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    assert str(reply.content["detail"]["trained-in"]) == "fp32"
 
 
 def test_unreadable_file_is_named_only_in_the_site_log(site: Path, tmp_path: Path) -> None:

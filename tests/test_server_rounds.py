@@ -150,11 +150,14 @@ class AnsweringGrid:
         return [_evaluation_reply(m.metadata.dst_node_id) for m in messages]
 
 
-def _evaluation_reply(node: int) -> Message:
+def _evaluation_reply(node: int, trained_in: str | None = None) -> Message:
     request = Message(
         RecordDict({"config": ConfigRecord()}), dst_node_id=node, message_type="evaluate"
     )
-    detail = ConfigRecord({"summary": json.dumps({"auc": 0.8}), "histogram": json.dumps({})})
+    fields = {"summary": json.dumps({"auc": 0.8}), "histogram": json.dumps({})}
+    if trained_in is not None:
+        fields["trained-in"] = trained_in
+    detail = ConfigRecord(fields)
     metrics = MetricRecord({"num-examples": 10, "auc": 0.8})
     return Message(RecordDict({"metrics": metrics, "detail": detail}), reply_to=request)
 
@@ -274,3 +277,37 @@ def test_a_crashed_nodes_dropout_is_recorded_against_its_site(tmp_path: Path) ->
     accepted = recorder.screen_train_replies(1, replies)
     assert [m.metadata.src_node_id for m in accepted] == [1, 3]
     assert [(f["site"], f["error"]) for f in recorder.failures] == [("b", "Unreachable")]
+
+
+def test_the_run_records_what_each_node_trained_in_and_drops_unknown_names(
+    tmp_path: Path,
+) -> None:
+    """Runs in bf16 and fp32 take different paths: results.json says which centers used which."""
+    from server.app import final_evaluation, write_results
+
+    class Replying(AnsweringGrid):
+        def send_and_receive(self, messages: list[Message], timeout: float | None = None) -> list:
+            said = {1: "bf16", 2: "fp32", 3: "<b>fp64</b>", 4: None}
+            return [
+                _evaluation_reply(m.metadata.dst_node_id, said[m.metadata.dst_node_id])
+                for m in messages
+            ]
+
+    recorder = _recorder(tmp_path)
+    recorder.cfg.federation.num_rounds = 1
+    sites = final_evaluation(Replying([1, 2, 3, 4]), recorder, _good())  # type: ignore[arg-type]
+    assert sites["a"]["trained_in"] == "bf16" and sites["b"]["trained_in"] == "fp32"
+    assert "trained_in" not in sites["c"] and "trained_in" not in sites["h"]
+    write_results(recorder, sites, 1.0, [])
+    run = json.loads((tmp_path / "results.json").read_text())["run"]
+    assert run["precision"] == "fp32 at 1 center, bf16 at 1 center, not reported by 1"
+
+
+def test_a_federation_in_one_precision_is_recorded_as_that_precision() -> None:
+    from fedmsk.precision import describe_precisions
+
+    assert describe_precisions({"a": "bf16", "b": "bf16"}) == "bf16"
+    assert describe_precisions({"a": "fp32", "b": "bf16", "c": "bf16"}) == (
+        "fp32 at 1 center, bf16 at 2 centers"
+    )
+    assert describe_precisions({"a": None}) is None
