@@ -389,7 +389,7 @@ class SiteRuntime:
 
         Scored in fp32 whatever the node trains in: a reported AUC must not depend on which
         CPU or GPU the hospital has. bf16 autocast rounds the logits to three significant
-        digits, which ties scores and moved a held-out AUC by 0.003 against the same weights
+        digits, which ties scores and moved held-out AUCs by up to 0.007 against the same weights
         scored in fp32 (docs/benchmarks.md); fp32 is also what `fedmsk compare` and the study
         analyses re-score with.
         """
