@@ -124,7 +124,7 @@ PRECISION_NAMES = ("fp32", "bf16", "fp16")
 
 def describe_precisions(trained_in: dict[str, str | None]) -> str | None:
     """One line for a run's record: "bf16" when every training site agrees, else the counts
-    ("bf16 at 7 centers, fp32 at 5"), since runs trained in different precisions take
+    ("fp32 at 5 centers, bf16 at 7 centers"), since runs trained in different precisions take
     different paths (docs/benchmarks.md, "bf16 on a CPU that has it")."""
     known = [name for name in trained_in.values() if name in PRECISION_NAMES]
     if not known:
