@@ -23,7 +23,7 @@ import numpy as np
 
 from fedmsk.config import ExperimentConfig, config_hash
 from fedmsk.data.dataset import DatasetPool
-from fedmsk.node_state import RoundFiles
+from fedmsk.node_state import RoundFiles, save_tensors
 
 STATE_DIR_NAME = ".fedmsk"
 # Under DP-SGD a training reply carries only numbers the accountant covers or that follow from
@@ -217,7 +217,7 @@ class SiteRuntime:
         ``server_round``: the round about to run, so FedBN reads the layers the site had after
         the round before it (None: the newest the site has, for evaluation).
         """
-        from fedmsk.models import get_arrays, set_arrays
+        from fedmsk.models import set_arrays
 
         merged = dict(arrays)
         if self.cfg.strategy.local_norm_layers:
@@ -231,16 +231,16 @@ class SiteRuntime:
             if local_path is not None:
                 with np.load(local_path) as local:
                     merged.update({k: local[k] for k in local.files})
-        current = get_arrays(self.model)
-        current.update(merged)
-        set_arrays(self.model, current)
+        # strict=False: a key the message lacks keeps the model's value (no full copy of the
+        # model to fill it in); unknown keys and wrong shapes are still errors
+        set_arrays(self.model, merged, strict=False)
 
     def _save_local_norm(self, server_round: int) -> None:
         from fedmsk.models import get_arrays, local_parameter_names
 
         names = local_parameter_names(self.model)
         arrays = {k: v for k, v in get_arrays(self.model).items() if k in names}
-        self._local_norm_files().write(server_round, lambda path: _save_npz(path, arrays))
+        self._local_norm_files().write(server_round, lambda handle: np.savez(handle, **arrays))
 
     def _optimizer_state(self, server_round: int) -> dict | None:
         """The moments this site's optimizer had after its previous round (never sent)."""
@@ -264,9 +264,7 @@ class SiteRuntime:
     def _save_optimizer_state(self, server_round: int, state: dict | None) -> None:
         if state is None or not self.cfg.train.keep_optimizer_state:
             return
-        import torch
-
-        self._optimizer_files().write(server_round, lambda path: torch.save(state, path))
+        self._optimizer_files().write(server_round, lambda handle: save_tensors(state, handle))
         self.model_pool.keep_optimizer_state(self.state_dir, server_round, state)
 
     # -- train -----------------------------------------------------------------------------
@@ -451,11 +449,6 @@ def all_images_loader(loaders: Any, cfg: ExperimentConfig) -> Any:
     items = [item for part in parts for item in part.items]
     combined = parts[0].unaugmented(items)
     return DataLoader(combined, batch_size=cfg.train.batch_size, shuffle=False)
-
-
-def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    with path.open("wb") as handle:
-        np.savez(handle, **arrays)
 
 
 def _patient_ids(loader: Any) -> list[str] | None:

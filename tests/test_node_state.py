@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
-from fedmsk.node_state import RoundFiles
+import torch
+
+from fedmsk.node_state import RoundFiles, save_tensors
 
 
 def _write(files: RoundFiles, round_no: int) -> None:
-    files.write(round_no, lambda path: path.write_text(str(round_no)))
+    files.write(round_no, lambda handle: handle.write(str(round_no).encode()))
 
 
 def test_a_round_reads_the_newest_earlier_round(tmp_path: Path) -> None:
@@ -31,3 +34,84 @@ def test_resuming_overwrites_later_rounds(tmp_path: Path) -> None:
     _write(files, 2)
     assert files.rounds() == [1, 2]  # round 3 (beyond the resume point) is gone
     assert not list(tmp_path.glob(".tmp-*"))
+
+
+
+def test_a_write_reuses_the_file_it_would_remove(tmp_path: Path) -> None:
+    files = RoundFiles(tmp_path, "optimizer", ".pt", keep=3)
+    for r in (1, 2, 3):
+        files.write(r, lambda handle: handle.write(b"x" * 5000))
+    oldest = files.path(1).stat().st_ino
+    files.write(4, lambda handle: handle.write(b"4"))  # shorter than the reused file
+    assert files.rounds() == [2, 3, 4]
+    assert files.path(4).stat().st_ino == oldest, "round 1's file was overwritten in place"
+    assert files.path(4).read_bytes() == b"4"
+    files.write(5, lambda handle: handle.write(b"five" * 1000))  # longer than the old file
+    assert files.path(5).read_bytes() == b"five" * 1000
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_a_failed_write_leaves_the_newest_complete_round(tmp_path: Path) -> None:
+    files = RoundFiles(tmp_path, "optimizer", ".pt", keep=2)
+    for r in (1, 2):
+        _write(files, r)
+
+    def fail(handle) -> None:
+        handle.write(b"partial")
+        raise OSError("disk full")
+
+    try:
+        files.write(3, fail)
+    except OSError:
+        pass
+    else:
+        raise AssertionError("the error must reach the caller")
+    assert files.latest_before(3).read_text() == "2"
+    assert 3 not in files.rounds()
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def _adamw_state() -> dict:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.BatchNorm1d(4))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(2):
+        model(torch.randn(5, 8)).square().sum().backward()
+        optimizer.step()
+    return optimizer.state_dict()
+
+
+def test_node_state_saved_without_checksums_loads_back_exactly(tmp_path: Path) -> None:
+    from torch.utils.serialization import config
+
+    state = _adamw_state()
+    path = tmp_path / "optimizer.pt"
+    save_tensors(state, path)
+    assert config.save.compute_crc32, "the process-wide setting is restored"
+    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    assert loaded["param_groups"] == state["param_groups"]
+    for index, moments in state["state"].items():
+        for key, value in moments.items():
+            assert torch.equal(loaded["state"][index][key], value), (index, key)
+    records = [i for i in zipfile.ZipFile(path).infolist() if "/data/" in i.filename]
+    assert records and all(i.CRC == 0 for i in records), "no checksum computed"
+
+
+def test_torch_load_never_checks_the_checksum_that_save_tensors_skips(tmp_path: Path) -> None:
+    """Why skipping it loses nothing: a default ``torch.save`` file with a flipped byte in a
+    tensor loads without an error. If torch starts checking, this fails and the choice in
+    :func:`save_tensors` should be revisited."""
+    path = tmp_path / "checked.pt"
+    original = torch.arange(4096, dtype=torch.float32)
+    torch.save({"moments": original}, path)
+    data = bytearray(path.read_bytes())
+    info = next(i for i in zipfile.ZipFile(path).infolist() if "/data/" in i.filename)
+    assert info.CRC != 0
+    header = info.header_offset  # the local header's own name and extra-field lengths
+    name_length = int.from_bytes(data[header + 26 : header + 28], "little")
+    extra_length = int.from_bytes(data[header + 28 : header + 30], "little")
+    start = header + 30 + name_length + extra_length
+    data[start + 100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    loaded = torch.load(path, map_location="cpu", weights_only=True)["moments"]
+    assert not torch.equal(loaded, original)
