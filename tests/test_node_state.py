@@ -36,7 +36,6 @@ def test_resuming_overwrites_later_rounds(tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".tmp-*"))
 
 
-
 def test_a_write_reuses_the_file_it_would_remove(tmp_path: Path) -> None:
     files = RoundFiles(tmp_path, "optimizer", ".pt", keep=3)
     for r in (1, 2, 3):
