@@ -168,6 +168,13 @@ def test_round_timings_from_time_stamped_metrics() -> None:
     assert (second.round, second.wall, second.train_seconds, second.includes_startup) == (
         2, 11.0, [3.0], False,
     )  # fmt: skip
+    # a round that did not evaluate ends at its aggregation line (every_rounds > 1)
+    lines += [
+        (30.0, {"round": 3, "phase": "train", "site": "a", "train-seconds": 1.0}),
+        (32.0, {"round": 3, "phase": "train", "site": None}),
+    ]
+    third = bench.round_timings(lines, started=1.0)[2]
+    assert (third.round, third.wall, third.includes_startup) == (3, 6.0, False)
 
 
 def test_timed_loader_counts_time_in_the_iterator() -> None:
