@@ -18,6 +18,8 @@ import pytest
 from fedmsk.config import compose, config_hash
 
 STUDIES = ("atfl_us", "gout_mtp1_us", "vcf_xray", "dislocation_xray", "femoral_device_xray")
+# studies whose default size was measured with the default augmentation (intensity included)
+INTENSITY_AUGMENTED = ("vcf_xray",)
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -59,8 +61,11 @@ def test_study_composes_at_both_scales(study: str) -> None:
     assert paper.data.synthetic_scale > small.data.synthetic_scale
     assert paper.federation.num_rounds > small.federation.num_rounds
     assert paper.data.root != small.data.root  # a paper-scale federation never reuses small data
-    # measured without gamma / blur / noise (configs/augmentation/geometric.yaml) at both scales
     plain = compose([]).data.augmentation
+    if study in INTENSITY_AUGMENTED:  # the project's recipe: gamma / blur / noise on
+        assert small.data.augmentation == paper.data.augmentation == plain
+        return
+    # measured without gamma / blur / noise (configs/augmentation/geometric.yaml) at both scales
     for cfg in (small, paper):
         aug = cfg.data.augmentation
         assert (aug.gamma, aug.blur_sigma, aug.noise_std) == ([1.0, 1.0], [0.0, 0.0], [0.0, 0.0])
@@ -76,7 +81,10 @@ def test_study_protocol_settings() -> None:
     gout = compose(["study=gout_mtp1_us"])
     assert gout.data.split_ratios == [0.5, 0.1, 0.4]  # 6:4 with a validation sixth of train
     assert compose(["study=gout_mtp1_us", "scale=paper"]).model.name == "resnet50"
-    assert compose(["study=vcf_xray"]).model.name == "efficientnet_b0"
+    vcf = compose(["study=vcf_xray"])
+    assert (vcf.model.name, vcf.model.timm_kwargs["channels"]) == ("resnet18", [32, 64, 128, 256])
+    vcf_paper = compose(["study=vcf_xray", "scale=paper"])
+    assert (vcf_paper.model.name, vcf_paper.train.lr) == ("efficientnet_b0", 0.003)
     assert compose(["study=femoral_device_xray"]).task.num_classes == 6
     assert compose(["study=dislocation_xray"]).task.positive_class == "dislocated"
     plain = compose([])
@@ -226,7 +234,12 @@ def test_vcf_architectures_and_surgeons(tmp_path: Path) -> None:
     from fedmsk.studies import run_study_analysis
 
     cfg = _pooled_run(
-        tmp_path, "vcf_xray", "data.synthetic_centers=3", "data.image_size=48", "train.lr=0.001"
+        tmp_path,
+        "vcf_xray",
+        "data.synthetic_centers=3",
+        "data.image_size=48",
+        "train.lr=0.001",
+        "model=efficientnet_b0",
     )
     section = run_study_analysis(cfg, cfg.run_dir)
     assert not section["variants_failed"]
@@ -239,6 +252,33 @@ def test_vcf_architectures_and_surgeons(tmp_path: Path) -> None:
         assert 0.0 <= surgeon["mcnemar_accuracy_p"] <= 1.0
     control = section["models"]["mnasnet_100"]["control"]
     assert control["n"] == readers["n_images"]
+
+
+def test_vcf_default_network_alone_against_the_surgeons(tmp_path: Path) -> None:
+    from fedmsk.studies import run_study_analysis
+
+    cfg = _pooled_run(tmp_path, "vcf_xray", "data.synthetic_centers=3")
+    section = run_study_analysis(cfg, cfg.run_dir)
+    assert section["architectures"] == ["resnet18"] and section["variants"] == []
+    assert len(section["surgeons"]["resnet18"]) == 2
+    assert section["models"]["resnet18"]["control"]["n"] > 0
+    table = (Path(cfg.run_dir) / "study_table.md").read_text()
+    assert "no pair to compare" in table and "scale=paper" in table
+    _assert_no_phi(Path(cfg.data.root), Path(cfg.run_dir))
+
+
+def test_vcf_compares_architectures_only_when_it_trains_one() -> None:
+    """The CPU default (slim ResNet-18) runs alone; a study network brings the other two."""
+    from fedmsk.studies.vcf_xray import variants
+
+    assert variants(compose(["study=vcf_xray"])) == []
+    paper = [v.name for v in variants(compose(["study=vcf_xray", "scale=paper"]))]
+    assert paper == ["mobilenetv3_large_100", "mnasnet_100"]
+    on_cpu = variants(compose(["study=vcf_xray", "model=mobilenetv3_large_100"]))
+    assert [v.overrides for v in on_cpu] == [
+        ("model.name=efficientnet_b0",),
+        ("model.name=mnasnet_100",),
+    ]
 
 
 def test_dislocation_per_joint_and_static_augmentation(tmp_path: Path) -> None:

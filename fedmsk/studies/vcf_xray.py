@@ -1,12 +1,14 @@
 """Fresh vs old vertebral compression fracture: three architectures, two surgeons.
 
-The main run trains the configured model (EfficientNet-B0 by default); the variants train
-MobileNetV3 and MnasNet on the same splits (train / val at the training centers, the external
-center as the separate control set). Per model, on the validation splits and on the control
-set: AUC with DeLong CI, accuracy, sensitivity, specificity, F1 and precision at the threshold
-locked on validation, ROC. Pairwise paired DeLong tests between the architectures, and each
-model against the two surgeons on the control set (McNemar, at the model's locked threshold,
-:func:`fedmsk.reader_study.compare_binary`).
+The main run trains the configured model. When that is one of the study's networks
+(EfficientNet-B0 at ``scale=paper``), the variants train the other two on the same splits (train
+/ val at the training centers, the external center as the separate control set); the CPU
+default, the slim ResNet-18, runs alone, because the study's networks do not learn from random
+weights at a CPU budget and would triple the run time (docs/studies.md). Per model, on the
+validation splits and on the control set: AUC with DeLong CI, accuracy, sensitivity,
+specificity, F1 and precision at the threshold locked on validation, ROC. Pairwise paired
+DeLong tests between the architectures, and each model against the two surgeons on the control
+set (McNemar, at the model's locked threshold, :func:`fedmsk.reader_study.compare_binary`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ ARCHITECTURES = ("efficientnet_b0", "mobilenetv3_large_100", "mnasnet_100")
 
 
 def variants(cfg: ExperimentConfig) -> list[Variant]:
+    """The study's other networks, when the main run trains one of them; else none."""
+    if cfg.model.name not in ARCHITECTURES:
+        return []
     return [
         Variant(name, (f"model.name={name}",)) for name in ARCHITECTURES if name != cfg.model.name
     ]
@@ -112,16 +117,24 @@ def analyse(ctx: StudyContext) -> StudyOutput:
     header = ["model", "set", "n", "AUC [95% CI]", "accuracy", "sensitivity", "specificity"]
     header += ["F1", "precision"]
     parts = ["## Models\n\n" + md_table(header, rows)]
-    parts.append(
-        "## Pairwise DeLong (paired)\n\n"
-        + md_table(
-            ["comparison", "AUC 1", "AUC 2", "Z", "P"],
-            [
-                [c["name"], fmt(c["auc1"]), fmt(c["auc2"]), fmt(c["z"]), fmt_p(c["p"])]
-                for c in comparisons
-            ],
+    if len(evaluated) < 2:
+        parts.append(
+            "## Pairwise DeLong (paired)\n\n"
+            f"One network was trained ({ctx.cfg.model.name}), so there is no pair to compare. "
+            "The study's networks and their pairwise tests: `model=efficientnet_b0` (CPU size, "
+            "where they do not learn from random weights) or `scale=paper` (GPU size)."
         )
-    )
+    else:
+        parts.append(
+            "## Pairwise DeLong (paired)\n\n"
+            + md_table(
+                ["comparison", "AUC 1", "AUC 2", "Z", "P"],
+                [
+                    [c["name"], fmt(c["auc1"]), fmt(c["auc2"]), fmt(c["z"]), fmt_p(c["p"])]
+                    for c in comparisons
+                ],
+            )
+        )
     parts.append(_surgeon_table(surgeons))
     figure = _roc_figure(ctx, per_model, surgeons.get(ctx.cfg.model.name))
     if figure:
@@ -217,7 +230,7 @@ def _roc_figure(ctx: StudyContext, per_model: dict[str, Any], surgeons: Any) -> 
 
 STUDY = Study(
     name="vcf_xray",
-    title="Vertebral compression fracture (fresh vs old): three architectures vs two surgeons",
+    title="Vertebral compression fracture (fresh vs old): the networks vs two surgeons",
     variants=variants,
     analyse=analyse,
 )
