@@ -848,8 +848,7 @@ def section_federation(s: Settings) -> list[Row]:
         " (includes the engine's start-up: only 1 round)" if steady[0].includes_startup else ""
     )
     label, nbytes, nparams = model_bytes(overrides)
-    strategy = next((o.split("=", 1)[1] for o in overrides if o.startswith("strategy=")), "")
-    where = f"{len(results['sites'])} sites, {strategy or 'default strategy'}, {label}"
+    where = f"{len(results['sites'])} sites, {results['run']['strategy']}, {label}"
     where += f" at {s.fed_image_size} px"
     rows = [
         Row(4, f"round wall time, train phase ({where})", median(walls), "s",

@@ -1,4 +1,4 @@
-"""Fresh vs old vertebral compression fracture: three architectures, two surgeons.
+"""Fresh vs old vertebral compression fracture: the study's networks, two surgeons.
 
 The main run trains the configured model. When that is one of the study's networks
 (EfficientNet-B0 at ``scale=paper``), the variants train the other two on the same splits (train
@@ -118,23 +118,20 @@ def analyse(ctx: StudyContext) -> StudyOutput:
     header += ["F1", "precision"]
     parts = ["## Models\n\n" + md_table(header, rows)]
     if len(evaluated) < 2:
-        parts.append(
-            "## Pairwise DeLong (paired)\n\n"
+        pairwise = (
             f"One network was trained ({ctx.cfg.model.name}), so there is no pair to compare. "
             "The study's networks and their pairwise tests: `model=efficientnet_b0` (CPU size, "
             "where they do not learn from random weights) or `scale=paper` (GPU size)."
         )
     else:
-        parts.append(
-            "## Pairwise DeLong (paired)\n\n"
-            + md_table(
-                ["comparison", "AUC 1", "AUC 2", "Z", "P"],
-                [
-                    [c["name"], fmt(c["auc1"]), fmt(c["auc2"]), fmt(c["z"]), fmt_p(c["p"])]
-                    for c in comparisons
-                ],
-            )
+        pairwise = md_table(
+            ["comparison", "AUC 1", "AUC 2", "Z", "P"],
+            [
+                [c["name"], fmt(c["auc1"]), fmt(c["auc2"]), fmt(c["z"]), fmt_p(c["p"])]
+                for c in comparisons
+            ],
         )
+    parts.append("## Pairwise DeLong (paired)\n\n" + pairwise)
     parts.append(_surgeon_table(surgeons))
     figure = _roc_figure(ctx, per_model, surgeons.get(ctx.cfg.model.name))
     if figure:
