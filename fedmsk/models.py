@@ -65,15 +65,24 @@ def model_arguments(cfg: Any) -> dict[str, Any]:
         "dp_compatible": cfg.model.dp_compatible or cfg.privacy.enabled,
         "drop_rate": cfg.model.drop_rate,
         "timm_kwargs": tuple(sorted((k, _frozen(v)) for k, v in _timm_kwargs(cfg.model).items())),
+        "stem_pool_stride": _stem_pool_stride(cfg.model),
     }
+
+
+def _written_for_this_network(model: Any) -> bool:
+    written_for = getattr(model, "timm_kwargs_for", None)
+    return not written_for or written_for == model.name
 
 
 def _timm_kwargs(model: Any) -> dict[str, Any]:
     """The model group's timm arguments, unless they were written for another architecture."""
-    written_for = getattr(model, "timm_kwargs_for", None)
-    if written_for and written_for != model.name:
-        return {}
-    return dict(model.timm_kwargs)
+    return dict(model.timm_kwargs) if _written_for_this_network(model) else {}
+
+
+def _stem_pool_stride(model: Any) -> int | None:
+    """The group's stem pool stride, under the same rule as its timm arguments."""
+    stride = getattr(model, "stem_pool_stride", None)
+    return int(stride) if stride is not None and _written_for_this_network(model) else None
 
 
 def model_label(model: Any) -> str:
@@ -83,7 +92,7 @@ def model_label(model: Any) -> str:
     stage; the name alone told a user (and a report) it was the standard ResNet-18.
     """
     kwargs = _timm_kwargs(model)
-    if not kwargs:
+    if not kwargs and _stem_pool_stride(model) is None:
         return str(model.name)
 
     def show(value: Any) -> str:
@@ -92,6 +101,9 @@ def model_label(model: Any) -> str:
             return " ".join(str(v) for v in value)
         return str(value)
 
+    stride = _stem_pool_stride(model)
+    if stride is not None:
+        kwargs["stem_pool_stride"] = stride
     settings = ", ".join(f"{key}={show(value)}" for key, value in sorted(kwargs.items()))
     return f"{model.name} ({settings})"
 
@@ -119,6 +131,7 @@ def create_model(
     dp_compatible: bool = False,
     drop_rate: float = 0.0,
     timm_kwargs: Mapping[str, Any] | Iterable[tuple[str, Any]] = (),
+    stem_pool_stride: int | None = None,
 ) -> nn.Module:
     """Build a timm classifier with ``num_classes`` outputs for ``in_chans``-channel images.
 
@@ -126,6 +139,7 @@ def create_model(
     file's classifier head is dropped when its class count differs, and its first convolution
     adapted when its channel count differs (both logged). ``timm_kwargs`` are passed to
     ``timm.create_model`` (e.g. ``channels``/``stem_width`` of a narrower ResNet).
+    ``stem_pool_stride`` replaces a ResNet stem's max pool (see :func:`set_stem_pool_stride`).
     ``dp_compatible`` applies
     ``fedmsk.privacy.make_dp_compatible`` (BatchNorm to GroupNorm, no in-place ops) after the
     weights are loaded, so ImageNet-style weights still initialise the convolutions.
@@ -144,6 +158,8 @@ def create_model(
         **dict(timm_kwargs),
     )
     bound_classifier_init(model)
+    if stem_pool_stride is not None:
+        set_stem_pool_stride(model, int(stem_pool_stride), timm_name)
     if pretrained:
         state = read_weight_file(pretrained)
         try:
@@ -158,6 +174,28 @@ def create_model(
     if dp_compatible:
         model = _make_dp_compatible(model, timm_name)
     return model
+
+
+def set_stem_pool_stride(model: nn.Module, stride: int, timm_name: str) -> None:
+    """Give a ResNet stem a max pool of ``stride`` (kernel ``stride + 1``, padding ``stride // 2``;
+    timm's own is stride 2, kernel 3, padding 1).
+
+    Why: on the synthetic federation at 64 px a quarter of the held-out center's fractures are
+    2-5 pixels high and the 64 px recipe misses most of them (docs/benchmarks.md). At 128 px
+    with a stride-4 pool the stem's convolution sees every stored pixel and the residual
+    stages run at the sizes they have at 64 px: about 1.2-1.5x the time of a 64 px run for the
+    image pipeline, not the 4x of a 128 px network. The pool has no weights, so a weight file
+    written for the plain network still loads.
+    """
+    if stride < 1:
+        raise ValueError(f"model.stem_pool_stride must be >= 1, got {stride}")
+    pool = getattr(model, "maxpool", None)
+    if not isinstance(pool, nn.MaxPool2d):
+        raise ValueError(
+            f"model.stem_pool_stride={stride} needs a ResNet-style stem with a max pool; "
+            f"{timm_name} has none (leave model.stem_pool_stride unset for this network)"
+        )
+    model.maxpool = nn.MaxPool2d(kernel_size=stride + 1, stride=stride, padding=stride // 2)
 
 
 def bound_classifier_init(model: nn.Module) -> bool:

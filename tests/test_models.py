@@ -318,3 +318,48 @@ def test_model_label_names_the_slim_widths_and_not_dropped_ones() -> None:
     assert models.model_label(compose(["model=resnet18"]).model) == "resnet18"
     # slim kwargs given to another architecture are dropped, so the label does not show them
     assert models.model_label(compose(["model.name=resnet50"]).model) == "resnet50"
+
+
+def test_stem_pool_stride_4_reads_128_px_at_the_map_sizes_of_64(tmp_path) -> None:
+    """The pool4 group at 128 px reaches every residual stage at the size the slim network has
+    at 64 px, keeps the same weights (a plain slim file loads), and says so in its label."""
+    from fedmsk.config import compose
+    from fedmsk.models import model_arguments, model_from_config
+
+    torch.manual_seed(0)
+    plain = model_from_config(compose(["model=resnet18_slim"])).eval()
+    pool4_cfg = compose(["model=resnet18_slim_pool4"])
+    pool4 = model_from_config(pool4_cfg).eval()
+    assert isinstance(pool4.maxpool, nn.MaxPool2d) and pool4.maxpool.stride == 4
+    with torch.no_grad():
+        fine = pool4.forward_features(torch.rand(2, 1, 128, 128))
+        coarse = plain.forward_features(torch.rand(2, 1, 64, 64))
+        as_plain = pool4.forward_features(torch.rand(2, 1, 64, 64))
+    assert fine.shape == coarse.shape == (2, 256, 4, 4)
+    assert as_plain.shape[-2:] == (2, 2)  # the same stride at 64 px halves the maps again
+    assert "stem_pool_stride=4" in models.model_label(pool4_cfg.model)
+    assert "stem_pool_stride" not in models.model_label(compose(["model=resnet18_slim"]).model)
+    assert model_arguments(pool4_cfg) != model_arguments(compose(["model=resnet18_slim"]))
+    path = tmp_path / "slim.pth"
+    torch.save(plain.state_dict(), path)
+    loaded = create_model(**{**model_arguments(pool4_cfg), "pretrained": str(path)})
+    for key, value in plain.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_stem_pool_stride_names_a_network_without_a_stem_pool() -> None:
+    from fedmsk.config import compose
+
+    with pytest.raises(ValueError, match=r"stem_pool_stride=4.*efficientnet_b0 has none"):
+        create_model("efficientnet_b0", num_classes=2, in_chans=1, stem_pool_stride=4)
+    with pytest.raises(ValueError, match=r"must be >= 1"):
+        create_model("resnet18", num_classes=2, in_chans=1, stem_pool_stride=0)
+    # set by value over the pool4 group, another network drops it with the slim widths
+    other = compose(["model=resnet18_slim_pool4", "model.name=efficientnet_b0"]).model
+    assert models.model_label(other) == "efficientnet_b0"
+    assert (
+        models.model_arguments(
+            compose(["model=resnet18_slim_pool4", "model.name=efficientnet_b0"])
+        )["stem_pool_stride"]
+        is None
+    )

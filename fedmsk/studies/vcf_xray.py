@@ -201,11 +201,11 @@ def _roc_figure(ctx: StudyContext, per_model: dict[str, Any], surgeons: Any) -> 
 
     fig = Figure(figsize=(5.2, 5.0))
     ax = fig.subplots()
-    drawn = False
+    drawn = 0
     for name, entry in per_model.items():
         roc = entry["control"].get("roc")
         if roc:
-            drawn = True
+            drawn += 1
             auc = fmt(entry["control"]["auc"])
             ax.plot(roc["fpr"], roc["tpr"], label=f"{name} (AUC {auc})")
     for r in (surgeons or {}).get("readers", []):
@@ -217,7 +217,8 @@ def _roc_figure(ctx: StudyContext, per_model: dict[str, Any], surgeons: Any) -> 
     ax.plot([0, 1], [0, 1], color="grey", linewidth=0.6, linestyle=":")
     ax.set_xlabel("1 - specificity")
     ax.set_ylabel("sensitivity")
-    ax.set_title("Control set: ROC per architecture, surgeons as points", fontsize=9)
+    curves = "ROC per architecture" if drawn > 1 else "ROC of the network"
+    ax.set_title(f"Control set: {curves}, surgeons as points", fontsize=9)
     ax.legend(fontsize=6, loc="lower right")
     fig.tight_layout()
     path = ctx.figures / "study_roc_models.png"
