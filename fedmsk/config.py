@@ -106,9 +106,9 @@ class ModelConfig:
     widths of configs/model/resnet18_slim.yaml). ``timm_kwargs_for``: the architecture those
     arguments were written for; with another ``name`` (``model.name=resnet50`` set by value over
     the slim group) they are left out rather than given to a network they do not fit; so is
-    ``stem_pool_stride`` (the stride of a ResNet stem's max pool, 2 in timm; 4 lets a 128 px
-    image reach the residual stages at the size a 64 px one would, see
-    configs/model/resnet18_slim_pool4.yaml)."""
+    ``stem_pool_stride`` and ``stem_conv_stride`` (the strides of a ResNet stem's max pool and
+    of its 7x7 convolution, both 2 in timm; 4 in either lets a 128 px image reach the residual
+    stages at the size a 64 px one would, see configs/model/resnet18_slim_conv4.yaml)."""
 
     name: str = "resnet18"
     pretrained: str | None = None
@@ -117,6 +117,7 @@ class ModelConfig:
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
     timm_kwargs_for: str | None = None
     stem_pool_stride: int | None = None
+    stem_conv_stride: int | None = None
 
 
 @dataclass

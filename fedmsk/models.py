@@ -66,6 +66,7 @@ def model_arguments(cfg: Any) -> dict[str, Any]:
         "drop_rate": cfg.model.drop_rate,
         "timm_kwargs": tuple(sorted((k, _frozen(v)) for k, v in _timm_kwargs(cfg.model).items())),
         "stem_pool_stride": _stem_pool_stride(cfg.model),
+        "stem_conv_stride": _stem_conv_stride(cfg.model),
     }
 
 
@@ -79,10 +80,19 @@ def _timm_kwargs(model: Any) -> dict[str, Any]:
     return dict(model.timm_kwargs) if _written_for_this_network(model) else {}
 
 
-def _stem_pool_stride(model: Any) -> int | None:
-    """The group's stem pool stride, under the same rule as its timm arguments."""
-    stride = getattr(model, "stem_pool_stride", None)
+def _stem_stride(model: Any, key: str) -> int | None:
+    """The group's ``stem_pool_stride`` or ``stem_conv_stride``, under the same rule as its
+    timm arguments."""
+    stride = getattr(model, key, None)
     return int(stride) if stride is not None and _written_for_this_network(model) else None
+
+
+def _stem_pool_stride(model: Any) -> int | None:
+    return _stem_stride(model, "stem_pool_stride")
+
+
+def _stem_conv_stride(model: Any) -> int | None:
+    return _stem_stride(model, "stem_conv_stride")
 
 
 def model_label(model: Any) -> str:
@@ -92,7 +102,12 @@ def model_label(model: Any) -> str:
     stage; the name alone told a user (and a report) it was the standard ResNet-18.
     """
     kwargs = _timm_kwargs(model)
-    if not kwargs and _stem_pool_stride(model) is None:
+    strides = {
+        "stem_conv_stride": _stem_conv_stride(model),
+        "stem_pool_stride": _stem_pool_stride(model),
+    }
+    kwargs.update({key: stride for key, stride in strides.items() if stride is not None})
+    if not kwargs:
         return str(model.name)
 
     def show(value: Any) -> str:
@@ -101,9 +116,6 @@ def model_label(model: Any) -> str:
             return " ".join(str(v) for v in value)
         return str(value)
 
-    stride = _stem_pool_stride(model)
-    if stride is not None:
-        kwargs["stem_pool_stride"] = stride
     settings = ", ".join(f"{key}={show(value)}" for key, value in sorted(kwargs.items()))
     return f"{model.name} ({settings})"
 
@@ -132,6 +144,7 @@ def create_model(
     drop_rate: float = 0.0,
     timm_kwargs: Mapping[str, Any] | Iterable[tuple[str, Any]] = (),
     stem_pool_stride: int | None = None,
+    stem_conv_stride: int | None = None,
 ) -> nn.Module:
     """Build a timm classifier with ``num_classes`` outputs for ``in_chans``-channel images.
 
@@ -139,7 +152,8 @@ def create_model(
     file's classifier head is dropped when its class count differs, and its first convolution
     adapted when its channel count differs (both logged). ``timm_kwargs`` are passed to
     ``timm.create_model`` (e.g. ``channels``/``stem_width`` of a narrower ResNet).
-    ``stem_pool_stride`` replaces a ResNet stem's max pool (see :func:`set_stem_pool_stride`).
+    ``stem_pool_stride`` replaces a ResNet stem's max pool (see :func:`set_stem_pool_stride`),
+    ``stem_conv_stride`` sets the stride of its first convolution (:func:`set_stem_conv_stride`).
     ``dp_compatible`` applies
     ``fedmsk.privacy.make_dp_compatible`` (BatchNorm to GroupNorm, no in-place ops) after the
     weights are loaded, so ImageNet-style weights still initialise the convolutions.
@@ -160,6 +174,8 @@ def create_model(
     bound_classifier_init(model)
     if stem_pool_stride is not None:
         set_stem_pool_stride(model, int(stem_pool_stride), timm_name)
+    if stem_conv_stride is not None:
+        set_stem_conv_stride(model, int(stem_conv_stride), timm_name)
     if pretrained:
         state = read_weight_file(pretrained)
         try:
@@ -196,6 +212,29 @@ def set_stem_pool_stride(model: nn.Module, stride: int, timm_name: str) -> None:
             f"{timm_name} has none (leave model.stem_pool_stride unset for this network)"
         )
     model.maxpool = nn.MaxPool2d(kernel_size=stride + 1, stride=stride, padding=stride // 2)
+
+
+def set_stem_conv_stride(model: nn.Module, stride: int, timm_name: str) -> None:
+    """Give a ResNet's single-convolution stem (7x7, timm's stride 2) the stride ``stride``.
+
+    Why: at stride 4 a 128 px image reaches the stem's max pool and every residual stage at
+    the sizes a 64 px image has in the plain network, so the network costs what it costs at
+    64 px while its 7x7 kernel still reads every stored pixel (it overlaps at stride 4). The
+    stride-4 max pool (:func:`set_stem_pool_stride`) gets there too but runs the stem's
+    convolution, BatchNorm and activation on a 4x larger map: 1.5x the fp32 step time of the
+    64 px network on these CPUs (docs/benchmarks.md, "Small fractures at 128 px"). Same weights
+    as the plain network, so its weight files still load.
+    """
+    if stride < 1:
+        raise ValueError(f"model.stem_conv_stride must be >= 1, got {stride}")
+    conv = getattr(model, "conv1", None)
+    if not isinstance(conv, nn.Conv2d):
+        raise ValueError(
+            f"model.stem_conv_stride={stride} needs a ResNet-style stem with a single first "
+            f"convolution (conv1); {timm_name} has none (leave model.stem_conv_stride unset "
+            "for this network)"
+        )
+    conv.stride = (stride, stride)
 
 
 def bound_classifier_init(model: nn.Module) -> bool:

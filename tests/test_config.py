@@ -23,7 +23,8 @@ def test_default_composes_into_the_schema() -> None:
     assert cfg.privacy.enabled is False
     assert cfg.model.dp_compatible is False
     assert cfg.model.timm_kwargs["output_stride"] == 16
-    assert cfg.model.stem_pool_stride == 4 and cfg.data.image_size == 128
+    assert cfg.model.stem_conv_stride == 4 and cfg.model.stem_pool_stride is None
+    assert cfg.data.image_size == 128
     assert cfg.train.local_steps == 10 and cfg.train.scheduler == "cosine"
     assert cfg.data.synthetic_seed == 0 and cfg.data.root.endswith("-seed0")
 

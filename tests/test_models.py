@@ -271,6 +271,41 @@ def test_model_config_passes_timm_kwargs_and_keys_the_pool() -> None:
     hash(tuple(model_arguments(slim).items()))  # usable as a ModelPool key
 
 
+def _model_groups_with_timm_kwargs() -> list[str]:
+    from pathlib import Path
+
+    import yaml
+
+    groups = Path(__file__).resolve().parents[1] / "configs" / "model"
+    return sorted(
+        path.stem
+        for path in groups.glob("*.yaml")
+        if (yaml.safe_load(path.read_text()) or {}).get("timm_kwargs")
+    )
+
+
+@pytest.mark.parametrize("group", _model_groups_with_timm_kwargs())
+def test_every_timm_argument_of_a_model_group_changes_the_network(group: str) -> None:
+    """A setting timm ignores would still be shown in the label and the report (the slim group
+    once named a 32-wide stem while timm kept its 7x7 stem 64 wide): each argument must change
+    the built network's structure."""
+    from fedmsk.config import compose
+
+    model_cfg = compose([f"model={group}"]).model
+    kwargs = dict(model_cfg.timm_kwargs)
+    name = models.resolve_model_name(str(model_cfg.name))
+
+    def structure(arguments: dict) -> str:
+        net = create_model(name, num_classes=2, in_chans=1, timm_kwargs=arguments)
+        shapes = [(k, tuple(v.shape)) for k, v in net.state_dict().items()]
+        return repr(net) + repr(shapes)
+
+    built = structure(kwargs)
+    for key in kwargs:
+        without = {k: v for k, v in kwargs.items() if k != key}
+        assert structure(without) != built, f"configs/model/{group}.yaml: timm ignores {key}"
+
+
 @pytest.mark.parametrize("name", ["efficientnet_b0", "mobilenetv3_large_100", "mnasnet_100"])
 def test_wide_classifier_init_is_bounded_and_the_first_loss_is_near_chance(name: str) -> None:
     """timm's TF-style heads draw from U(+-1/sqrt(classes)): with 2 classes the first loss was
@@ -320,46 +355,60 @@ def test_model_label_names_the_slim_widths_and_not_dropped_ones() -> None:
     assert models.model_label(compose(["model.name=resnet50"]).model) == "resnet50"
 
 
-def test_stem_pool_stride_4_reads_128_px_at_the_map_sizes_of_64(tmp_path) -> None:
-    """The pool4 group at 128 px reaches every residual stage at the size the slim network has
-    at 64 px, keeps the same weights (a plain slim file loads), and says so in its label."""
+def _stem_stride(model: nn.Module, key: str) -> int:
+    module = model.maxpool if key == "stem_pool_stride" else model.conv1
+    stride = module.stride
+    return stride if isinstance(stride, int) else stride[0]
+
+
+@pytest.mark.parametrize(
+    ("group", "key"),
+    [("resnet18_slim_pool4", "stem_pool_stride"), ("resnet18_slim_conv4", "stem_conv_stride")],
+)
+def test_a_stride_4_stem_reads_128_px_at_the_map_sizes_of_64(tmp_path, group: str, key: str):
+    """Either stride-4 group at 128 px reaches every residual stage at the size the slim
+    network has at 64 px, keeps the same weights (a plain slim file loads), and says so in its
+    label."""
     from fedmsk.config import compose
     from fedmsk.models import model_arguments, model_from_config
 
     torch.manual_seed(0)
     plain = model_from_config(compose(["model=resnet18_slim"])).eval()
-    pool4_cfg = compose(["model=resnet18_slim_pool4"])
-    pool4 = model_from_config(pool4_cfg).eval()
-    assert isinstance(pool4.maxpool, nn.MaxPool2d) and pool4.maxpool.stride == 4
+    cfg = compose([f"model={group}"])
+    model = model_from_config(cfg).eval()
+    assert _stem_stride(model, key) == 4 and _stem_stride(plain, key) == 2
     with torch.no_grad():
-        fine = pool4.forward_features(torch.rand(2, 1, 128, 128))
+        fine = model.forward_features(torch.rand(2, 1, 128, 128))
         coarse = plain.forward_features(torch.rand(2, 1, 64, 64))
-        as_plain = pool4.forward_features(torch.rand(2, 1, 64, 64))
+        as_plain = model.forward_features(torch.rand(2, 1, 64, 64))
+        stem_map = model.maxpool(model.act1(model.bn1(model.conv1(torch.rand(2, 1, 128, 128)))))
+        plain_stem_map = plain.maxpool(plain.act1(plain.bn1(plain.conv1(torch.rand(2, 1, 64, 64)))))
     assert fine.shape == coarse.shape == (2, 256, 4, 4)
+    assert stem_map.shape == plain_stem_map.shape == (2, 64, 16, 16)
     assert as_plain.shape[-2:] == (2, 2)  # the same stride at 64 px halves the maps again
-    assert "stem_pool_stride=4" in models.model_label(pool4_cfg.model)
-    assert "stem_pool_stride" not in models.model_label(compose(["model=resnet18_slim"]).model)
-    assert model_arguments(pool4_cfg) != model_arguments(compose(["model=resnet18_slim"]))
+    assert f"{key}=4" in models.model_label(cfg.model)
+    assert key not in models.model_label(compose(["model=resnet18_slim"]).model)
+    assert model_arguments(cfg) != model_arguments(compose(["model=resnet18_slim"]))
+    assert model_arguments(cfg)[key] == 4
     path = tmp_path / "slim.pth"
     torch.save(plain.state_dict(), path)
-    loaded = create_model(**{**model_arguments(pool4_cfg), "pretrained": str(path)})
-    for key, value in plain.state_dict().items():
-        assert torch.equal(loaded.state_dict()[key], value), key
+    loaded = create_model(**{**model_arguments(cfg), "pretrained": str(path)})
+    for name, value in plain.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
 
 
-def test_stem_pool_stride_names_a_network_without_a_stem_pool() -> None:
+@pytest.mark.parametrize(
+    ("group", "key"),
+    [("resnet18_slim_pool4", "stem_pool_stride"), ("resnet18_slim_conv4", "stem_conv_stride")],
+)
+def test_a_stem_stride_names_a_network_without_that_stem(group: str, key: str) -> None:
     from fedmsk.config import compose
 
-    with pytest.raises(ValueError, match=r"stem_pool_stride=4.*efficientnet_b0 has none"):
-        create_model("efficientnet_b0", num_classes=2, in_chans=1, stem_pool_stride=4)
+    with pytest.raises(ValueError, match=rf"{key}=4.*efficientnet_b0 has none"):
+        create_model("efficientnet_b0", num_classes=2, in_chans=1, **{key: 4})
     with pytest.raises(ValueError, match=r"must be >= 1"):
-        create_model("resnet18", num_classes=2, in_chans=1, stem_pool_stride=0)
-    # set by value over the pool4 group, another network drops it with the slim widths
-    other = compose(["model=resnet18_slim_pool4", "model.name=efficientnet_b0"]).model
-    assert models.model_label(other) == "efficientnet_b0"
-    assert (
-        models.model_arguments(
-            compose(["model=resnet18_slim_pool4", "model.name=efficientnet_b0"])
-        )["stem_pool_stride"]
-        is None
-    )
+        create_model("resnet18", num_classes=2, in_chans=1, **{key: 0})
+    # set by value over the group, another network drops it with the slim widths
+    other = compose([f"model={group}", "model.name=efficientnet_b0"])
+    assert models.model_label(other.model) == "efficientnet_b0"
+    assert models.model_arguments(other)[key] is None

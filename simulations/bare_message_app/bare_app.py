@@ -20,7 +20,6 @@ from flwr.serverapp import Grid, ServerApp
 
 SLIM_RESNET18 = {
     "channels": [32, 64, 128, 256],
-    "stem_width": 32,
     "output_stride": 16,
     "global_pool": "max",
 }
