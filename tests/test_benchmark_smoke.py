@@ -129,6 +129,25 @@ def test_training_seeds_repeat_pooled_and_the_recommended_strategy_on_every_draw
     assert bench.quality_plan(_quality_settings(tmp_path, []), []) == plan[:4]
 
 
+def test_section_5_trains_at_the_configured_image_size_and_section_4_at_64_px(
+    tmp_path: Path,
+) -> None:
+    """Section 5 measures the project's defaults: forcing 64 px on the default model, whose
+    stride-4 stem is made for 128 px, would have measured another recipe."""
+    from fedmsk.commands.simulate import prepare
+
+    s = _quality_settings(tmp_path, [])
+    run = bench.quality_plan(s, [])[1]
+    overrides = bench.quality_overrides(s, run, tmp_path / "run")
+    assert not any(o.startswith("data.image_size=") for o in overrides)
+    assert prepare(overrides).cfg.data.image_size == prepare([]).cfg.data.image_size
+    section4 = bench.federation_overrides(s, tmp_path, tmp_path / "run4", 2)
+    assert "data.image_size=64" in section4
+    s.fed_image_size = 96  # --fed-image-size sets both
+    assert "data.image_size=96" in bench.quality_overrides(s, run, tmp_path / "run")
+    assert "data.image_size=96" in bench.federation_overrides(s, tmp_path, tmp_path / "r4", 2)
+
+
 def test_training_seed_rows_give_mean_spread_and_gap_per_draw(tmp_path: Path) -> None:
     s = _quality_settings(tmp_path, [43, 44])
     aucs = {
