@@ -200,17 +200,11 @@ def set_stem_pool_stride(model: nn.Module, stride: int, timm_name: str) -> None:
     2-5 pixels high and the 64 px recipe misses most of them (docs/benchmarks.md). At 128 px
     with a stride-4 pool the stem's convolution sees every stored pixel and the residual
     stages run at the sizes they have at 64 px: about 1.2-1.5x the time of a 64 px run for the
-    image pipeline, not the 4x of a 128 px network. The pool has no weights, so a weight file
-    written for the plain network still loads.
+    image pipeline, not the 4x of a 128 px network (1.6x per step in fp32, see
+    :func:`set_stem_conv_stride`). The pool has no weights, so a weight file written for the
+    plain network still loads.
     """
-    if stride < 1:
-        raise ValueError(f"model.stem_pool_stride must be >= 1, got {stride}")
-    pool = getattr(model, "maxpool", None)
-    if not isinstance(pool, nn.MaxPool2d):
-        raise ValueError(
-            f"model.stem_pool_stride={stride} needs a ResNet-style stem with a max pool; "
-            f"{timm_name} has none (leave model.stem_pool_stride unset for this network)"
-        )
+    _stem_part(model, "maxpool", nn.MaxPool2d, "stem_pool_stride", stride, timm_name)
     model.maxpool = nn.MaxPool2d(kernel_size=stride + 1, stride=stride, padding=stride // 2)
 
 
@@ -221,20 +215,28 @@ def set_stem_conv_stride(model: nn.Module, stride: int, timm_name: str) -> None:
     the sizes a 64 px image has in the plain network, so the network costs what it costs at
     64 px while its 7x7 kernel still reads every stored pixel (it overlaps at stride 4). The
     stride-4 max pool (:func:`set_stem_pool_stride`) gets there too but runs the stem's
-    convolution, BatchNorm and activation on a 4x larger map: 1.5x the fp32 step time of the
+    convolution, BatchNorm and activation on a 4x larger map: 1.6x the fp32 step time of the
     64 px network on these CPUs (docs/benchmarks.md, "Small fractures at 128 px"). Same weights
     as the plain network, so its weight files still load.
     """
-    if stride < 1:
-        raise ValueError(f"model.stem_conv_stride must be >= 1, got {stride}")
-    conv = getattr(model, "conv1", None)
-    if not isinstance(conv, nn.Conv2d):
-        raise ValueError(
-            f"model.stem_conv_stride={stride} needs a ResNet-style stem with a single first "
-            f"convolution (conv1); {timm_name} has none (leave model.stem_conv_stride unset "
-            "for this network)"
-        )
+    conv = _stem_part(model, "conv1", nn.Conv2d, "stem_conv_stride", stride, timm_name)
     conv.stride = (stride, stride)
+
+
+def _stem_part(
+    model: nn.Module, attribute: str, kind: type[nn.Module], key: str, stride: int, timm_name: str
+) -> nn.Module:
+    """The ResNet stem module a ``model.<key>`` setting changes; a clear error when the stride
+    is not positive or the network has no such module (it is not a ResNet-style stem)."""
+    if stride < 1:
+        raise ValueError(f"model.{key} must be >= 1, got {stride}")
+    part = getattr(model, attribute, None)
+    if not isinstance(part, kind):
+        raise ValueError(
+            f"model.{key}={stride} needs a ResNet-style stem with a {kind.__name__} named "
+            f"{attribute}; {timm_name} has none (leave model.{key} unset for this network)"
+        )
+    return part
 
 
 def bound_classifier_init(model: nn.Module) -> bool:
