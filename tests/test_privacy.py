@@ -210,6 +210,35 @@ def test_unclipped_noiseless_dp_gradient_equals_plain_mean_gradient(name: str, m
     assert rel_diff(dp_gradient(model, mode, x, y, clip=1e6), plain) < 1e-5
 
 
+@pytest.mark.parametrize("mode", ["hooks", "ew"])
+def test_dp_gradient_of_the_default_model_is_the_clipped_mean_of_per_image_gradients(mode: str):
+    """The default model reads 128 px through a stride-4 stem convolution: the per-sample
+    gradients Opacus clips must be each image's own gradient there too, or clipping (and the
+    guarantee it carries) would bound the wrong norms."""
+    from fedmsk.config import compose
+    from fedmsk.models import model_from_config
+
+    torch.manual_seed(0)
+    cfg = compose(["privacy=eps8"])
+    assert cfg.model.stem_conv_stride == 4 and cfg.data.image_size == 128
+    model = model_from_config(cfg)
+    gen = torch.Generator().manual_seed(2)
+    x, y = torch.rand(3, 1, 128, 128, generator=gen), torch.tensor([0, 1, 1])
+    clip = 0.05
+    by_hand = [torch.zeros_like(p) for p in model.parameters()]
+    norms = []
+    for i in range(len(x)):
+        single = copy.deepcopy(model).train()
+        nn.functional.cross_entropy(single(x[i : i + 1]), y[i : i + 1]).backward()
+        grads = [p.grad for p in single.parameters()]
+        norm = math.sqrt(sum(float((g**2).sum()) for g in grads))
+        norms.append(norm)
+        for total, g in zip(by_hand, grads, strict=True):
+            total += g * min(1.0, clip / norm) / len(x)
+    assert min(norms) > clip  # clipping bites for every image
+    assert rel_diff(dp_gradient(model, mode, x, y, clip=clip), by_hand) < 1e-4
+
+
 def test_empty_poisson_batch_still_takes_a_noise_step() -> None:
     model = timm_dp("mobilenetv3_small_100", num_classes=2)
     data = DataLoader(TensorDataset(torch.randn(8, 1, SIZE, SIZE), torch.zeros(8).long()), 4)
