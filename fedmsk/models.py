@@ -65,8 +65,7 @@ def model_arguments(cfg: Any) -> dict[str, Any]:
         "dp_compatible": cfg.model.dp_compatible or cfg.privacy.enabled,
         "drop_rate": cfg.model.drop_rate,
         "timm_kwargs": tuple(sorted((k, _frozen(v)) for k, v in _timm_kwargs(cfg.model).items())),
-        "stem_pool_stride": _stem_pool_stride(cfg.model),
-        "stem_conv_stride": _stem_conv_stride(cfg.model),
+        **_stem_strides(cfg.model),
     }
 
 
@@ -80,19 +79,18 @@ def _timm_kwargs(model: Any) -> dict[str, Any]:
     return dict(model.timm_kwargs) if _written_for_this_network(model) else {}
 
 
-def _stem_stride(model: Any, key: str) -> int | None:
-    """The group's ``stem_pool_stride`` or ``stem_conv_stride``, under the same rule as its
-    timm arguments."""
-    stride = getattr(model, key, None)
-    return int(stride) if stride is not None and _written_for_this_network(model) else None
+_STEM_STRIDE_KEYS = ("stem_conv_stride", "stem_pool_stride")
 
 
-def _stem_pool_stride(model: Any) -> int | None:
-    return _stem_stride(model, "stem_pool_stride")
-
-
-def _stem_conv_stride(model: Any) -> int | None:
-    return _stem_stride(model, "stem_conv_stride")
+def _stem_strides(model: Any) -> dict[str, int | None]:
+    """The group's ``stem_conv_stride`` and ``stem_pool_stride`` (None where unset), under the
+    same rule as its timm arguments."""
+    written_for_it = _written_for_this_network(model)
+    strides: dict[str, int | None] = {}
+    for key in _STEM_STRIDE_KEYS:
+        stride = getattr(model, key, None)
+        strides[key] = int(stride) if stride is not None and written_for_it else None
+    return strides
 
 
 def model_label(model: Any) -> str:
@@ -102,11 +100,7 @@ def model_label(model: Any) -> str:
     stage; the name alone told a user (and a report) it was the standard ResNet-18.
     """
     kwargs = _timm_kwargs(model)
-    strides = {
-        "stem_conv_stride": _stem_conv_stride(model),
-        "stem_pool_stride": _stem_pool_stride(model),
-    }
-    kwargs.update({key: stride for key, stride in strides.items() if stride is not None})
+    kwargs.update({k: stride for k, stride in _stem_strides(model).items() if stride is not None})
     if not kwargs:
         return str(model.name)
 
@@ -151,7 +145,7 @@ def create_model(
     ``pretrained``: None (random init) or a local ``.pth``/``.pt``/``.safetensors`` file. The
     file's classifier head is dropped when its class count differs, and its first convolution
     adapted when its channel count differs (both logged). ``timm_kwargs`` are passed to
-    ``timm.create_model`` (e.g. ``channels``/``stem_width`` of a narrower ResNet).
+    ``timm.create_model`` (e.g. ``channels``/``output_stride`` of a narrower ResNet).
     ``stem_pool_stride`` replaces a ResNet stem's max pool (see :func:`set_stem_pool_stride`),
     ``stem_conv_stride`` sets the stride of its first convolution (:func:`set_stem_conv_stride`).
     ``dp_compatible`` applies
@@ -199,10 +193,10 @@ def set_stem_pool_stride(model: nn.Module, stride: int, timm_name: str) -> None:
     Why: on the synthetic federation at 64 px a quarter of the held-out center's fractures are
     2-5 pixels high and the 64 px recipe misses most of them (docs/benchmarks.md). At 128 px
     with a stride-4 pool the stem's convolution sees every stored pixel and the residual
-    stages run at the sizes they have at 64 px: about 1.2-1.5x the time of a 64 px run for the
-    image pipeline, not the 4x of a 128 px network (1.6x per step in fp32, see
-    :func:`set_stem_conv_stride`). The pool has no weights, so a weight file written for the
-    plain network still loads.
+    stages run at the sizes they have at 64 px; the stem itself runs on a 4x larger map, so a
+    training step costs 1.2x the 64 px network's in bf16 and 1.6x in fp32 (not the 4x of a
+    128 px network; :func:`set_stem_conv_stride`, the default's way, costs 1.0x). The pool has
+    no weights, so a weight file written for the plain network still loads.
     """
     _stem_part(model, "maxpool", nn.MaxPool2d, "stem_pool_stride", stride, timm_name)
     model.maxpool = nn.MaxPool2d(kernel_size=stride + 1, stride=stride, padding=stride // 2)

@@ -32,7 +32,7 @@ RUN_FIELDS = (
 
 _SAFE_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.+\-()%,=]*$")
 # A model label names its timm settings ("resnet18 (channels=32 64 128 256, global_pool=max,
-# output_stride=16, stem_pool_stride=4)", 90 characters): the run's model may be longer than a
+# output_stride=16, stem_conv_stride=4)", 88 characters): the run's model may be longer than a
 # label.
 _LABEL_MAX_LENGTH = 64
 _LONG_FIELDS = {"model": 160, "precision": 100}
