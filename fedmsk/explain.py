@@ -8,7 +8,9 @@ The heavy lifting is done by ``pytorch_grad_cam`` (package ``grad-cam``). What f
 picking the right layer for any supported backbone: the module that produces the last spatial
 feature map before global pooling. For timm models that is the module whose output *is* the
 tensor ``forward_features`` returns (``layer4`` for ResNets, ``bn2`` for EfficientNet/MnasNet,
-``blocks`` for MobileNetV3, whose ``conv_head`` sits after the pooling and must not be used).
+``blocks`` for MobileNetV3, whose ``conv_head`` sits after the pooling and must not be used),
+and, for LayerCAM, a finer map fused with the stage before it and averaged over shifted copies
+of the image, so the network's stride-2 sampling does not print the same spots on every map.
 """
 
 from __future__ import annotations
@@ -25,8 +27,15 @@ from torch import nn
 CAM_METHODS = ("gradcam", "gradcam++", "layercam")
 # LayerCAM weighs each position by its own gradient, so it stays meaningful on a shallower,
 # finer feature map; it is used on the last map at least this many cells wide (8 x 8 for a
-# ResNet at 64 px, where the last stage is 2 x 2 and cannot show a fracture line).
+# ResNet at 64 px, where the last stage is 2 x 2 and cannot show a fracture line), fused with
+# the stage before it (twice as fine), as the LayerCAM paper fuses maps of several depths.
 DETAIL_MIN_SIDE = 8
+# A stride-2 stage after a map (ResNet's 1x1 stride-2 shortcut, a strided 3x3) takes gradient
+# from every other cell much more than from the others, so a raw LayerCAM map is a lattice of
+# spots at fixed places, the same in every image. Averaging the maps of copies of the image
+# shifted over one period of that lattice, in steps of the finest map's cell, removes it; the
+# per-axis count of shifts is capped so a map costs at most this many squared passes.
+MAX_SHIFTS_PER_AXIS = 4
 
 
 @dataclass
@@ -110,6 +119,83 @@ def find_detail_layer(
     return fine[-1] if fine else (final_name, final_module)
 
 
+def find_detail_layers(
+    model: nn.Module, example: torch.Tensor, min_side: int = DETAIL_MIN_SIDE
+) -> list[tuple[str, nn.Module]]:
+    """The detail layer (:func:`find_detail_layer`) and, when the network has one, the last map
+    at least twice as fine as it (the stage before it), finest first."""
+    detail_name, detail_module = find_detail_layer(model, example, min_side)
+    sides = _map_sides(model, example)
+    detail_side = sides.get(detail_name, 0)
+    finer = [
+        name
+        for name, side in sides.items()
+        if side >= 2 * detail_side and side < example.shape[-1] and name != detail_name
+    ]
+    modules = dict(model.named_modules())
+    picked = [(finer[-1], modules[finer[-1]])] if detail_side and finer else []
+    return [*picked, (detail_name, detail_module)]
+
+
+def _map_sides(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
+    """Smaller side of each module's 4-D output, in completion order (a module seen twice keeps
+    its last output)."""
+    named = [(name, module) for name, module in model.named_modules() if name]
+    was_training = model.training
+    model.eval()
+    try:
+        seen, _ = _record_outputs(model, named, lambda: model(example))
+    finally:
+        model.train(was_training)
+    sides: dict[str, int] = {}
+    for name, _, output in seen:
+        if isinstance(output, torch.Tensor) and output.ndim == 4:
+            sides.pop(name, None)
+            sides[name] = int(min(output.shape[-2:]))
+    return sides
+
+
+def lattice_shifts(input_side: int, map_sides: Sequence[int]) -> list[int]:
+    """Pixel shifts (per axis) that average out the stride-2 lattice of the coarsest of
+    ``map_sides``: steps of the finest map's cell over two cells of the coarsest map."""
+    finest, coarsest = max(map_sides), min(map_sides)
+    if coarsest >= input_side:
+        return [0]  # maps at the input's resolution: no stride, no lattice
+    step = max(1, input_side // finest)
+    count = max(1, min(MAX_SHIFTS_PER_AXIS, (2 * input_side // coarsest) // step))
+    return [k * step for k in range(count)]
+
+
+def place_on_canvas(images: torch.Tensor, top: int, left: int, margin: int) -> torch.Tensor:
+    """``images`` on a black canvas ``margin`` pixels larger on each axis, at (``top``, ``left``).
+
+    Black is each image's and channel's minimum, what the preprocessing pads an image to a
+    square with. The whole image stays in every copy: shifting it inside its own frame instead
+    would drop an edge (with the findings that lie there) and fill the other one.
+    """
+    n, channels, height, width = images.shape
+    black = images.amin(dim=(-2, -1), keepdim=True)
+    canvas = black.expand(n, channels, height + margin, width + margin).clone()
+    canvas[..., top : top + height, left : left + width] = images
+    return canvas
+
+
+def _shift_averaged(cam: Any, images: torch.Tensor, targets: Any, shifts: list[int]) -> np.ndarray:
+    """Mean of the maps of the image placed at each offset of ``shifts`` x ``shifts`` on a
+    canvas (a fully convolutional network takes any size), each map cut back to the image."""
+    n, _, height, width = images.shape
+    margin = max(shifts)
+    total = np.zeros((n, height, width), dtype=np.float64)
+    for top in shifts:
+        for left in shifts:
+            placed = place_on_canvas(images, top, left, margin)
+            maps = np.asarray(cam(input_tensor=placed.requires_grad_(True), targets=targets))
+            total += np.nan_to_num(maps)[:, top : top + height, left : left + width]
+    peaks = total.reshape(n, -1).max(axis=1)
+    scale = np.where(peaks > 0, peaks, 1.0)[:, None, None]
+    return (total / scale).astype(np.float32)
+
+
 def _layer_producing_features(
     model: nn.Module, named: list[tuple[str, nn.Module]], example: torch.Tensor
 ) -> tuple[str, nn.Module] | None:
@@ -146,10 +232,14 @@ def gradcam(
     target_classes: Sequence[int] | int | None = None,
     method: str = "gradcam",
     target_layer: nn.Module | None = None,
+    dealias: bool = True,
 ) -> np.ndarray:
     """Heatmaps (N, H, W) in [0, 1], one per image, for the given class of each image.
 
     ``target_classes``: one int for all images, one per image, or None for the predicted class.
+    LayerCAM, unless ``target_layer`` is given, fuses the detail map and the stage before it
+    (:func:`find_detail_layers`) and, with ``dealias``, averages over shifted copies of each
+    image (:func:`lattice_shifts`) so that the stride-2 lattice does not show as fixed spots.
     The model's train/eval mode and its parameters' ``.grad`` are restored afterwards, so this
     can be called on a node between rounds. An image with no positive evidence for its class
     gets an all-zero map (that is what Grad-CAM's ReLU means, not an error).
@@ -163,16 +253,24 @@ def gradcam(
         raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
     device = next(model.parameters()).device
     images = images.detach().to(device=device, dtype=torch.float32)
-    if target_layer is None:
-        finder = find_detail_layer if method == "layercam" else find_target_layer
-        _, target_layer = finder(model, images[:1])
+    shifts = [0]
+    if target_layer is not None:
+        target_layers = [target_layer]
+    elif method == "layercam":
+        found = find_detail_layers(model, images[:1])
+        target_layers = [module for _, module in found]
+        if dealias:
+            sides = _map_sides(model, images[:1])
+            shifts = lattice_shifts(images.shape[-1], [sides[name] for name, _ in found])
+    else:
+        target_layers = [find_target_layer(model, images[:1])[1]]
     targets = _targets(target_classes, len(images), ClassifierOutputTarget)
     cam_class = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "layercam": LayerCAM}[method]
     was_training = model.training
     saved_grads = [(param, param.grad) for param in model.parameters()]
     try:
-        with cam_class(model=model, target_layers=[target_layer]) as cam:
-            heatmaps = cam(input_tensor=images.clone().requires_grad_(True), targets=targets)
+        with cam_class(model=model, target_layers=target_layers) as cam:
+            heatmaps = _shift_averaged(cam, images, targets, shifts)
     finally:
         model.train(was_training)
         for param, grad in saved_grads:

@@ -10,13 +10,18 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from fedmsk.config import compose
 from fedmsk.explain import (
     cam_grid_by_outcome,
+    find_detail_layers,
     find_target_layer,
     gradcam,
+    lattice_shifts,
     overlay,
+    place_on_canvas,
     save_cam_grid,
 )
+from fedmsk.models import model_from_config
 
 torch.set_num_threads(1)
 
@@ -182,3 +187,59 @@ def test_cam_grid_by_outcome_multiclass_dataset(tmp_path) -> None:
     assert grid.rows == ["true a", "true b", "true c"]
     assert grid.counts == {"true a": 2, "true b": 2, "true c": 2}
     assert grid.path.is_file()
+
+
+# -- LayerCAM without the stride-2 lattice -----------------------------------------------------
+
+
+def test_layercam_fuses_the_detail_map_with_the_stage_before_it() -> None:
+    """The default model at its default size: LayerCAM on layer2 (8 x 8) and layer1 (16 x 16),
+    averaged over shifts of 0-24 px (one 8 px cell of layer1, over two cells of layer2)."""
+    cfg = compose([])
+    model = model_from_config(cfg).eval()
+    size = cfg.data.image_size
+    example = torch.zeros(1, cfg.data.in_chans, size, size)
+    assert [name for name, _ in find_detail_layers(model, example)] == ["layer1", "layer2"]
+    assert lattice_shifts(size, [16, 8]) == [0, 8, 16, 24]
+    assert lattice_shifts(64, [16, 8]) == [0, 4, 8, 12]
+    assert lattice_shifts(224, [14]) == [0, 16]  # one map: steps of its own cell
+    assert lattice_shifts(32, [32]) == [0]  # no stride, no lattice
+
+
+def test_canvas_keeps_the_whole_image_on_black() -> None:
+    images = torch.rand(2, 1, 8, 8) + 1.0
+    placed = place_on_canvas(images, 3, 1, 4)
+    assert placed.shape == (2, 1, 12, 12)
+    assert torch.equal(placed[..., 3:11, 1:9], images)
+    assert torch.equal(placed[0, 0, 0], torch.full((12,), float(images[0].min())))
+
+
+def test_layercam_map_moves_with_the_image() -> None:
+    """A map must follow the image: moved by one cell of the finest map (8 px), the de-aliased
+    map moves with it; the raw LayerCAM map, tied to the network's stride-2 sampling grid, does
+    not (measured: mean difference 0.02 against 0.11 of a [0, 1] map)."""
+    torch.manual_seed(0)
+    cfg = compose([])
+    model = model_from_config(cfg).eval()
+    with torch.no_grad():  # positive evidence for class 1 (see _model)
+        model.get_classifier().weight.abs_()
+        model.get_classifier().bias.zero_()
+    size, step = cfg.data.image_size, 8
+    generator = torch.Generator().manual_seed(3)
+    images = torch.zeros(3, 1, size, size)
+    images[:, :, 32:96, 32:96] = torch.rand(3, 1, 64, 64, generator=generator) * 0.3 + 0.2
+    for k in range(3):
+        images[k, :, 40 + 9 * k : 46 + 9 * k, 44 + 5 * k : 54 + 5 * k] = 1.0
+    moved = torch.zeros_like(images)
+    moved[..., step:, step:] = images[..., :-step, :-step]
+
+    def mismatch(dealias: bool) -> float:
+        before = gradcam(model, images, 1, method="layercam", dealias=dealias)
+        after = gradcam(model, moved, 1, method="layercam", dealias=dealias)
+        inner = slice(24, size - 24)
+        return float(
+            np.abs(after[:, step:, step:] - before[:, :-step, :-step])[:, inner, inner].mean()
+        )
+
+    raw, dealiased = mismatch(False), mismatch(True)
+    assert dealiased < 0.04 < 0.08 < raw, (dealiased, raw)
