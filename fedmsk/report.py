@@ -27,6 +27,7 @@ from fedmsk.report_data import (
     AT_THRESHOLD_METRICS,
     PER_CLASS_METRICS,
     Metric,
+    PointingRow,
     PrivacyRow,
     ReportError,
     RunData,
@@ -519,7 +520,7 @@ def _figures_section(doc: Document, made: dict[str, Path], data: RunData) -> Non
             doc.add(Paragraph("Not drawn: " + " ".join(missing)))
     if data.cam_figures:
         doc.add(
-            Heading("Grad-CAM"),
+            Heading(f"Heat maps ({_cam_name(data.pointing)})"),
             Paragraph(
                 "Heatmaps computed where the images are (on the node or in a local "
                 "simulation); red marks the regions that raised the explained class score. "
@@ -527,8 +528,19 @@ def _figures_section(doc: Document, made: dict[str, Path], data: RunData) -> Non
                 "themselves may go."
             ),
             *[Paragraph(pointing_sentence(row)) for row in data.pointing],
-            *[Image(path, "Grad-CAM overlays") for path in data.cam_figures],
+            *[Image(path, f"{_cam_name(data.pointing)} overlays") for path in data.cam_figures],
         )
+
+
+# How the pointing game names the map's method (``evaluation.cam_method``) and how papers do.
+_CAM_NAMES = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "layercam": "LayerCAM"}
+
+
+def _cam_name(pointing: Sequence[PointingRow]) -> str:
+    """The method the heat maps were made with, as the pointing game recorded it; "Grad-CAM"
+    (the family's name) when no game was played or several methods were."""
+    methods = {_CAM_NAMES.get(row.method, row.method) for row in pointing}
+    return methods.pop() if len(methods) == 1 else "Grad-CAM"
 
 
 def _missing_figures(made: dict[str, Path], data: RunData) -> list[str]:

@@ -791,3 +791,21 @@ def test_a_figure_that_cannot_be_drawn_is_named_with_the_reason(tmp_path: Path) 
     write_run(tmp_path / "full")
     (tmp_path / "full" / "figures").mkdir(exist_ok=True)
     assert "ROC curves:" not in build_report(tmp_path / "full").markdown.read_text()
+
+
+def test_heat_map_heading_names_the_method_the_pointing_game_used(tmp_path: Path) -> None:
+    """The maps are LayerCAM by default: the heading and the figure's text say so, not
+    Grad-CAM; without a game the family's name stays."""
+    from fedmsk.pointing import PointingResult, write_pointing
+
+    run_dir = tmp_path / "run"
+    write_run(run_dir)
+    figures = run_dir / "figures"
+    figures.mkdir()
+    Image.fromarray(np.full((40, 60, 3), 128, dtype=np.uint8)).save(figures / "cam_site09.png")
+    plain = build_report(run_dir).html.read_text()
+    assert "<h2>Heat maps (Grad-CAM)</h2>" in plain
+    write_pointing(run_dir, {"site09": PointingResult(10, 7, 0.05, 1e-6, "layercam")})
+    html = build_report(run_dir).html.read_text()
+    assert "<h2>Heat maps (LayerCAM)</h2>" in html and 'alt="LayerCAM overlays"' in html
+    assert "7 of 10" in html
