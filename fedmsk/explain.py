@@ -98,13 +98,7 @@ def find_detail_layer(
     (completion order, so a whole stage wins over its last block's parts); the usual Grad-CAM
     layer when the final map is already that fine."""
     final_name, final_module = find_target_layer(model, example)
-    named = [(name, module) for name, module in model.named_modules() if name]
-    was_training = model.training
-    model.eval()
-    try:
-        seen, _ = _record_outputs(model, named, lambda: model(example))
-    finally:
-        model.train(was_training)
+    seen = _eval_outputs(model, example)
     final = [out for name, _, out in seen if name == final_name]
     if final and min(final[-1].shape[-2:]) >= min_side:
         return final_name, final_module
@@ -137,9 +131,9 @@ def find_detail_layers(
     return [*picked, (detail_name, detail_module)]
 
 
-def _map_sides(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
-    """Smaller side of each module's 4-D output, in completion order (a module seen twice keeps
-    its last output)."""
+def _eval_outputs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, nn.Module, Any]]:
+    """Every named module's output for one eval-mode pass of ``example``, in completion order;
+    the model's mode is restored."""
     named = [(name, module) for name, module in model.named_modules() if name]
     was_training = model.training
     model.eval()
@@ -147,6 +141,13 @@ def _map_sides(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
         seen, _ = _record_outputs(model, named, lambda: model(example))
     finally:
         model.train(was_training)
+    return seen
+
+
+def _map_sides(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
+    """Smaller side of each module's 4-D output, in completion order (a module seen twice keeps
+    its last output)."""
+    seen = _eval_outputs(model, example)
     sides: dict[str, int] = {}
     for name, _, output in seen:
         if isinstance(output, torch.Tensor) and output.ndim == 4:
