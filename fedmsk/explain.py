@@ -115,9 +115,10 @@ def find_detail_layer(
 
 def find_detail_layers(
     model: nn.Module, example: torch.Tensor, min_side: int = DETAIL_MIN_SIDE
-) -> list[tuple[str, nn.Module]]:
+) -> list[tuple[str, nn.Module, int]]:
     """The detail layer (:func:`find_detail_layer`) and, when the network has one, the last map
-    at least twice as fine as it (the stage before it), finest first."""
+    at least twice as fine as it (the stage before it), finest first; each with the smaller
+    side of its map, which :func:`lattice_shifts` needs (so the caller does not measure again)."""
     detail_name, detail_module = find_detail_layer(model, example, min_side)
     sides = _map_sides(model, example)
     detail_side = sides.get(detail_name, 0)
@@ -127,8 +128,8 @@ def find_detail_layers(
         if side >= 2 * detail_side and side < example.shape[-1] and name != detail_name
     ]
     modules = dict(model.named_modules())
-    picked = [(finer[-1], modules[finer[-1]])] if detail_side and finer else []
-    return [*picked, (detail_name, detail_module)]
+    picked = [(finer[-1], modules[finer[-1]], sides[finer[-1]])] if detail_side and finer else []
+    return [*picked, (detail_name, detail_module, detail_side)]
 
 
 def _eval_outputs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, nn.Module, Any]]:
@@ -259,10 +260,9 @@ def gradcam(
         target_layers = [target_layer]
     elif method == "layercam":
         found = find_detail_layers(model, images[:1])
-        target_layers = [module for _, module in found]
+        target_layers = [module for _, module, _ in found]
         if dealias:
-            sides = _map_sides(model, images[:1])
-            shifts = lattice_shifts(images.shape[-1], [sides[name] for name, _ in found])
+            shifts = lattice_shifts(images.shape[-1], [side for _, _, side in found])
     else:
         target_layers = [find_target_layer(model, images[:1])[1]]
     targets = _targets(target_classes, len(images), ClassifierOutputTarget)

@@ -35,7 +35,7 @@ from fedmsk.report_data import (
     SummaryView,
     load_run,
 )
-from fedmsk.report_summary import build_summary, pointing_sentence
+from fedmsk.report_summary import build_summary, cam_method_name, pointing_sentence
 
 __all__ = ["ReportError", "ReportPaths", "build_report"]
 
@@ -532,14 +532,10 @@ def _figures_section(doc: Document, made: dict[str, Path], data: RunData) -> Non
         )
 
 
-# How the pointing game names the map's method (``evaluation.cam_method``) and how papers do.
-_CAM_NAMES = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "layercam": "LayerCAM"}
-
-
 def _cam_name(pointing: Sequence[PointingRow]) -> str:
     """The method the heat maps were made with, as the pointing game recorded it; "Grad-CAM"
     (the family's name) when no game was played or several methods were."""
-    methods = {_CAM_NAMES.get(row.method, row.method) for row in pointing}
+    methods = {cam_method_name(row.method) for row in pointing}
     return methods.pop() if len(methods) == 1 else "Grad-CAM"
 
 

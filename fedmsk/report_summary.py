@@ -178,6 +178,15 @@ def _privacy_line(data: RunData) -> str:
     return line
 
 
+# How the report names a heat-map method (``evaluation.cam_method``): as papers write it.
+CAM_METHOD_NAMES = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "layercam": "LayerCAM"}
+
+
+def cam_method_name(method: str) -> str:
+    """``layercam`` -> ``LayerCAM``; a method the table does not know keeps its own spelling."""
+    return CAM_METHOD_NAMES.get(method, method)
+
+
 def pointing_sentence(row: PointingRow) -> str:
     """The pointing game in words, with chance beside it."""
     if not row.n:
@@ -187,8 +196,9 @@ def pointing_sentence(row: PointingRow) -> str:
         if row.p_value is None
         else ("<0.001" if row.p_value < 0.001 else f"{row.p_value:.3f}")
     )
+    method = cam_method_name(row.method)
     return (
-        f"Pointing game on {row.site} ({row.method}): the map's peak falls on the finding in "
+        f"Pointing game on {row.site} ({method}): the map's peak falls on the finding in "
         f"{row.hits} of {row.n} correctly found images ({row.hits / row.n:.2f}; a random peak "
         f"would score {row.chance:.2f}; one-sided binomial p {p})."
     )

@@ -199,7 +199,8 @@ def test_layercam_fuses_the_detail_map_with_the_stage_before_it() -> None:
     model = model_from_config(cfg).eval()
     size = cfg.data.image_size
     example = torch.zeros(1, cfg.data.in_chans, size, size)
-    assert [name for name, _ in find_detail_layers(model, example)] == ["layer1", "layer2"]
+    found = find_detail_layers(model, example)
+    assert [(name, side) for name, _, side in found] == [("layer1", 16), ("layer2", 8)]
     assert lattice_shifts(size, [16, 8]) == [0, 8, 16, 24]
     assert lattice_shifts(64, [16, 8]) == [0, 4, 8, 12]
     assert lattice_shifts(224, [14]) == [0, 16]  # one map: steps of its own cell

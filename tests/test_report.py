@@ -809,3 +809,4 @@ def test_heat_map_heading_names_the_method_the_pointing_game_used(tmp_path: Path
     html = build_report(run_dir).html.read_text()
     assert "<h2>Heat maps (LayerCAM)</h2>" in html and 'alt="LayerCAM overlays"' in html
     assert "7 of 10" in html
+    assert "Pointing game on site09 (LayerCAM)" in html and "(layercam)" not in html
