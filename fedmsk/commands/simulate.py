@@ -267,6 +267,7 @@ def _heldout_cam(cfg: Any, run_dir: Path) -> None:
     from fedmsk.explain import cam_grid_by_outcome
     from fedmsk.models import model_from_config, set_arrays
     from fedmsk.pointing import score_site, write_pointing
+    from fedmsk.report_summary import cam_method_name
     from fedmsk.site_runtime import all_images_loader
 
     federation = load_federation(Path(cfg.data.root))
@@ -292,7 +293,7 @@ def _heldout_cam(cfg: Any, run_dir: Path) -> None:
         if scored is not None:
             pointing[alias] = scored
             print(
-                f"{cfg.evaluation.cam_method} on {alias}: peak on the finding in "
+                f"{cam_method_name(cfg.evaluation.cam_method)} on {alias}: peak on the finding in "
                 f"{scored.hits} of {scored.n} correctly found images (chance {scored.chance:.2f})",
                 flush=True,
             )
