@@ -4,7 +4,8 @@ The core never imports Flower, so this launcher drives Flower's own command-line
 a private SuperLink in simulation mode on a free loopback port (offline: runtime dependency
 installation disabled), then ``flwr run`` of the app in this repository with the Hydra
 overrides as its only run config. The SuperLink is always stopped afterwards, also when the run
-fails or the caller is interrupted. ``flwr run`` exits 0 even when a run failed, so success is
+fails or the caller is interrupted (Ctrl-C) or terminated (SIGTERM: ``kill``, a batch
+scheduler's time limit). ``flwr run`` exits 0 even when a run failed, so success is
 judged by the run directory: ``results.json`` must have been written by the ServerApp.
 """
 
@@ -17,8 +18,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -93,16 +96,86 @@ def _wait_for_health(port: int, process: subprocess.Popen, timeout: float = 60.0
     raise SimulationError(f"flower-superlink did not answer on 127.0.0.1:{port} in {timeout:.0f} s")
 
 
-def _stop(process: subprocess.Popen) -> None:
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid``, read from Linux's /proc (an empty set where there is
+    none). Parent links are followed, not sessions: Flower's SuperLink starts its SuperExec in a
+    session of its own, which starts the simulation and Ray's processes in yet another."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def _signal_groups(pids: set[int], signum: int) -> None:
+    """Send ``signum`` to the process group of each of ``pids``, never to this process's own."""
+    own = os.getpgrp()
+    groups = set()
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            groups.add(os.getpgid(pid))
+    for group in groups - {own}:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, signum)
+
+
+def _stop(process: subprocess.Popen, grace_s: float = 15.0) -> None:
+    """Stop ``process`` and everything it started, in whatever session (SIGTERM, then SIGKILL
+    after ``grace_s``). Stopping the SuperLink's own group alone left the simulation and its
+    Ray cluster running after an interrupted run."""
     if process.poll() is not None:
         return
+    tree = descendants(process.pid) | {process.pid}
+    _signal_groups(tree, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=grace_s)
+    while any(process_running(pid) for pid in tree) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = {pid for pid in tree if process_running(pid)}
+    if process.poll() is None:  # also where /proc cannot say (not Linux)
+        left.add(process.pid)
+    if left:
+        _signal_groups(left, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=grace_s)
+
+
+def process_running(pid: int) -> bool:
+    """Alive and not a zombie (a zombie's parent has yet to collect its exit status)."""
     try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=15)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=15)
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+@contextlib.contextmanager
+def _terminate_through_cleanup() -> Iterator[None]:
+    """SIGTERM ends this process through ``SystemExit`` while the run is on, so the ``finally``
+    blocks that stop Flower's processes run. They live in sessions of their own (so a Ctrl-C
+    reaches only this process, which then stops them in order); Python's default SIGTERM
+    handling would leave a SuperLink on its port and a simulation training on the CPU after a
+    ``kill`` or a scheduler's time limit. Outside the main thread signals cannot be handled,
+    and nothing is changed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def exit_on_terminate(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, exit_on_terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _environment(home: Path) -> dict[str, str]:
@@ -148,7 +221,7 @@ def run_simulation(plan: SimulationPlan, progress: TextIO | None = None) -> Path
     env = _environment(home)
     started = time.time()
     plan.log_path.parent.mkdir(parents=True, exist_ok=True)
-    with plan.log_path.open("a", encoding="utf-8") as log:
+    with _terminate_through_cleanup(), plan.log_path.open("a", encoding="utf-8") as log:
         superlink = subprocess.Popen(
             [
                 venv_program("flower-superlink"),

@@ -23,6 +23,7 @@ import pytest
 from fedmsk.cli import main
 from fedmsk.data.manifest import ManifestRow, read_manifest, write_manifest
 from fedmsk.data.synthetic import generate_federation, phi_strings
+from fedmsk.simulation import descendants, process_running
 
 pytestmark = pytest.mark.slow
 
@@ -131,26 +132,12 @@ def test_no_phi_in_run_directory_logs_or_report(reference_run: Path, federation:
     assert not [s for s in secrets if s != str(federation) and s in log_text]
 
 
-def _descendants(root: int) -> set[int]:
-    """Every live process below ``root`` (Linux /proc), detached sessions included."""
-    parents: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            parents[int(stat.parent.name)] = int(fields[1])
-    found, frontier = set(), {root}
-    while frontier:
-        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
-
-
 def _kill_tree(process: subprocess.Popen, run_dir: Path) -> None:
     """A crash of everything the run started: Flower's SuperLink detaches its SuperExec and
     simulation processes into sessions of their own, so killing process groups is not enough."""
     pid_file = run_dir / ".flwr" / "superlink.pid"
     roots = [process.pid] + ([int(pid_file.read_text())] if pid_file.is_file() else [])
-    victims = set(roots).union(*(_descendants(pid) for pid in roots))
+    victims = set(roots).union(*(descendants(pid) for pid in roots))
     for pid in victims:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -280,3 +267,27 @@ def test_a_run_with_no_aggregated_round_fails_with_its_cause_in_one_line(
     assert f"round 1/1  {BROKEN_SITE} failed to train (SiteUnavailableError)" in captured.out
     assert "not aggregated: only 3 site(s) replied" in captured.out
     assert not (run_dir / "results.json").exists()
+
+
+def test_terminated_run_stops_the_processes_it_started(federation: Path, tmp_path: Path) -> None:
+    """``kill`` (or a batch scheduler's time limit) sends SIGTERM to ``fedmsk simulate`` alone:
+    Flower's SuperLink and the simulation run in sessions of their own, so they must be
+    stopped by the launcher, not left training on the CPU and holding a port."""
+    run_dir = tmp_path / "terminated"
+    process = _simulate(_overrides(federation, run_dir), keep_errors=False)
+    first = run_dir / "checkpoints" / "round_0001.ckpt"
+    try:
+        deadline = time.monotonic() + 400
+        while not first.is_file() and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.2)
+        assert first.is_file(), "the run never wrote its first checkpoint"
+        started = descendants(process.pid)
+        assert len(started) >= 3  # SuperLink, flwr run, the simulation (and their helpers)
+        os.kill(process.pid, signal.SIGTERM)
+        assert process.wait(timeout=60) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 30
+        while [pid for pid in started if process_running(pid)] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [pid for pid in started if process_running(pid)]
+    finally:
+        _kill_tree(process, run_dir)
