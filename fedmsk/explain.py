@@ -351,8 +351,16 @@ def save_cam_grid(
     return _draw_rows(Path(path), rows, ncols)
 
 
-def _draw_rows(path: Path, rows: list[tuple[str, list[np.ndarray], list[str]]], ncols: int) -> Path:
+def _draw_rows(
+    path: Path,
+    rows: list[tuple[str, list[np.ndarray], list[str]]],
+    ncols: int,
+    method: str | None = None,
+) -> Path:
+    """The grid as a PNG; with ``method``, the PNG records it (for the report's heading)."""
     from matplotlib.figure import Figure  # no pyplot: no global figure state, Agg canvas
+
+    from fedmsk.report_data import CAM_METHOD_PNG_KEY
 
     nrows = max(1, len(rows))
     fig = Figure(figsize=(2.2 * ncols + 0.6, 2.4 * nrows))
@@ -373,7 +381,7 @@ def _draw_rows(path: Path, rows: list[tuple[str, list[np.ndarray], list[str]]], 
             axes[r][0].set_ylabel(label, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, metadata={CAM_METHOD_PNG_KEY: method} if method else None)
     return path
 
 
@@ -442,7 +450,7 @@ def cam_grid_by_outcome(
     finally:
         model.train(was_training)
     drawn = _cam_rows(model, chosen, rows, classes, binary, method)
-    path = _draw_rows(Path(out_path), drawn, max(1, per_group))
+    path = _draw_rows(Path(out_path), drawn, max(1, per_group), method)
     counts = {row: len(chosen[row]) for row in rows}
     return OutcomeGrid(path=path, rows=rows, counts=counts, scanned=scanned, available=available)
 

@@ -27,7 +27,6 @@ from fedmsk.report_data import (
     AT_THRESHOLD_METRICS,
     PER_CLASS_METRICS,
     Metric,
-    PointingRow,
     PrivacyRow,
     ReportError,
     RunData,
@@ -35,7 +34,7 @@ from fedmsk.report_data import (
     SummaryView,
     load_run,
 )
-from fedmsk.report_summary import build_summary, cam_method_name, pointing_sentence
+from fedmsk.report_summary import build_summary, cam_method_name, fmt_p, pointing_sentence
 
 __all__ = ["ReportError", "ReportPaths", "build_report"]
 
@@ -112,12 +111,6 @@ def fmt_metric(value: Metric | None, digits: int = 3) -> str:
 
 def fmt_count(value: int | None) -> str:
     return "n/a" if value is None else str(value)
-
-
-def fmt_p(value: float | None) -> str:
-    if value is None:
-        return "n/a"
-    return "<0.001" if value < 0.001 else f"{value:.3f}"
 
 
 # ----------------------------------------------------------------------------- tables
@@ -520,7 +513,7 @@ def _figures_section(doc: Document, made: dict[str, Path], data: RunData) -> Non
             doc.add(Paragraph("Not drawn: " + " ".join(missing)))
     if data.cam_figures:
         doc.add(
-            Heading(f"Heat maps ({_cam_name(data.pointing)})"),
+            Heading(f"Heat maps ({_cam_name(data)})"),
             Paragraph(
                 "Heatmaps computed where the images are (on the node or in a local "
                 "simulation); red marks the regions that raised the explained class score. "
@@ -528,14 +521,15 @@ def _figures_section(doc: Document, made: dict[str, Path], data: RunData) -> Non
                 "themselves may go."
             ),
             *[Paragraph(pointing_sentence(row)) for row in data.pointing],
-            *[Image(path, f"{_cam_name(data.pointing)} overlays") for path in data.cam_figures],
+            *[Image(path, f"{_cam_name(data)} overlays") for path in data.cam_figures],
         )
 
 
-def _cam_name(pointing: Sequence[PointingRow]) -> str:
-    """The method the heat maps were made with, as the pointing game recorded it; "Grad-CAM"
-    (the family's name) when no game was played or several methods were."""
-    methods = {cam_method_name(row.method) for row in pointing}
+def _cam_name(data: RunData) -> str:
+    """The method the heat maps were made with, as the grids and the pointing game recorded it;
+    "Grad-CAM" (the family's name) when nothing recorded one or several methods were used."""
+    methods = {cam_method_name(m) for m in data.cam_methods}
+    methods |= {cam_method_name(row.method) for row in data.pointing}
     return methods.pop() if len(methods) == 1 else "Grad-CAM"
 
 

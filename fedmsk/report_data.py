@@ -434,6 +434,7 @@ class RunData:
     history: list[MetricPoint]
     cam_figures: list[Path]
     pointing: list[PointingRow] = field(default_factory=list)
+    cam_methods: list[str] = field(default_factory=list)
 
     @property
     def task_type(self) -> str:
@@ -472,6 +473,7 @@ def load_run(run_dir: Path) -> RunData:
         comparisons=_comparisons(results.get("comparisons")),
         history=_history(metrics_path) if metrics_path.is_file() else [],
         cam_figures=_cam_figures(run_dir / "figures"),
+        cam_methods=cam_figure_methods(_cam_figures(run_dir / "figures")),
         pointing=_pointing(run_dir / "pointing_game.json"),
     )
 
@@ -745,6 +747,29 @@ def _history(path: Path) -> list[MetricPoint]:
 
 
 _CAM_NAME = re.compile(r"^cam_[A-Za-z0-9_\-]{1,60}\.png$")
+
+
+# The PNG text key under which a heat-map grid records how its maps were made
+# (``fedmsk.explain``), so the report names the method even where no pointing game was played.
+CAM_METHOD_PNG_KEY = "fedmsk-cam-method"
+_CAM_METHOD = re.compile(r"^[a-z+]{1,20}$")
+
+
+def cam_figure_methods(paths: list[Path]) -> list[str]:
+    """The methods the grids at ``paths`` record, each once, in order; a grid that records none
+    (drawn before the key existed, or elsewhere) or an unexpected value adds nothing."""
+    from PIL import Image
+
+    methods: list[str] = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                value = str(getattr(image, "text", {}).get(CAM_METHOD_PNG_KEY, ""))
+        except (OSError, ValueError):
+            continue
+        if _CAM_METHOD.match(value) and value not in methods:
+            methods.append(value)
+    return methods
 
 
 def _cam_figures(folder: Path) -> list[Path]:

@@ -10,9 +10,19 @@ numbers; the tables further down hold the detail. Built from the whitelisted rec
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from fedmsk.report_data import Metric, PointingRow, RunData, SiteResult, SummaryView
+
+
+def fmt_p(value: object) -> str:
+    """A p-value as reports print it: "<0.001" below a thousandth (never "0.000"), "n/a" when
+    it is missing or not a finite number."""
+    if not isinstance(value, int | float) or not math.isfinite(value):
+        return "n/a"
+    return "<0.001" if value < 0.001 else f"{value:.3f}"
+
 
 # An operating point "did not transfer" when the held-out sensitivity or specificity at the
 # locked threshold differs from the training centers' validation by more than this.
@@ -191,11 +201,7 @@ def pointing_sentence(row: PointingRow) -> str:
     """The pointing game in words, with chance beside it."""
     if not row.n:
         return f"Pointing game on {row.site}: no correctly found image with a known box to score."
-    p = (
-        "n/a"
-        if row.p_value is None
-        else ("<0.001" if row.p_value < 0.001 else f"{row.p_value:.3f}")
-    )
+    p = fmt_p(row.p_value)
     method = cam_method_name(row.method)
     return (
         f"Pointing game on {row.site} ({method}): the map's peak falls on the finding in "
@@ -257,9 +263,9 @@ def build_summary(data: RunData) -> Summary:
             summary.headline.append(text + ".")
     for comparison in data.comparisons:
         if comparison.difference is not None:
-            p = "n/a" if comparison.p is None else f"{comparison.p:.3f}"
             summary.headline.append(
-                f"{comparison.label}: AUC difference {comparison.difference:+.3f} (DeLong p {p})."
+                f"{comparison.label}: AUC difference {comparison.difference:+.3f} "
+                f"(DeLong p {fmt_p(comparison.p)})."
             )
     summary.headline.extend(pointing_sentence(row) for row in data.pointing if row.n)
     summary.headline.append(_privacy_line(data))

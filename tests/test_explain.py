@@ -22,6 +22,7 @@ from fedmsk.explain import (
     save_cam_grid,
 )
 from fedmsk.models import model_from_config
+from fedmsk.report_data import CAM_METHOD_PNG_KEY, cam_figure_methods
 
 torch.set_num_threads(1)
 
@@ -175,6 +176,8 @@ def test_cam_grid_by_outcome_binary(tmp_path) -> None:
     assert grid.counts["true positive"] == min(2, expected_tp)
     with Image.open(grid.path) as img:
         assert img.format == "PNG"
+        assert img.text[CAM_METHOD_PNG_KEY] == "gradcam"  # the report names the method by it
+    assert cam_figure_methods([grid.path]) == ["gradcam"]
 
 
 def test_cam_grid_by_outcome_multiclass_dataset(tmp_path) -> None:

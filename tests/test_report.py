@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from fedmsk.commands.report import register, run_report
 from fedmsk.report import ReportError, build_report, fmt_metric
-from fedmsk.report_data import Metric, load_run, safe_label
+from fedmsk.report_data import CAM_METHOD_PNG_KEY, Metric, load_run, safe_label
 
 GRID = np.linspace(0, 1, 101)
 SECRET = "PHI_SECRET_7731"
@@ -810,3 +810,30 @@ def test_heat_map_heading_names_the_method_the_pointing_game_used(tmp_path: Path
     assert "<h2>Heat maps (LayerCAM)</h2>" in html and 'alt="LayerCAM overlays"' in html
     assert "7 of 10" in html
     assert "Pointing game on site09 (LayerCAM)" in html and "(layercam)" not in html
+    # without a pointing game (no lesion boxes, e.g. ultrasound) the grid itself names it
+    (run_dir / "pointing_game.json").unlink()
+    pnginfo = PngImagePlugin.PngInfo()
+    pnginfo.add_text(CAM_METHOD_PNG_KEY, "layercam")
+    Image.fromarray(np.full((40, 60, 3), 128, dtype=np.uint8)).save(
+        figures / "cam_site09.png", pnginfo=pnginfo
+    )
+    html = build_report(run_dir).html.read_text()
+    assert "<h2>Heat maps (LayerCAM)</h2>" in html and 'alt="LayerCAM overlays"' in html
+
+
+def test_a_tiny_p_value_reads_below_a_thousandth_not_zero(tmp_path: Path) -> None:
+    """A DeLong p of 1e-9 in the summary's comparison lines (as in the gout study's single vs
+    multiple models) is "<0.001", as in the comparison table: never "p 0.000"."""
+    run_dir = tmp_path / "run"
+    write_run(run_dir)
+    results = json.loads((run_dir / "results.json").read_text())
+    results["comparisons"] = [
+        {"name": "external overall single vs multiple", "auc1": 0.79, "auc2": 0.61, "p": 1e-9},
+        {"name": "external dorsal single vs multiple", "auc1": 0.83, "auc2": 0.82, "p": 0.41},
+    ]
+    (run_dir / "results.json").write_text(json.dumps(results))
+    markdown = build_report(run_dir).markdown.read_text()
+    line = "external overall single vs multiple: AUC difference +0.180 (DeLong p <0.001)"
+    assert line in markdown
+    assert "(DeLong p 0.410)" in markdown
+    assert "p 0.000" not in markdown

@@ -21,6 +21,7 @@ import numpy as np
 
 from fedmsk import metrics as m
 from fedmsk.config import ExperimentConfig
+from fedmsk.report_summary import fmt_p  # noqa: F401  (the studies import it from here)
 
 ALL_SPLITS = ("train", "val", "test")
 
@@ -403,12 +404,6 @@ def fmt(value: Any, digits: int = 3) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}f}" if math.isfinite(value) else "n/a"
     return str(value)
-
-
-def fmt_p(p: Any) -> str:
-    if not isinstance(p, int | float) or not math.isfinite(p):
-        return "n/a"
-    return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
