@@ -81,6 +81,14 @@ def test_study_protocol_settings() -> None:
     gout = compose(["study=gout_mtp1_us"])
     assert gout.data.split_ratios == [0.5, 0.1, 0.4]  # 6:4 with a validation sixth of train
     assert compose(["study=gout_mtp1_us", "scale=paper"]).model.name == "resnet50"
+    # the per-view models: each a third of the rounds, so as many passes over its third of
+    # the images as the single model makes over all of them
+    from fedmsk.studies.gout_mtp1_us import variants
+
+    view_runs = [v.overrides for v in variants(gout)]
+    assert gout.federation.num_rounds == 30
+    assert view_runs[0] == ("task.views=[dorsal]", "federation.num_rounds=10")
+    assert len({o[1] for o in view_runs}) == 1
     vcf = compose(["study=vcf_xray"])
     assert (vcf.model.name, vcf.model.timm_kwargs["channels"]) == ("resnet18", [32, 64, 128, 256])
     vcf_paper = compose(["study=vcf_xray", "scale=paper"])
@@ -213,7 +221,7 @@ def test_femoral_device_analysis(tmp_path: Path) -> None:
 def test_gout_single_vs_multiple(tmp_path: Path) -> None:
     from fedmsk.studies import run_study_analysis
 
-    cfg = _pooled_run(tmp_path, "gout_mtp1_us", "data.synthetic_centers=3")
+    cfg = _pooled_run(tmp_path, "gout_mtp1_us", "data.synthetic_centers=3", "model=resnet18_slim")
     section = run_study_analysis(cfg, cfg.run_dir)
     assert section["variants"] == ["view-dorsal", "view-medial", "view-plantar"]
     variant = json.loads((Path(cfg.run_dir) / "variants/view-medial/results.json").read_text())

@@ -41,7 +41,14 @@ VIEWS = ("dorsal", "medial", "plantar")
 
 
 def variants(cfg: ExperimentConfig) -> list[Variant]:
-    return [Variant(f"view-{view}", (f"task.views=[{view}]",)) for view in VIEWS]
+    """One model per view, each trained for a third of the main run's rounds: a view holds a
+    third of the images, so each image is seen as often as by the single model (equal passes,
+    as a study trains each of its models for the same epochs), and the three cost one run."""
+    rounds = max(1, round(cfg.federation.num_rounds / len(VIEWS)))
+    return [
+        Variant(f"view-{view}", (f"task.views=[{view}]", f"federation.num_rounds={rounds}"))
+        for view in VIEWS
+    ]
 
 
 def _scored(ctx: StudyContext, run: RunHandle) -> dict[str, dict[str, Scores]]:
@@ -145,7 +152,8 @@ def _pair_entry(
         "delong": None,
     }
     if len(a):
-        test = paired_delong(f"{name} single vs multiple", a.labels, a.positive, b.positive)
+        label = f"{name.replace('_', ' ')} single vs multiple"  # "internal test", not the key
+        test = paired_delong(label, a.labels, a.positive, b.positive)
         entry["delong"] = test
         if test is not None:
             comparisons.append(test)
