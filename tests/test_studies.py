@@ -128,10 +128,12 @@ def test_variant_config_travels_as_overrides_unchanged() -> None:
     remote = compose([*config_overrides(cfg), *extra])
     assert remote == local and config_hash(remote) == config_hash(local)
     assert remote.task.views == ["dorsal"] and remote.data.root == "/tmp/a b/it's"
-    # and the default (slim) model's timm_kwargs travel as they are, in both directions
-    default = compose([])
+    # and the slim model's timm_kwargs travel as they are, in both directions, as does a model
+    # without any (the full ResNet-18)
+    default, full = compose([]), compose(["model=resnet18"])
     assert compose(config_overrides(default)) == default
-    assert default.model.timm_kwargs and not cfg.model.timm_kwargs
+    assert compose(config_overrides(full)) == full
+    assert default.model.timm_kwargs and cfg.model.timm_kwargs and not full.model.timm_kwargs
 
 
 # ----------------------------------------------------------------------------- helpers
