@@ -169,6 +169,7 @@ def _terminate_through_cleanup() -> Iterator[None]:
         return
 
     def exit_on_terminate(signum: int, _frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut cleanup
         raise SystemExit(128 + signum)
 
     previous = signal.signal(signal.SIGTERM, exit_on_terminate)

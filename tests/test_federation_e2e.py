@@ -284,6 +284,9 @@ def test_terminated_run_stops_the_processes_it_started(federation: Path, tmp_pat
         started = descendants(process.pid)
         assert len(started) >= 3  # SuperLink, flwr run, the simulation (and their helpers)
         os.kill(process.pid, signal.SIGTERM)
+        time.sleep(0.5)  # schedulers repeat it: a second SIGTERM must not cut the cleanup short
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGTERM)
         assert process.wait(timeout=60) == 128 + signal.SIGTERM
         deadline = time.monotonic() + 30
         while [pid for pid in started if process_running(pid)] and time.monotonic() < deadline:
