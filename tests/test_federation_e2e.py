@@ -144,14 +144,19 @@ def _kill_tree(process: subprocess.Popen, run_dir: Path) -> None:
     process.wait(timeout=30)
 
 
+def _wait_for_first_checkpoint(process: subprocess.Popen, run_dir: Path) -> None:
+    """Wait (bounded) until the run has written its first round's checkpoint."""
+    first = run_dir / "checkpoints" / "round_0001.ckpt"
+    deadline = time.monotonic() + 400
+    while not first.is_file() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    assert first.is_file(), "the run never wrote its first checkpoint"
+
+
 def _crash_after_first_checkpoint(process: subprocess.Popen, run_dir: Path) -> None:
     """Wait (bounded) for the run's first checkpoint, then kill everything it started."""
-    first = run_dir / "checkpoints" / "round_0001.ckpt"
     try:
-        deadline = time.monotonic() + 400
-        while not first.is_file() and time.monotonic() < deadline and process.poll() is None:
-            time.sleep(0.2)
-        assert first.is_file(), "the run never wrote its first checkpoint"
+        _wait_for_first_checkpoint(process, run_dir)
     finally:
         _kill_tree(process, run_dir)
     assert not (run_dir / "checkpoints" / f"round_{ROUNDS:04d}.ckpt").exists()
@@ -275,12 +280,8 @@ def test_terminated_run_stops_the_processes_it_started(federation: Path, tmp_pat
     stopped by the launcher, not left training on the CPU and holding a port."""
     run_dir = tmp_path / "terminated"
     process = _simulate(_overrides(federation, run_dir), keep_errors=False)
-    first = run_dir / "checkpoints" / "round_0001.ckpt"
     try:
-        deadline = time.monotonic() + 400
-        while not first.is_file() and time.monotonic() < deadline and process.poll() is None:
-            time.sleep(0.2)
-        assert first.is_file(), "the run never wrote its first checkpoint"
+        _wait_for_first_checkpoint(process, run_dir)
         started = descendants(process.pid)
         assert len(started) >= 3  # SuperLink, flwr run, the simulation (and their helpers)
         os.kill(process.pid, signal.SIGTERM)
