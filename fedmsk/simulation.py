@@ -168,7 +168,11 @@ def _terminate_through_cleanup() -> Iterator[None]:
         yield
         return
 
+    terminated = False
+
     def exit_on_terminate(signum: int, _frame: object) -> None:
+        nonlocal terminated
+        terminated = True
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut cleanup
         raise SystemExit(128 + signum)
 
@@ -176,7 +180,8 @@ def _terminate_through_cleanup() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if not terminated:  # once terminating, a repeated SIGTERM must not kill the exit (-15)
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _environment(home: Path) -> dict[str, str]:
