@@ -97,8 +97,14 @@ def find_detail_layer(
     """The last module whose output is a feature map at least ``min_side`` cells on each side
     (completion order, so a whole stage wins over its last block's parts); the usual Grad-CAM
     layer when the final map is already that fine."""
+    return _detail_layer(model, example, _eval_outputs(model, example), min_side)
+
+
+def _detail_layer(
+    model: nn.Module, example: torch.Tensor, seen: list[tuple[str, nn.Module, Any]], min_side: int
+) -> tuple[str, nn.Module]:
+    """:func:`find_detail_layer` over the outputs ``seen`` of one eval pass of ``example``."""
     final_name, final_module = find_target_layer(model, example)
-    seen = _eval_outputs(model, example)
     final = [out for name, _, out in seen if name == final_name]
     if final and min(final[-1].shape[-2:]) >= min_side:
         return final_name, final_module
@@ -119,8 +125,9 @@ def find_detail_layers(
     """The detail layer (:func:`find_detail_layer`) and, when the network has one, the last map
     at least twice as fine as it (the stage before it), finest first; each with the smaller
     side of its map, which :func:`lattice_shifts` needs (so the caller does not measure again)."""
-    detail_name, detail_module = find_detail_layer(model, example, min_side)
-    sides = _map_sides(model, example)
+    seen = _eval_outputs(model, example)  # one pass serves both the layer and the map sides
+    detail_name, detail_module = _detail_layer(model, example, seen, min_side)
+    sides = _map_sides(seen)
     detail_side = sides.get(detail_name, 0)
     finer = [
         name
@@ -145,10 +152,9 @@ def _eval_outputs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, nn
     return seen
 
 
-def _map_sides(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
-    """Smaller side of each module's 4-D output, in completion order (a module seen twice keeps
-    its last output)."""
-    seen = _eval_outputs(model, example)
+def _map_sides(seen: list[tuple[str, nn.Module, Any]]) -> dict[str, int]:
+    """Smaller side of each module's 4-D output in ``seen`` (:func:`_eval_outputs`), in
+    completion order (a module seen twice keeps its last output)."""
     sides: dict[str, int] = {}
     for name, _, output in seen:
         if isinstance(output, torch.Tensor) and output.ndim == 4:

@@ -463,6 +463,7 @@ def load_run(run_dir: Path) -> RunData:
     pooled = (
         summary_view(pooled_raw.get("val"), run.classes) if isinstance(pooled_raw, dict) else None
     )
+    cam_figures = _cam_figures(run_dir / "figures")
     return RunData(
         run=run,
         sites=sites,
@@ -472,8 +473,8 @@ def load_run(run_dir: Path) -> RunData:
         readers=_reader_study(results.get("readers")),
         comparisons=_comparisons(results.get("comparisons")),
         history=_history(metrics_path) if metrics_path.is_file() else [],
-        cam_figures=_cam_figures(run_dir / "figures"),
-        cam_methods=cam_figure_methods(_cam_figures(run_dir / "figures")),
+        cam_figures=cam_figures,
+        cam_methods=cam_figure_methods(cam_figures),
         pointing=_pointing(run_dir / "pointing_game.json"),
     )
 
