@@ -262,6 +262,21 @@ class ExperimentConfig:
 _SCHEMA_REGISTERED = False
 
 
+def sites_per_round(cfg: ExperimentConfig, training_sites: int) -> int:
+    """Training sites a round asks when all are connected.
+
+    Every site, unless an averaging strategy samples (``strategy.fraction_train`` < 1): then
+    ``int(fraction_train x sites)``, at least ``strategy.min_train_nodes`` and at least one.
+    Cyclic transfer visits every site and secure aggregation masks over every site, so both
+    ask all of them whatever the fraction says.
+    """
+    fraction = cfg.strategy.fraction_train
+    if fraction >= 1.0 or cfg.strategy.name == "cyclic" or cfg.privacy.secure_aggregation:
+        return training_sites
+    wanted = max(int(fraction * training_sites), cfg.strategy.min_train_nodes, 1)
+    return min(training_sites, wanted)
+
+
 def _register_schema() -> None:
     global _SCHEMA_REGISTERED
     if _SCHEMA_REGISTERED:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from fedmsk.config import ExperimentConfig, config_dir
+from fedmsk.config import ExperimentConfig, config_dir, sites_per_round
 from fedmsk.node_registry import SELF_DECLARED
 from fedmsk.run_dir import failure_cause, results_written_since
 
@@ -314,7 +314,9 @@ def _follow(
     training = [s for s in cfg.federation.sites if s not in cfg.federation.heldout_sites]
     follower = MetricsFollower(run_dir / "metrics.jsonl", resumed_after=_resumed_round(cfg))
     printer = ProgressPrinter(
-        total=cfg.federation.num_rounds, expected_sites=len(training), stream=progress
+        total=cfg.federation.num_rounds,
+        expected_sites=sites_per_round(cfg, len(training)),
+        stream=progress,
     )
     while True:
         returncode = runner.poll()

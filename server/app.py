@@ -19,7 +19,13 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, MessageType
 from flwr.serverapp import Grid, ServerApp
 
-from fedmsk.config import ExperimentConfig, compose, config_hash, overrides_from_run_config
+from fedmsk.config import (
+    ExperimentConfig,
+    compose,
+    config_hash,
+    overrides_from_run_config,
+    sites_per_round,
+)
 from fedmsk.progress import LogLines, ProgressPrinter
 from fedmsk.run_dir import RunDirectory, one_line_cause, record_failure_cause
 from server.cyclic import NAME as CYCLIC
@@ -216,7 +222,9 @@ def run_federation(grid: Grid, context: Context, cfg: ExperimentConfig) -> None:
     training = recorder.training_node_ids()
     remaining = cfg.federation.num_rounds - recorder.round_offset
     progress = ProgressPrinter(
-        total=cfg.federation.num_rounds, expected_sites=len(training), stream=LogLines(log)
+        total=cfg.federation.num_rounds,
+        expected_sites=sites_per_round(cfg, len(training)),
+        stream=LogLines(log),
     )
     run_dir.observers.append(progress.feed_one)  # round lines in `flwr run --stream`
     if cfg.privacy.secure_aggregation:

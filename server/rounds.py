@@ -20,7 +20,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common.constant import ErrorCode
 
-from fedmsk.config import ExperimentConfig, config_hash
+from fedmsk.config import ExperimentConfig, config_hash, sites_per_round
 from fedmsk.run_dir import Checkpoint, RunDirectory
 
 log = logging.getLogger("fedmsk.server")
@@ -215,9 +215,12 @@ class RoundRecorder:
         return None
 
     def replies_needed(self) -> int:
-        """Training sites a round must aggregate (federation.min_reply_fraction, at least 1)."""
+        """Training sites a round must aggregate: ``federation.min_reply_fraction`` of the sites
+        it asks (a sampled round asks only some), at least 1."""
         fraction = self.cfg.federation.min_reply_fraction
-        return max(1, math.ceil(fraction * len(self.training_node_ids())))
+        return max(
+            1, math.ceil(fraction * sites_per_round(self.cfg, len(self.training_node_ids())))
+        )
 
     def enough_replies(self, accepted: list[Message]) -> bool:
         return len(accepted) >= self.replies_needed()

@@ -9,6 +9,7 @@ after every round the :class:`server.rounds.RoundRecorder` writes metrics and a 
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -29,7 +30,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from fedmsk.config import StrategyConfig
+from fedmsk.config import ExperimentConfig, StrategyConfig, sites_per_round
 from fedmsk.protocol import ROUND_KEY
 from server.round_evaluation import round_evaluation_messages
 from server.rounds import RoundRecorder
@@ -87,16 +88,16 @@ class NodeSubsetGrid:
     ) -> None:
         self._grid = grid
         self._node_ids = list(node_ids)
-        self._needed = needed
+        self.needed = needed
         self._wait_s = wait_s
-        self._alias_of = alias_of
+        self.alias_of = alias_of
         self._clock = clock
         self._short_since: float | None = None
 
     def get_node_ids(self) -> list[int]:
         online = set(self._grid.get_node_ids())
         connected = [n for n in self._node_ids if n in online]
-        if self._needed is None or len(connected) >= self._needed:
+        if self.needed is None or len(connected) >= self.needed:
             self._short_since = None
             return connected
         now = self._clock()
@@ -108,24 +109,55 @@ class NodeSubsetGrid:
                 self._wait_s,
                 len(connected),
                 len(self._node_ids),
-                self._needed,
+                self.needed,
                 ", ".join(self.missing(connected)),
             )
         if now - self._short_since > self._wait_s:
             raise TooFewSites(
                 f"only {len(connected)} of {len(self._node_ids)} training sites stayed "
                 f"connected for {self._wait_s:.0f} s (federation.connect_timeout_s) and a round "
-                f"needs {self._needed} (federation.min_reply_fraction); missing: "
+                f"needs {self.needed} (federation.min_reply_fraction); missing: "
                 f"{', '.join(self.missing(connected))}. Resume with resume=RUN_DIR once they are "
                 "back."
             )
         return connected
 
     def missing(self, connected: list[int]) -> list[str]:
-        return sorted(self._alias_of(n) for n in self._node_ids if n not in connected)
+        return sorted(self.alias_of(n) for n in self._node_ids if n not in connected)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
+
+
+class SampledGrid:
+    """A view offering a strategy only the training sites one round samples.
+
+    With ``strategy.fraction_train`` < 1 an averaging round asks a sample of the connected
+    training sites. Flower's sampler draws it from Python's unseeded global ``random``; here it
+    is drawn from the run's seed and the absolute round, so a rerun or a resumed run asks the
+    same sites. While fewer sites than a round needs are connected, all connected ones are
+    offered, and the wrapped view's bounded wait decides (:class:`NodeSubsetGrid`).
+    """
+
+    def __init__(self, view: NodeSubsetGrid, cfg: ExperimentConfig, absolute_round: int) -> None:
+        self._view = view
+        self._cfg = cfg
+        self._round = absolute_round
+
+    def get_node_ids(self) -> list[int]:
+        connected = self._view.get_node_ids()
+        needed = self._view.needed or 1
+        if len(connected) < needed:
+            return connected
+        size = max(sites_per_round(self._cfg, len(connected)), needed)
+        if size >= len(connected):
+            return connected
+        ordered = sorted(connected, key=self._view.alias_of)  # node IDs differ between runs
+        rng = random.Random(f"fedmsk-sample-{self._cfg.seed}-{self._round}")
+        return sorted(rng.sample(ordered, size), key=self._view.alias_of)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._view, name)
 
 
 class FedMskMixin:
@@ -148,7 +180,8 @@ class FedMskMixin:
             wait_s=self.recorder.cfg.federation.connect_timeout_s,
             alias_of=self.recorder.alias_of,
         )
-        messages = list(super().configure_train(server_round, arrays, config, view))  # type: ignore[misc]
+        sampled = SampledGrid(view, self.recorder.cfg, config[ROUND_KEY])  # type: ignore[arg-type]
+        messages = list(super().configure_train(server_round, arrays, config, sampled))  # type: ignore[misc]
         sent = [m.metadata.dst_node_id for m in messages]
         for node in training:
             if node not in sent and node not in view.get_node_ids():
@@ -227,7 +260,8 @@ STRATEGIES: dict[str, type[Strategy]] = {
 def build_strategy(
     cfg: StrategyConfig, num_training_sites: int, num_sites: int, needed: int | None = None
 ) -> Any:
-    """The configured Flower strategy, sampling every connected training site each round.
+    """The configured Flower strategy. It trains every site it is offered: which sites a
+    round asks (all, or a seeded sample with ``fraction_train`` < 1) is :class:`SampledGrid`'s.
 
     ``needed``: how many training sites a round needs (federation.min_reply_fraction); the
     sampler starts a round once that many are connected rather than waiting for all."""
@@ -237,9 +271,10 @@ def build_strategy(
         raise ValueError(f"strategy.name={cfg.name!r} is not known; choose one of {known}")
     base = STRATEGIES[cfg.name]
     common: dict[str, Any] = {
-        "fraction_train": cfg.fraction_train,
+        # the sites a round asks are sampled by :class:`SampledGrid`; Flower takes all it offers
+        "fraction_train": 1.0,
         "fraction_evaluate": 1.0,
-        "min_train_nodes": min(cfg.min_train_nodes, needed),
+        "min_train_nodes": 1,
         "min_evaluate_nodes": num_sites,
         "min_available_nodes": needed,
     }

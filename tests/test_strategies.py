@@ -22,13 +22,14 @@ def _identity(flower_task_identity: None) -> None:
     return None
 
 
-def _recorder(tmp_path: Path, strategy: str) -> RoundRecorder:
+def _recorder(tmp_path: Path, strategy: str, *overrides: str) -> RoundRecorder:
     cfg = compose(
         [
             f"strategy={strategy}",
             f"run_dir={tmp_path}",
             f"federation.sites=[{','.join(SITES)}]",
             "federation.heldout_sites=[h]",
+            *overrides,
         ]
     )
     return RoundRecorder(
@@ -188,6 +189,52 @@ def test_a_round_goes_ahead_without_an_offline_site_and_records_it(tmp_path: Pat
     assert sorted(m.metadata.dst_node_id for m in messages) == [1, 2, 4, 5]
     assert [(f["site"], f["error"]) for f in recorder.failures] == [("c", "Unreachable")]
     assert any(m.get("phase") == "train-failure" for m in recorder.run_dir.read_metrics())
+
+
+def _asked(strategy: object, server_round: int, online: list[int]) -> list[int]:
+    class FakeGrid:
+        def get_node_ids(self) -> list[int]:
+            return list(online)
+
+    arrays = ArrayRecord(
+        OrderedDict((k, Array(np.zeros(s, np.float32))) for k, s in (("w", (4,)), ("b", (2,))))
+    )
+    messages = strategy.configure_train(server_round, arrays, ConfigRecord(), FakeGrid())  # type: ignore[attr-defined]
+    return sorted(m.metadata.dst_node_id for m in messages)
+
+
+def test_a_sampled_round_asks_a_seeded_sample_and_aggregates_what_it_asked(
+    tmp_path: Path,
+) -> None:
+    """strategy.fraction_train=0.4 of 5 training sites asks 2 a round, the same 2 in a rerun;
+    2 replies are enough (min_reply_fraction 0.5 of the 2 asked, not of all 5 sites)."""
+    online = [1, 2, 3, 4, 5, 6]
+
+    def start(folder: Path) -> tuple[RoundRecorder, object]:
+        folder.mkdir(exist_ok=True)
+        recorder = _recorder(folder, "fedavg", "strategy.fraction_train=0.4")
+        strategy = build_strategy(recorder.cfg.strategy, 5, 6, recorder.replies_needed())
+        strategy.attach(recorder)
+        return recorder, strategy
+
+    recorder, strategy = start(tmp_path / "first")
+    asked = [_asked(strategy, r, online) for r in range(1, 9)]
+    assert all(len(a) == 2 and 6 not in a for a in asked)  # never the held-out center
+    assert len({tuple(a) for a in asked}) > 1  # the sample changes from round to round
+    assert recorder.failures == []  # sites not sampled are not failures
+    _, again = start(tmp_path / "again")
+    assert [_asked(again, r, list(reversed(online))) for r in range(1, 9)] == asked
+    assert recorder.replies_needed() == 1
+    arrays, _ = strategy.aggregate_train(1, [_reply(n, float(n)) for n in asked[0]])  # type: ignore[attr-defined]
+    assert arrays is not None and 1 not in recorder.skipped_rounds
+
+
+def test_every_training_site_is_asked_without_sampling(tmp_path: Path) -> None:
+    recorder = _recorder(tmp_path, "fedavgm")
+    strategy = build_strategy(recorder.cfg.strategy, 5, 6, recorder.replies_needed())
+    strategy.attach(recorder)
+    assert _asked(strategy, 1, [1, 2, 3, 4, 5, 6]) == [1, 2, 3, 4, 5]
+    assert recorder.replies_needed() == 3
 
 
 @pytest.mark.parametrize("name", ["fedadam", "fedyogi", "fedadagrad", "fedavgm"])
