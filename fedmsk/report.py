@@ -34,7 +34,13 @@ from fedmsk.report_data import (
     SummaryView,
     load_run,
 )
-from fedmsk.report_summary import build_summary, cam_method_name, fmt_p, pointing_sentence
+from fedmsk.report_summary import (
+    build_summary,
+    cam_method_name,
+    fmt_p,
+    pointing_sentence,
+    threshold_source_text,
+)
 
 __all__ = ["ReportError", "ReportPaths", "build_report"]
 
@@ -260,7 +266,8 @@ def _readers_section(doc: Document, data: RunData, figure: Path | None) -> None:
     if study.task_type == "binary":
         intro += (
             f" Model AUC {fmt_metric(study.model_auc)}; at the "
-            f"{study.model_threshold_source} threshold {fmt(study.model_threshold)} sensitivity "
+            f"{threshold_source_text(study.model_threshold_source)} threshold "
+            f"{fmt(study.model_threshold)} sensitivity "
             f"{fmt_metric(study.model_sensitivity)}, specificity "
             f"{fmt_metric(study.model_specificity)}."
         )
@@ -452,7 +459,11 @@ def _run_section(doc: Document, data: RunData) -> None:
     if data.run.classes:
         rows.append(["Classes", ", ".join(data.run.classes)])
     if data.run.threshold is not None:
-        source = f" ({data.run.threshold_source})" if data.run.threshold_source else ""
+        source = (
+            f" ({threshold_source_text(data.run.threshold_source)})"
+            if data.run.threshold_source
+            else ""
+        )
         rows.append(["Locked threshold", fmt(data.run.threshold) + source])
     train = sum(1 for s in data.sites if s.role == "train")
     heldout = sum(1 for s in data.sites if s.role == "heldout")

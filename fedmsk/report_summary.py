@@ -24,6 +24,12 @@ def fmt_p(value: object) -> str:
     return "<0.001" if value < 0.001 else f"{value:.3f}"
 
 
+def threshold_source_text(source: str) -> str:
+    """How a threshold was chosen, as a reader writes it: results.json keeps the machine value
+    ("youden on federated validation histograms"), the report names Youden's index."""
+    return source.replace("youden", "Youden", 1) if source.startswith("youden") else source
+
+
 # An operating point "did not transfer" when the held-out sensitivity or specificity at the
 # locked threshold differs from the training centers' validation by more than this.
 TRANSFER_GAP = 0.20

@@ -556,6 +556,16 @@ def test_stale_own_figures_removed(tmp_path: Path) -> None:
     assert not (run_dir / "figures" / "roc_readers.png").exists()
 
 
+def test_locked_threshold_names_youden_as_a_reader_writes_it(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    results = write_run(run_dir)
+    results["threshold"]["source"] = "youden on federated validation histograms"
+    (run_dir / "results.json").write_text(json.dumps(results))
+    html = build_report(run_dir).html.read_text()
+    assert "(Youden on federated validation histograms)" in html
+    assert "(youden on" not in html
+
+
 def test_safe_label_rejects_paths_and_dates() -> None:
     assert safe_label("site07", "x") == "site07"
     assert safe_label("fracture", "x") == "fracture"
