@@ -18,7 +18,7 @@ from typing import Any, TextIO
 import numpy as np
 from torch.utils.data import ConcatDataset, DataLoader
 
-from fedmsk.config import ExperimentConfig, config_hash
+from fedmsk.config import ExperimentConfig, config_hash, sites_per_round
 from fedmsk.data.federation import Federation, load_federation
 from fedmsk.models import model_label
 from fedmsk.progress import ProgressPrinter
@@ -37,12 +37,16 @@ def _loaders(cfg: ExperimentConfig, federation: Federation, seed: int) -> dict[s
     return loaders
 
 
-def centralized_epochs(cfg: ExperimentConfig, site_sizes: list[int], num_sites: int) -> int:
+def centralized_epochs(
+    cfg: ExperimentConfig, site_sizes: list[int], num_sites: int, federation_sites: int = 0
+) -> int:
     """Epochs of a pooled or local-only baseline.
 
     ``train.centralized_epochs`` when set; otherwise the federation's budget in images seen:
     ``rounds x local_epochs`` passes, or with ``train.local_steps`` the images the training
     sites process in all rounds (sites x steps x batch per round) over the pooled data set.
+    A federation whose rounds sample sites (``strategy.fraction_train`` < 1) counts the share
+    of its ``federation_sites`` training sites a round asks (default: ``num_sites``).
     """
     if cfg.train.centralized_epochs is not None:
         return max(1, int(cfg.train.centralized_epochs))
@@ -53,7 +57,9 @@ def centralized_epochs(cfg: ExperimentConfig, site_sizes: list[int], num_sites: 
         sum(cfg.train.local_steps * min(cfg.train.batch_size, n) for n in site_sizes if n)
         or num_sites * cfg.train.local_steps * cfg.train.batch_size
     )
-    return max(1, round(rounds * per_round / max(1, sum(site_sizes))))
+    federation = max(1, federation_sites or num_sites)
+    asked = sites_per_round(cfg, federation) / federation
+    return max(1, round(rounds * per_round * asked / max(1, sum(site_sizes))))
 
 
 def precise_statistics(
@@ -167,7 +173,8 @@ def run_centralized(
         **settings.loader_kwargs(),
     )
     model = model_from_config(cfg)
-    epochs = centralized_epochs(cfg, [len(d) for d in train_sets], len(trained_on))
+    sizes = [len(d) for d in train_sets]
+    epochs = centralized_epochs(cfg, sizes, len(trained_on), len(training_sites))
     train_cfg = replace(cfg.train, local_steps=None, local_epochs=1)
     per_epoch = planned_steps(train_loader, train_cfg)
     state = None

@@ -99,3 +99,25 @@ def test_multirun_sweeps_the_cartesian_product() -> None:
 
 def test_later_overrides_win() -> None:
     assert dedupe_overrides(["a=1", "b=2", "a=3"]) == ["b=2", "a=3"]
+
+
+def test_baseline_budget_counts_the_share_of_sites_a_sampled_round_asks() -> None:
+    """12 sites of 100 images, 24 rounds of 10 steps of 16: all sites asked, 38 pooled epochs;
+    a quarter asked per round (3 of 12), a quarter of the images seen: 10 epochs, and a
+    local-only run at one of the sites gets the 6 rounds' worth it trains in the federation."""
+    from fedmsk.centralized import centralized_epochs
+    from fedmsk.config import compose
+
+    every = compose(["strategy=fedavg", "train.local_steps=10", "federation.num_rounds=24"])
+    sampled = compose(
+        [
+            "strategy=fedavg",
+            "strategy.fraction_train=0.25",
+            "train.local_steps=10",
+            "federation.num_rounds=24",
+        ]
+    )
+    assert centralized_epochs(every, [100] * 12, 12) == 38
+    assert centralized_epochs(sampled, [100] * 12, 12) == 10
+    assert centralized_epochs(every, [100], 1, federation_sites=12) == 38
+    assert centralized_epochs(sampled, [100], 1, federation_sites=12) == 10
