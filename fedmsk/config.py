@@ -277,6 +277,22 @@ def sites_per_round(cfg: ExperimentConfig, training_sites: int) -> int:
     return min(training_sites, wanted)
 
 
+def describe_round(cfg: ExperimentConfig, training_sites: int) -> str:
+    """What one round of a federated run trains, for results.json and the report: which sites
+    and how far each goes, e.g. "3 of 12 training sites (seeded sample), 40 steps each"."""
+    asked = sites_per_round(cfg, training_sites)
+    if cfg.train.local_steps is not None:
+        work = f"{cfg.train.local_steps} steps each"
+    else:
+        passes = max(1, cfg.train.local_epochs)
+        work = f"{passes} pass{'es' if passes > 1 else ''} over its images each"
+    if cfg.strategy.name == "cyclic":
+        return f"all {training_sites} training sites in turn, {work}"
+    if asked < training_sites:
+        return f"{asked} of {training_sites} training sites (seeded sample), {work}"
+    return f"all {training_sites} training sites, {work}"
+
+
 def _register_schema() -> None:
     global _SCHEMA_REGISTERED
     if _SCHEMA_REGISTERED:

@@ -451,6 +451,7 @@ def _run_section(doc: Document, data: RunData) -> None:
         "model": "Model",
         "task": "Task",
         "rounds": "Rounds",
+        "each_round": "Each round trains",
         "precision": "Trained in (scored in fp32)",
         "config_hash": "Config hash",
         "privacy_unit": "DP protects one",

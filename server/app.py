@@ -23,6 +23,7 @@ from fedmsk.config import (
     ExperimentConfig,
     compose,
     config_hash,
+    describe_round,
     overrides_from_run_config,
     sites_per_round,
 )
@@ -154,6 +155,7 @@ def write_results(
                 "task": cfg.task.name,
                 "classes": list(cfg.task.classes),
                 "rounds": cfg.federation.num_rounds,
+                "each_round": describe_round(cfg, len(recorder.training_node_ids())),
                 "precision": describe_precisions(
                     {a: s.get("trained_in") for a, s in sites.items() if s.get("role") == "train"}
                 ),

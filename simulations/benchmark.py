@@ -797,9 +797,13 @@ def federation_overrides(s: Settings, root: Path, run_dir: Path, rounds: int) ->
     The overhead formula assumes the sites train concurrently (as many at once as there are
     cores). The default strategy, cyclic, visits the sites one after another within a round,
     so timed with it the same formula would count the other sites' training as overhead.
+    Every site in every round, 10 steps each, as measured before FedAvg's rounds sampled sites
+    (configs/recipe/sampled_rounds.yaml).
     """
     return [
         "strategy=fedavg",
+        "strategy.fraction_train=1.0",
+        "train.local_steps=10",
         f"data.root={root}",
         f"data.synthetic_centers={s.centers}",
         f"data.synthetic_scale={s.fed_scale}",
@@ -938,7 +942,10 @@ def quality_overrides(s: Settings, run: QualityRun, run_dir: Path) -> list[str]:
     if s.quality_rounds is not None:
         overrides.append(f"federation.num_rounds={s.quality_rounds}")
     if run.budget == "equal":
+        # every site in every round (no sampling), one pass over its images each time
         overrides += ["train.local_steps=null", "train.local_epochs=1"]
+        if is_federated(run.method):
+            overrides.append("strategy.fraction_train=1.0")
     if run.training_seed is not None:
         overrides.append(f"seed={run.training_seed}")
     if run.curve:

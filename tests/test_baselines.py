@@ -108,15 +108,9 @@ def test_baseline_budget_counts_the_share_of_sites_a_sampled_round_asks() -> Non
     from fedmsk.centralized import centralized_epochs
     from fedmsk.config import compose
 
-    every = compose(["strategy=fedavg", "train.local_steps=10", "federation.num_rounds=24"])
-    sampled = compose(
-        [
-            "strategy=fedavg",
-            "strategy.fraction_train=0.25",
-            "train.local_steps=10",
-            "federation.num_rounds=24",
-        ]
-    )
+    common = ["strategy=fedavg", "train.local_steps=10", "federation.num_rounds=24"]
+    every = compose([*common, "strategy.fraction_train=1.0"])
+    sampled = compose([*common, "strategy.fraction_train=0.25"])
     assert centralized_epochs(every, [100] * 12, 12) == 38
     assert centralized_epochs(sampled, [100] * 12, 12) == 10
     assert centralized_epochs(every, [100], 1, federation_sites=12) == 38

@@ -10,8 +10,10 @@ from fedmsk.config import (
     ExperimentConfig,
     compose,
     config_hash,
+    describe_round,
     overrides_from_run_config,
     overrides_to_run_config,
+    sites_per_round,
 )
 
 
@@ -82,6 +84,37 @@ def test_config_hash_ignores_where_results_go_but_not_what_is_run() -> None:
     base = config_hash(compose(["run_dir=/tmp/a"]))
     assert base == config_hash(compose(["run_dir=/tmp/b"]))
     assert base != config_hash(compose(["run_dir=/tmp/a", "seed=7"]))
+
+
+@pytest.mark.parametrize(
+    "name", ["fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedbn"]
+)
+def test_averaging_strategies_sample_a_quarter_of_the_sites_for_40_steps(name: str) -> None:
+    """configs/recipe/sampled_rounds.yaml, unless SecAgg+ (which masks over every site) or
+    the command line says otherwise; cyclic and the robust aggregators ask every site."""
+    cfg = compose([f"strategy={name}"])
+    assert (cfg.strategy.fraction_train, cfg.train.local_steps) == (0.25, 40)
+    assert sites_per_round(cfg, 12) == 3 and sites_per_round(cfg, 4) == 2
+    secure = compose([f"strategy={name}", "privacy=secagg"])
+    assert (secure.strategy.fraction_train, secure.train.local_steps) == (1.0, 10)
+    assert sites_per_round(secure, 12) == 12
+    told = compose([f"strategy={name}", "train.local_steps=5", "strategy.fraction_train=0.5"])
+    assert (told.strategy.fraction_train, told.train.local_steps) == (0.5, 5)
+
+
+def test_a_round_is_described_by_the_sites_it_asks_and_their_work() -> None:
+    assert describe_round(compose(["strategy=fedavg"]), 12) == (
+        "3 of 12 training sites (seeded sample), 40 steps each"
+    )
+    assert describe_round(compose([]), 12) == "all 12 training sites in turn, 10 steps each"
+    one_pass = compose(["privacy=secagg", "train.local_steps=null"])
+    assert describe_round(one_pass, 5) == "all 5 training sites, 1 pass over its images each"
+
+
+@pytest.mark.parametrize("name", ["cyclic", "fedmedian", "fedtrimmedavg", "krum"])
+def test_other_strategies_ask_every_site(name: str) -> None:
+    cfg = compose([f"strategy={name}"])
+    assert sites_per_round(cfg, 12) == 12 and cfg.train.local_steps == 10
 
 
 def test_secure_aggregation_selects_a_weighted_mean_strategy() -> None:

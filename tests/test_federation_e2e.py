@@ -260,6 +260,7 @@ def test_a_run_with_no_aggregated_round_fails_with_its_cause_in_one_line(
     overrides = [
         *_overrides(federation, run_dir),
         "strategy=fedavg",
+        "strategy.fraction_train=1.0",  # every site asked (the default samples some)
         "federation.num_rounds=1",
         "federation.min_reply_fraction=1.0",
     ]

@@ -218,6 +218,7 @@ def write_run(
             "task": "knee_oa" if multiclass else "wrist_fracture",
             "classes": classes,
             "rounds": 5,
+            "each_round": "3 of 12 training sites (seeded sample), 40 steps each",
             "config_hash": "ab12cd34ef56ab78",
         },
         "threshold": {"value": 0.5, "source": "youden-val-histograms"},
@@ -345,6 +346,7 @@ def test_binary_report_tables_files_and_figures(tmp_path: Path) -> None:
             assert fmt_metric(Metric(raw["value"], *raw["ci95"])) in section
         assert f"<td>{summary['n']}</td>" in section
     assert "site09" not in training and "site00" not in held_out
+    assert "<td>Each round trains</td><td>3 of 12 training sites (seeded sample), 40 steps" in html
     assert "pooled" in html
     assert "data:image/png;base64," in html
     assert "](figures/roc.png)" in md

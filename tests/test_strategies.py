@@ -179,7 +179,7 @@ def test_a_round_goes_ahead_without_an_offline_site_and_records_it(tmp_path: Pat
         def get_node_ids(self) -> list[int]:
             return [1, 2, 4, 5, 6]  # site c (node 3) is offline
 
-    recorder = _recorder(tmp_path, "fedavg")
+    recorder = _recorder(tmp_path, "fedavg", "strategy.fraction_train=1.0")
     strategy = build_strategy(recorder.cfg.strategy, 5, 6, recorder.replies_needed())
     strategy.attach(recorder)
     arrays = ArrayRecord(
@@ -230,7 +230,7 @@ def test_a_sampled_round_asks_a_seeded_sample_and_aggregates_what_it_asked(
 
 
 def test_every_training_site_is_asked_without_sampling(tmp_path: Path) -> None:
-    recorder = _recorder(tmp_path, "fedavgm")
+    recorder = _recorder(tmp_path, "fedavgm", "strategy.fraction_train=1.0")
     strategy = build_strategy(recorder.cfg.strategy, 5, 6, recorder.replies_needed())
     strategy.attach(recorder)
     assert _asked(strategy, 1, [1, 2, 3, 4, 5, 6]) == [1, 2, 3, 4, 5]
