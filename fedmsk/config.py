@@ -293,6 +293,21 @@ def describe_round(cfg: ExperimentConfig, training_sites: int) -> str:
     return f"all {training_sites} training sites, {work}"
 
 
+def sampled_privacy_warning(cfg: ExperimentConfig, training_sites: int) -> str | None:
+    """A warning when DP-SGD meets rounds that sample sites: each site sizes its noise for
+    ``federation.num_rounds`` rounds of training, so one asked in only some of them spends
+    part of its budget under noise sized for all of it (safe, but noisier than needed)."""
+    asked = sites_per_round(cfg, training_sites)
+    if not cfg.privacy.enabled or asked >= training_sites:
+        return None
+    return (
+        f"DP-SGD with sampled rounds ({asked} of {training_sites} training sites a round): each "
+        f"site sizes its noise for all {cfg.federation.num_rounds} rounds and will spend about "
+        f"{asked / training_sites:.0%} of privacy.target_epsilon; strategy.fraction_train=1.0 "
+        "(what privacy=dp and privacy=epsN set) asks every site"
+    )
+
+
 def _register_schema() -> None:
     global _SCHEMA_REGISTERED
     if _SCHEMA_REGISTERED:

@@ -25,6 +25,7 @@ from fedmsk.config import (
     config_hash,
     describe_round,
     overrides_from_run_config,
+    sampled_privacy_warning,
     sites_per_round,
 )
 from fedmsk.progress import LogLines, ProgressPrinter
@@ -229,6 +230,9 @@ def run_federation(grid: Grid, context: Context, cfg: ExperimentConfig) -> None:
         stream=LogLines(log),
     )
     run_dir.observers.append(progress.feed_one)  # round lines in `flwr run --stream`
+    warning = sampled_privacy_warning(cfg, len(training))
+    if warning:
+        log.warning(warning)
     if cfg.privacy.secure_aggregation:
         run_secagg_rounds(grid, context, recorder, arrays)
     elif cfg.strategy.name == CYCLIC and remaining > 0:

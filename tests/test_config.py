@@ -13,6 +13,7 @@ from fedmsk.config import (
     describe_round,
     overrides_from_run_config,
     overrides_to_run_config,
+    sampled_privacy_warning,
     sites_per_round,
 )
 
@@ -109,6 +110,17 @@ def test_a_round_is_described_by_the_sites_it_asks_and_their_work() -> None:
     assert describe_round(compose([]), 12) == "all 12 training sites in turn, 10 steps each"
     one_pass = compose(["privacy=secagg", "train.local_steps=null"])
     assert describe_round(one_pass, 5) == "all 5 training sites, 1 pass over its images each"
+
+
+def test_dp_asks_every_site_because_each_sizes_its_noise_for_every_round() -> None:
+    for privacy in ("dp", "eps1", "eps8"):
+        cfg = compose(["strategy=fedavg", f"privacy={privacy}"])
+        assert (cfg.strategy.fraction_train, cfg.train.local_steps) == (1.0, 10)
+        assert sampled_privacy_warning(cfg, 12) is None
+    sampled = compose(["strategy=fedavg", "privacy=eps8", "strategy.fraction_train=0.25"])
+    warning = sampled_privacy_warning(sampled, 12)
+    assert warning is not None and "3 of 12" in warning and "25%" in warning
+    assert sampled_privacy_warning(compose(["strategy=fedavg"]), 12) is None  # no DP
 
 
 @pytest.mark.parametrize("name", ["cyclic", "fedmedian", "fedtrimmedavg", "krum"])

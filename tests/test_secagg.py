@@ -316,6 +316,9 @@ def _overrides(data_root: Path, run_dir: Path) -> list[str]:
         "federation=small",
         "federation.num_rounds=1",
         "strategy=fedavg",
+        # every site, 10 steps: what privacy=secagg sets (plain FedAvg samples sites by default)
+        "strategy.fraction_train=1.0",
+        "train.local_steps=10",
         # SecAgg+ keeps the averaged BatchNorm statistics (global ones would leave each site's
         # moments in the clear), so the plain run is compared with that setting too
         "strategy.norm_statistics=average",

@@ -194,6 +194,7 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
 
 
 def simulate_once(overrides: list[str], report: bool = True) -> Path:
+    from fedmsk.config import describe_round, sampled_privacy_warning
     from fedmsk.models import model_label
     from fedmsk.pointing import POINTING_FILE
     from fedmsk.run_dir import ensure_not_in_use
@@ -202,12 +203,16 @@ def simulate_once(overrides: list[str], report: bool = True) -> Path:
     prepared = prepare(overrides)
     cfg = prepared.cfg
     run_dir = Path(cfg.run_dir)
+    training = len([s for s in cfg.federation.sites if s not in cfg.federation.heldout_sites])
     print(
         f"federated run: {cfg.task.name}, {cfg.strategy.name}, {model_label(cfg.model)}, "
         f"{len(cfg.federation.sites)} sites ({', '.join(cfg.federation.heldout_sites)} held out), "
-        f"{cfg.federation.num_rounds} rounds -> {run_dir}",
+        f"{cfg.federation.num_rounds} rounds of {describe_round(cfg, training)} -> {run_dir}",
         flush=True,
     )
+    warning = sampled_privacy_warning(cfg, training)
+    if warning:
+        print(f"warning: {warning}", flush=True)
     ensure_not_in_use(run_dir)  # fail here, not in the ServerApp's log, if a run still writes
     (run_dir / POINTING_FILE).unlink(missing_ok=True)  # written again for this run's model
     plan = SimulationPlan(cfg, prepared.overrides, prepared.num_sites, run_dir / "flower.log")
