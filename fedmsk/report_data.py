@@ -38,6 +38,7 @@ _SAFE_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.+\-()%,=]*$")
 _LABEL_MAX_LENGTH = 64
 _LONG_FIELDS = {"model": 160, "precision": 100, "each_round": 100}
 _DATE_LIKE = re.compile(r"(\d{4}[-.]?\d{2}[-.]?\d{2})|(\d{2}[-.]\d{2}[-.]\d{2,4})")
+_HEX_HASH = re.compile(r"^[0-9a-f]{8,64}$")
 _ERROR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]{0,79}$")
 
 
@@ -495,7 +496,11 @@ def _run_info(raw: Any, threshold: Any) -> RunInfo:
     fields = {}
     for key in RUN_FIELDS:
         value = raw.get(key)
-        if value is not None:
+        if value is None:
+            continue
+        if key == "config_hash" and isinstance(value, str) and _HEX_HASH.match(value):
+            fields[key] = value  # hex digits only: eight decimal digits in a row are no date
+        else:
             fields[key] = safe_label(value, "(withheld)", _LONG_FIELDS.get(key, _LABEL_MAX_LENGTH))
     classes = _classes(raw.get("classes"))
     threshold = threshold if isinstance(threshold, dict) else {}

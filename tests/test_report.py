@@ -587,6 +587,23 @@ def test_load_run_reads_only_known_keys(tmp_path: Path) -> None:
     assert {p.phase for p in data.history} == {"train", "val", "heldout"}
 
 
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        ("11d84841548b6d32", "11d84841548b6d32"),  # eight decimal digits in a row: still a hash
+        ("ab12cd34ef56ab78", "ab12cd34ef56ab78"),
+        ("2026-12-05 patient", "(withheld)"),
+        ("/srv/fed/site00", "(withheld)"),
+    ],
+)
+def test_the_config_hash_is_shown_when_it_is_hex(tmp_path: Path, value: str, shown: str) -> None:
+    run_dir = tmp_path / "run"
+    results = write_run(run_dir)
+    results["run"]["config_hash"] = value
+    (run_dir / "results.json").write_text(json.dumps(results))
+    assert load_run(run_dir).run.fields["config_hash"] == shown
+
+
 def test_command_prints_relative_paths(tmp_path: Path, monkeypatch, capsys) -> None:
     import argparse
 
