@@ -302,8 +302,9 @@ def sampled_privacy_warning(cfg: ExperimentConfig, training_sites: int) -> str |
         return None
     return (
         f"DP-SGD with sampled rounds ({asked} of {training_sites} training sites a round): each "
-        f"site sizes its noise for all {cfg.federation.num_rounds} rounds and will spend about "
-        f"{asked / training_sites:.0%} of privacy.target_epsilon; strategy.fraction_train=1.0 "
+        f"site sizes its noise for all {cfg.federation.num_rounds} rounds but trains in about "
+        f"{asked / training_sites:.0%} of them, so it adds more noise than its "
+        "privacy.target_epsilon needs and spends only part of it; strategy.fraction_train=1.0 "
         "(what privacy=dp and privacy=epsN set) asks every site"
     )
 
