@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 
+from fedmsk.data import synthetic
 from fedmsk.data.manifest import read_manifest
 from fedmsk.data.synthetic import (
     TASKS,
@@ -86,6 +87,34 @@ def test_same_seed_gives_identical_manifests_and_pixels(fracture: Path, tmp_path
     assert (other / "site00" / "manifest.csv").read_bytes() != (
         fracture / "site00" / "manifest.csv"
     ).read_bytes()
+
+
+def test_centers_drawn_in_worker_processes_are_the_same_files(
+    fracture: Path, tmp_path: Path
+) -> None:
+    """Centers drawn side by side (``workers=2``) give the serial draw's files, in plan order."""
+    if not synthetic._CAN_FORK:
+        pytest.skip("worker processes are forked, which this platform does not do")
+    done: list[str] = []
+    parallel = tmp_path / "parallel"
+    generate_federation(
+        parallel, "xray_fracture", **TINY, workers=2, progress=lambda a, _d, _t: done.append(a)
+    )
+    assert sorted(done) == ["site00", "site01", "site02"]
+    assert (parallel / "federation.json").read_text() == (fracture / "federation.json").read_text()
+    for site in ("site00", "site01", "site02"):
+        for name in ("manifest.csv", synthetic.LESIONS_FILE):
+            if (fracture / site / name).exists():
+                assert (parallel / site / name).read_bytes() == (
+                    fracture / site / name
+                ).read_bytes()
+    paths = _dicoms(fracture)
+    assert paths and [p.relative_to(fracture) for p in paths] == [
+        p.relative_to(parallel) for p in _dicoms(parallel)
+    ]
+    for path in paths:
+        twin = parallel / path.relative_to(fracture)
+        assert np.array_equal(dcmread(path).pixel_array, dcmread(twin).pixel_array)
 
 
 def test_centers_differ_in_encoding_and_acquisition(fracture: Path) -> None:
