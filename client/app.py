@@ -34,6 +34,7 @@ from fedmsk.protocol import (
     COUNT_BOUND_KEY,
     NORM_STATS_ACTION,
     NORM_STATS_RECORD,
+    PLANNED_VISITS_KEY,
     ROUND_KEY,
     THRESHOLD_KEY,
     count_bound,
@@ -103,6 +104,21 @@ def _json_number(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} may not leave a node")
 
 
+def planned_rounds(config: ConfigRecord, alias: str) -> int | None:
+    """How many rounds the coordinator's seeded sample will ask this site (None: every round).
+
+    Only the site's DP noise depends on it; a number that is wrong in either direction costs
+    learning, never privacy: the accountant stops a site at its epsilon whatever was planned."""
+    text = config.get(PLANNED_VISITS_KEY)
+    if text is None:
+        return None
+    try:
+        value = json.loads(str(text)).get(alias)
+    except (ValueError, AttributeError):
+        return None
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
 # -- handlers --------------------------------------------------------------------------------
 
 
@@ -143,7 +159,7 @@ def _handle(msg: Message, context: Context, action: str) -> Message:
             stats = runtime.norm_statistics(arrays)
             content = norm_stats_reply_content(stats)
         elif action == "train":
-            outcome = runtime.train(arrays, server_round)
+            outcome = runtime.train(arrays, server_round, planned_rounds(config, alias))
             if not cfg.privacy.enabled:  # timings depend on the sampled images (site_runtime)
                 outcome.metrics["setup-seconds"] = setup_seconds
                 outcome.metrics["client-seconds"] = time.perf_counter() - started

@@ -9,6 +9,10 @@ from __future__ import annotations
 ROUND_KEY = "fedmsk-round"
 """Config key: the absolute round number (resumed runs continue the count)."""
 
+PLANNED_VISITS_KEY = "fedmsk-planned-visits"
+"""Config key (rounds that sample sites, under DP-SGD): JSON of training-site alias -> how many
+rounds of the run the seeded sample asks it, so that each site sizes its noise for those."""
+
 THRESHOLD_KEY = "threshold"
 """Config key: the locked decision threshold an evaluation applies."""
 

@@ -276,7 +276,15 @@ class SiteRuntime:
         steps = planned_steps(self.loaders.train, self.cfg.train)
         return RunSchedule((server_round - 1) * steps, self.cfg.federation.num_rounds * steps)
 
-    def train(self, global_arrays: dict[str, np.ndarray], server_round: int) -> TrainOutcome:
+    def train(
+        self,
+        global_arrays: dict[str, np.ndarray],
+        server_round: int,
+        planned_rounds: int | None = None,
+    ) -> TrainOutcome:
+        """One round of local training. ``planned_rounds``: how many rounds of the run the
+        coordinator's sample will ask this site (None: all); DP-SGD sizes its noise for them
+        when this site first trains (fixed from then on, in the accountant's state)."""
         from fedmsk.models import get_arrays
         from fedmsk.training import fit, seed_everything
 
@@ -288,7 +296,7 @@ class SiteRuntime:
         seed_everything(derive_seed(self.cfg.seed, "train", server_round, self.alias))
         if self.cfg.privacy.enabled:
             self._refuse_static_copies()
-        privacy = self._privacy_session()
+        privacy = self._privacy_session(planned_rounds)
         if privacy is not None and not privacy.can_train():
             raise SiteUnavailableError("privacy budget spent")
         result = fit(
@@ -346,7 +354,10 @@ class SiteRuntime:
         counts = self.loaders.counts.get("train", {})
         return [int(counts.get(name, 0)) for name in self.cfg.task.classes]
 
-    def _privacy_session(self) -> Any:
+    def _privacy_state_path(self) -> Path:
+        return self.state_dir / "privacy.json"
+
+    def _privacy_session(self, planned_rounds: int | None = None, save: bool = True) -> Any:
         if not self.cfg.privacy.enabled:
             return None
         from fedmsk.privacy import DPSession
@@ -355,12 +366,13 @@ class SiteRuntime:
 
         return DPSession.for_site(
             self.cfg.privacy,
-            state_path=self.state_dir / "privacy.json",
+            state_path=self._privacy_state_path(),
             num_examples=self.train_count(),
             batch_size=self.cfg.train.batch_size,
             steps_per_round=planned_steps(self.loaders.train, self.cfg.train),
-            planned_rounds=self.cfg.federation.num_rounds,
+            planned_rounds=planned_rounds or self.cfg.federation.num_rounds,
             ledger=SiteLedger(self.site_dir),  # the data set's lifetime budget, all runs
+            save=save,
         )
 
     def _refuse_static_copies(self) -> None:
@@ -373,9 +385,12 @@ class SiteRuntime:
             raise SiteUnavailableError(static_copies_under_dp(f"{copies} in this training set"))
 
     def privacy_status(self) -> dict[str, float]:
+        """The accountant's figures. Before this site first trains they come from a state
+        kept in memory only: the first round's plan (how many rounds the coordinator will ask
+        this site) fixes the noise, and an evaluation must not fix it first."""
         if self.heldout:
             return {}
-        session = self._privacy_session()
+        session = self._privacy_session(save=self._privacy_state_path().is_file())
         return {} if session is None else session.status()
 
     # -- evaluate --------------------------------------------------------------------------

@@ -8,8 +8,8 @@ after every round the :class:`server.rounds.RoundRecorder` writes metrics and a 
 
 from __future__ import annotations
 
+import json
 import logging
-import random
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -30,8 +30,14 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from fedmsk.config import ExperimentConfig, StrategyConfig, sites_per_round
-from fedmsk.protocol import ROUND_KEY
+from fedmsk.config import (
+    ExperimentConfig,
+    StrategyConfig,
+    planned_visits,
+    sampled_positions,
+    sites_per_round,
+)
+from fedmsk.protocol import PLANNED_VISITS_KEY, ROUND_KEY
 from server.round_evaluation import round_evaluation_messages
 from server.rounds import RoundRecorder
 
@@ -153,8 +159,8 @@ class SampledGrid:
         if size >= len(connected):
             return connected
         ordered = sorted(connected, key=self._view.alias_of)  # node IDs differ between runs
-        rng = random.Random(f"fedmsk-sample-{self._cfg.seed}-{self._round}")
-        return sorted(rng.sample(ordered, size), key=self._view.alias_of)
+        picked = sampled_positions(len(ordered), size, self._cfg.seed, self._round)
+        return [ordered[i] for i in picked]
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._view, name)
@@ -173,6 +179,12 @@ class FedMskMixin:
     ) -> Iterable[Message]:
         config[ROUND_KEY] = self.recorder.absolute_round(server_round)
         training = self.recorder.training_node_ids()
+        if self.recorder.cfg.privacy.enabled:
+            aliases = [self.recorder.alias_of(n) for n in training]
+            if sites_per_round(self.recorder.cfg, len(aliases)) < len(aliases):
+                # each site sizes its DP noise for the rounds it will be asked, not for all
+                plan = planned_visits(self.recorder.cfg, aliases)
+                config[PLANNED_VISITS_KEY] = json.dumps(plan, sort_keys=True)
         view = NodeSubsetGrid(
             grid,
             training,

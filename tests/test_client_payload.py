@@ -265,3 +265,14 @@ def test_a_packed_train_message_gets_a_packed_reply_with_the_same_arrays(
     for key, value in from_plain.items():
         assert from_packed[key].dtype == value.dtype
         np.testing.assert_array_equal(from_packed[key], value, err_msg=key)
+
+
+def test_a_site_reads_its_own_planned_rounds_and_ignores_what_it_cannot_read() -> None:
+    key = client_app.PLANNED_VISITS_KEY
+    plan = ConfigRecord({key: json.dumps({"site-a": 3, "site-b": 7})})
+    assert client_app.planned_rounds(plan, "site-a") == 3
+    assert client_app.planned_rounds(plan, "site-b") == 7
+    assert client_app.planned_rounds(plan, "site-c") is None  # not in the plan: every round
+    assert client_app.planned_rounds(ConfigRecord(), "site-a") is None
+    for text in ("not json", "[3]", json.dumps({"site-a": 0}), json.dumps({"site-a": "3"})):
+        assert client_app.planned_rounds(ConfigRecord({key: text}), "site-a") is None, text

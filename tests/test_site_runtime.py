@@ -272,3 +272,42 @@ def test_patient_level_dp_trains_on_one_image_per_patient(tmp_path: Path) -> Non
     assert plain is not None and len(plain) == len(per_image)
     with pytest.raises(ValueError, match="privacy.unit='family'"):
         runtime("privacy=dp", "privacy.unit=family")
+
+
+def test_a_site_sizes_its_dp_noise_for_the_rounds_it_is_planned_to_train(tmp_path: Path) -> None:
+    """Asked in 2 of 8 rounds, a site plans 2 rounds of noise (weaker noise than for 8, the same
+    epsilon); a status asked before its first round does not fix the plan."""
+    import json
+
+    site = write_site(tmp_path / "site-a")
+
+    def runtime(name: str) -> SiteRuntime:
+        cfg = compose(
+            [
+                "model=resnet18_slim",
+                "privacy=dp",
+                "data.image_size=32",
+                "train.batch_size=8",
+                "train.local_steps=2",
+                "federation.num_rounds=8",
+                f"run_dir={tmp_path / name}",
+            ]
+        )
+        return SiteRuntime(cfg, site, "site-a", heldout=False, seed=3)
+
+    planned, every = runtime("planned"), runtime("every")
+    assert planned.state_dir != every.state_dir
+    before = planned.privacy_status()  # before the first round: reported, but not fixed
+    assert before["epsilon"] == 0 and before["budget-exhausted"] == 0
+    assert not (planned.state_dir / "privacy.json").exists()
+    planned.train(get_arrays(planned.model), server_round=1, planned_rounds=2)
+    every.train(get_arrays(every.model), server_round=1)
+    states = {
+        name: json.loads((r.state_dir / "privacy.json").read_text())
+        for name, r in (("planned", planned), ("every", every))
+    }
+    assert states["planned"]["planned_rounds"] == 2 and states["every"]["planned_rounds"] == 8
+    assert states["planned"]["noise_multiplier"] < states["every"]["noise_multiplier"]
+    status = planned.privacy_status()
+    assert status["noise-multiplier"] == pytest.approx(states["planned"]["noise_multiplier"])
+    assert 0 < status["epsilon"] < status["epsilon-target"]

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import json
+from collections import Counter, OrderedDict
 from pathlib import Path
 
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedmsk.config import compose
+from fedmsk.config import compose, planned_visits
+from fedmsk.protocol import PLANNED_VISITS_KEY
 from fedmsk.run_dir import RunDirectory
 from server.rounds import RoundRecorder
 from server.strategies import STRATEGIES, NodeSubsetGrid, build_strategy
@@ -227,6 +229,45 @@ def test_a_sampled_round_asks_a_seeded_sample_and_aggregates_what_it_asked(
     assert recorder.replies_needed() == 1
     arrays, _ = strategy.aggregate_train(1, [_reply(n, float(n)) for n in asked[0]])  # type: ignore[attr-defined]
     assert arrays is not None and 1 not in recorder.skipped_rounds
+
+
+def _configs(strategy: object, server_round: int, online: list[int]) -> list[ConfigRecord]:
+    class FakeGrid:
+        def get_node_ids(self) -> list[int]:
+            return list(online)
+
+    arrays = ArrayRecord(OrderedDict([("w", Array(np.zeros(4, np.float32)))]))
+    messages = strategy.configure_train(server_round, arrays, ConfigRecord(), FakeGrid())  # type: ignore[attr-defined]
+    return [m.content["config"] for m in messages]
+
+
+def test_under_dp_sites_are_told_the_rounds_the_seeded_sample_will_ask_them(
+    tmp_path: Path,
+) -> None:
+    """The plan sent with a DP round equals how often each site is then asked; without DP or
+    without sampling nothing is sent."""
+    online = [1, 2, 3, 4, 5, 6]
+    sampled = ("strategy.fraction_train=0.4", "federation.num_rounds=10")
+    recorder = _recorder(tmp_path / "dp", "fedavg", *sampled, "privacy=dp")
+    strategy = build_strategy(recorder.cfg.strategy, 5, 6, recorder.replies_needed())
+    strategy.attach(recorder)
+    asked = Counter(recorder.alias_of(n) for r in range(1, 11) for n in _asked(strategy, r, online))
+    configs = _configs(strategy, 1, online)
+    plans = {str(c[PLANNED_VISITS_KEY]) for c in configs}
+    assert len(plans) == 1
+    plan = json.loads(plans.pop())
+    assert plan == planned_visits(recorder.cfg, ["a", "b", "c", "d", "e"])
+    assert plan == {a: asked.get(a, 0) for a in "abcde"} and sum(plan.values()) == 20
+    assert len(set(plan.values())) > 1  # the plan differs between sites: it is per site
+    without = {
+        "no-dp": sampled,
+        "no-sampling": (*sampled, "privacy=dp", "strategy.fraction_train=1.0"),
+    }
+    for name, overrides in without.items():
+        other = _recorder(tmp_path / name, "fedavg", *overrides)
+        plain = build_strategy(other.cfg.strategy, 5, 6, other.replies_needed())
+        plain.attach(other)
+        assert all(PLANNED_VISITS_KEY not in c for c in _configs(plain, 1, online)), name
 
 
 def test_every_training_site_is_asked_without_sampling(tmp_path: Path) -> None:

@@ -228,6 +228,7 @@ class DPSession:
         sample_rate: float | None = None,
         seed: int | None = None,
         ledger: SiteLedger | None = None,
+        save: bool = True,
     ) -> DPSession:
         """Load this site's accountant state from ``state_path``, or start it there.
 
@@ -235,7 +236,9 @@ class DPSession:
         steps at ``sample_rate`` (default: what Opacus' Poisson loader will use for
         ``num_examples`` and ``batch_size``) spend at most ``cfg.target_epsilon``, and, with a
         site ``ledger``, keep the site within its lifetime cap. An existing state keeps its
-        noise multiplier and history; its privacy settings must match ``cfg``.
+        noise multiplier and history; its privacy settings must match ``cfg``. ``save=False``
+        starts a new state in memory only (a status asked before the site first trains must
+        not fix the noise its first round will plan).
         """
         path = Path(state_path)
         if cfg.target_delta is not None:
@@ -286,7 +289,8 @@ class DPSession:
         )
         session = cls(cfg, state, path, seed=seed, ledger=ledger)
         session._fit_lifetime_cap()
-        session.save()
+        if save:
+            session.save()
         return session
 
     @classmethod
