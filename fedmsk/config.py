@@ -320,19 +320,16 @@ def describe_round(cfg: ExperimentConfig, training_sites: int) -> str:
     return f"all {training_sites} training sites, {work}"
 
 
-def sampled_privacy_warning(cfg: ExperimentConfig, training_sites: int) -> str | None:
-    """A warning when DP-SGD meets rounds that sample sites: each site sizes its noise for
-    ``federation.num_rounds`` rounds of training, so one asked in only some of them spends
-    part of its budget under noise sized for all of it (safe, but noisier than needed)."""
+def sampled_privacy_note(cfg: ExperimentConfig, training_sites: int) -> str | None:
+    """What DP-SGD does when rounds sample sites, for the start of a run; None otherwise."""
     asked = sites_per_round(cfg, training_sites)
     if not cfg.privacy.enabled or asked >= training_sites:
         return None
     return (
-        f"DP-SGD with sampled rounds ({asked} of {training_sites} training sites a round): each "
-        f"site sizes its noise for all {cfg.federation.num_rounds} rounds but trains in about "
-        f"{asked / training_sites:.0%} of them, so it adds more noise than its "
-        "privacy.target_epsilon needs and spends only part of it; strategy.fraction_train=1.0 "
-        "(what privacy=dp and privacy=epsN set) asks every site"
+        f"DP-SGD with sampled rounds ({asked} of {training_sites} training sites a round): the "
+        f"coordinator tells each site how many of the {cfg.federation.num_rounds} rounds its "
+        "seeded sample will ask it, and the site sizes its noise for those; a site asked more "
+        "often than planned (while others are offline) stops at its epsilon"
     )
 
 

@@ -25,7 +25,7 @@ from fedmsk.config import (
     config_hash,
     describe_round,
     overrides_from_run_config,
-    sampled_privacy_warning,
+    sampled_privacy_note,
     sites_per_round,
 )
 from fedmsk.progress import LogLines, ProgressPrinter
@@ -230,9 +230,9 @@ def run_federation(grid: Grid, context: Context, cfg: ExperimentConfig) -> None:
         stream=LogLines(log),
     )
     run_dir.observers.append(progress.feed_one)  # round lines in `flwr run --stream`
-    warning = sampled_privacy_warning(cfg, len(training))
-    if warning:
-        log.warning(warning)
+    note = sampled_privacy_note(cfg, len(training))
+    if note:
+        log.info(note)
     if cfg.privacy.secure_aggregation:
         run_secagg_rounds(grid, context, recorder, arrays)
     elif cfg.strategy.name == CYCLIC and remaining > 0:

@@ -13,7 +13,7 @@ from fedmsk.config import (
     describe_round,
     overrides_from_run_config,
     overrides_to_run_config,
-    sampled_privacy_warning,
+    sampled_privacy_note,
     sites_per_round,
 )
 
@@ -116,11 +116,11 @@ def test_dp_asks_every_site_because_each_sizes_its_noise_for_every_round() -> No
     for privacy in ("dp", "eps1", "eps8"):
         cfg = compose(["strategy=fedavg", f"privacy={privacy}"])
         assert (cfg.strategy.fraction_train, cfg.train.local_steps) == (1.0, 10)
-        assert sampled_privacy_warning(cfg, 12) is None
+        assert sampled_privacy_note(cfg, 12) is None
     sampled = compose(["strategy=fedavg", "privacy=eps8", "strategy.fraction_train=0.25"])
-    warning = sampled_privacy_warning(sampled, 12)
-    assert warning is not None and "3 of 12" in warning and "25%" in warning
-    assert sampled_privacy_warning(compose(["strategy=fedavg"]), 12) is None  # no DP
+    note = sampled_privacy_note(sampled, 12)
+    assert note is not None and "3 of 12" in note and "sizes its noise for those" in note
+    assert sampled_privacy_note(compose(["strategy=fedavg"]), 12) is None  # no DP
 
 
 @pytest.mark.parametrize("name", ["cyclic", "fedmedian", "fedtrimmedavg", "krum"])

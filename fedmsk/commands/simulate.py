@@ -194,7 +194,7 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
 
 
 def simulate_once(overrides: list[str], report: bool = True) -> Path:
-    from fedmsk.config import describe_round, sampled_privacy_warning
+    from fedmsk.config import describe_round, sampled_privacy_note
     from fedmsk.models import model_label
     from fedmsk.pointing import POINTING_FILE
     from fedmsk.run_dir import ensure_not_in_use
@@ -210,9 +210,9 @@ def simulate_once(overrides: list[str], report: bool = True) -> Path:
         f"{cfg.federation.num_rounds} rounds of {describe_round(cfg, training)} -> {run_dir}",
         flush=True,
     )
-    warning = sampled_privacy_warning(cfg, training)
-    if warning:
-        print(f"warning: {warning}", flush=True)
+    note = sampled_privacy_note(cfg, training)
+    if note:
+        print(f"note: {note}", flush=True)
     ensure_not_in_use(run_dir)  # fail here, not in the ServerApp's log, if a run still writes
     (run_dir / POINTING_FILE).unlink(missing_ok=True)  # written again for this run's model
     plan = SimulationPlan(cfg, prepared.overrides, prepared.num_sites, run_dir / "flower.log")
