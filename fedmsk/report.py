@@ -380,6 +380,7 @@ def _privacy_section(doc: Document, data: RunData) -> None:
     rows = [
         [
             p.site,
+            fmt_count(p.rounds_trained),
             fmt(p.epsilon, 2),
             "n/a" if p.delta is None else f"{p.delta:.1e}",
             _lifetime(p),
@@ -396,7 +397,15 @@ def _privacy_section(doc: Document, data: RunData) -> None:
             f"budget is reached. {_privacy_unit_sentence(data)}"
         ),
         Table(
-            ["Center", "epsilon (run)", "delta", "Lifetime epsilon / cap", "Budget reached"], rows
+            [
+                "Center",
+                "Rounds trained",
+                "epsilon (run)",
+                "delta",
+                "Lifetime epsilon / cap",
+                "Budget reached",
+            ],
+            rows,
         ),
     )
 
@@ -739,6 +748,8 @@ def flatten_metrics(data: RunData) -> dict[str, float | int | str | bool]:
             out[f"privacy.{row.site}.lifetime_epsilon"] = row.lifetime_epsilon
         if row.lifetime_cap is not None:
             out[f"privacy.{row.site}.lifetime_cap"] = row.lifetime_cap
+        if row.rounds_trained is not None:
+            out[f"privacy.{row.site}.rounds_trained"] = row.rounds_trained
     out["failures.count"] = len(data.failures)
     if data.readers is not None:
         _flatten_metric(out, "readers.model.auc", data.readers.model_auc)

@@ -331,6 +331,8 @@ class PrivacyRow:
     # every run on the center's data set composed, and the cap in its privacy-policy.toml
     lifetime_epsilon: float | None = None
     lifetime_cap: float | None = None
+    # rounds this center trained in the run (under sampling, the rounds its sample asked it)
+    rounds_trained: int | None = None
 
 
 @dataclass
@@ -568,6 +570,7 @@ def _privacy(raw: Any) -> list[PrivacyRow]:
                     stopped=stopped if isinstance(stopped, bool) else None,
                     lifetime_epsilon=number(entry.get("budget-lifetime-epsilon")),
                     lifetime_cap=number(entry.get("budget-lifetime-cap")),
+                    rounds_trained=_count(entry.get("budget-rounds-trained")),
                 )
             )
     return rows

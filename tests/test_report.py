@@ -243,6 +243,7 @@ def write_run(
                 "stopped": True,
                 "budget-lifetime-epsilon": 9.5,
                 "budget-lifetime-cap": 10.0,
+                "budget-rounds-trained": 6.0,
             },
         }
     (run_dir / "results.json").write_text(json.dumps(results))
@@ -380,8 +381,14 @@ def test_report_with_readers_failures_privacy(tmp_path: Path) -> None:
     failures = _section(html, "Failed center rounds", "</table>")
     assert "<td>3</td><td>site01</td><td>CorruptPixelDataError</td>" in failures
     privacy = _section(html, "<h2>Differential privacy", "</table>")
-    assert "<td>site01</td><td>8.00</td><td>1.0e-04</td><td>9.50 / 10</td><td>yes</td>" in privacy
-    assert "<td>site00</td><td>7.83</td><td>1.0e-04</td><td>n/a</td><td>no</td>" in privacy
+    assert "<th>Rounds trained</th>" in privacy
+    assert (
+        "<td>site01</td><td>6</td><td>8.00</td><td>1.0e-04</td><td>9.50 / 10</td><td>yes</td>"
+        in privacy
+    )
+    assert (
+        "<td>site00</td><td>n/a</td><td>7.83</td><td>1.0e-04</td><td>n/a</td><td>no</td>" in privacy
+    )
     assert "one image" in privacy  # the unit the guarantee protects
     # a patient-level run says so, in the run table too
     results = json.loads((run_dir / "results.json").read_text())
@@ -396,6 +403,9 @@ def test_report_with_readers_failures_privacy(tmp_path: Path) -> None:
     assert flat["privacy.site00.epsilon"] == pytest.approx(7.83)
     assert flat["privacy.site01.lifetime_epsilon"] == 9.5
     assert flat["privacy.site01.lifetime_cap"] == 10.0
+    assert (
+        flat["privacy.site01.rounds_trained"] == 6 and "privacy.site00.rounds_trained" not in flat
+    )
     assert flat["readers.R2.sensitivity"] == pytest.approx(35 / 40)
 
 
