@@ -193,7 +193,7 @@ def test_a_round_goes_ahead_without_an_offline_site_and_records_it(tmp_path: Pat
     assert any(m.get("phase") == "train-failure" for m in recorder.run_dir.read_metrics())
 
 
-def _asked(strategy: object, server_round: int, online: list[int]) -> list[int]:
+def _train_messages(strategy: object, server_round: int, online: list[int]) -> list[Message]:
     class FakeGrid:
         def get_node_ids(self) -> list[int]:
             return list(online)
@@ -201,8 +201,11 @@ def _asked(strategy: object, server_round: int, online: list[int]) -> list[int]:
     arrays = ArrayRecord(
         OrderedDict((k, Array(np.zeros(s, np.float32))) for k, s in (("w", (4,)), ("b", (2,))))
     )
-    messages = strategy.configure_train(server_round, arrays, ConfigRecord(), FakeGrid())  # type: ignore[attr-defined]
-    return sorted(m.metadata.dst_node_id for m in messages)
+    return list(strategy.configure_train(server_round, arrays, ConfigRecord(), FakeGrid()))  # type: ignore[attr-defined]
+
+
+def _asked(strategy: object, server_round: int, online: list[int]) -> list[int]:
+    return sorted(m.metadata.dst_node_id for m in _train_messages(strategy, server_round, online))
 
 
 def test_a_sampled_round_asks_a_seeded_sample_and_aggregates_what_it_asked(
@@ -232,13 +235,7 @@ def test_a_sampled_round_asks_a_seeded_sample_and_aggregates_what_it_asked(
 
 
 def _configs(strategy: object, server_round: int, online: list[int]) -> list[ConfigRecord]:
-    class FakeGrid:
-        def get_node_ids(self) -> list[int]:
-            return list(online)
-
-    arrays = ArrayRecord(OrderedDict([("w", Array(np.zeros(4, np.float32)))]))
-    messages = strategy.configure_train(server_round, arrays, ConfigRecord(), FakeGrid())  # type: ignore[attr-defined]
-    return [m.content["config"] for m in messages]
+    return [m.content["config"] for m in _train_messages(strategy, server_round, online)]
 
 
 def test_under_dp_sites_are_told_the_rounds_the_seeded_sample_will_ask_them(

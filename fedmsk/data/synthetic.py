@@ -445,32 +445,33 @@ def _generate_sites(
     Why: generating is pure numpy on one core (about 80 s for the gout study's 6,800 images), and
     every center has its own random streams, so centers can be drawn at once on a node's cores.
     """
-    planned = sum(len(patient.images) for plan in plans for patient in plan.patients)
+    sizes = [sum(len(patient.images) for patient in plan.patients) for plan in plans]
     if workers is None:
-        workers = usable_cores() if planned >= PARALLEL_MIN_IMAGES else 1
+        workers = usable_cores() if sum(sizes) >= PARALLEL_MIN_IMAGES else 1
     if not _CAN_FORK:
         workers = 1
     workers = max(1, min(int(workers), len(plans)))
-    results: list[_SiteResult | None] = [None] * len(plans)
     if workers == 1:
-        for done, (i, plan) in enumerate(enumerate(plans), start=1):
-            results[i] = _generate_site(out, spec, plan, seed)
+        results = []
+        for done, plan in enumerate(plans, start=1):
+            results.append(_generate_site(out, spec, plan, seed))
             if progress is not None:
                 progress(plan.profile.alias, done, len(plans))
-        return [r for r in results if r is not None]
+        return results
     # Largest centers first, so that the last to start is a small one. Forked workers: "spawn"
     # would re-run the caller's script in each worker (a script without a __main__ guard then
     # fails). The workers use numpy and pydicom only, never torch's thread pools.
-    order = sorted(range(len(plans)), key=lambda i: -sum(len(p.images) for p in plans[i].patients))
+    order = sorted(range(len(plans)), key=lambda i: -sizes[i])
+    finished: dict[int, _SiteResult] = {}
     context = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
         futures = {pool.submit(_generate_site, out, spec, plans[i], seed): i for i in order}
         for done, future in enumerate(as_completed(futures), start=1):
             i = futures[future]
-            results[i] = future.result()
+            finished[i] = future.result()
             if progress is not None:
                 progress(plans[i].profile.alias, done, len(plans))
-    return [r for r in results if r is not None]
+    return [finished[i] for i in range(len(plans))]
 
 
 # Synthetic images belong to no patient, so a simulated site may spend privacy on them run after
