@@ -149,7 +149,7 @@ class TrainConfig:
     precision: str = "auto"
     channels_last: str = "auto"
     device: str = "auto"
-    num_threads: int = 1
+    num_threads: str = "auto"
     max_steps: int | None = None
     progress: bool = False
     centralized_epochs: int | None = None

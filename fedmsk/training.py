@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader
 
 from fedmsk.config import TrainConfig
 from fedmsk.precision import Precision, resolve_precision
+from fedmsk.threads import training_threads
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("none", "cosine", "step")
@@ -405,8 +406,8 @@ def fit(
     in the run's learning-rate schedule (None: the schedule spans this call alone).
     ``optimizer_state`` is a previous round's :attr:`FitResult.optimizer_state` to continue
     from. The model is moved to the device of ``cfg.device`` and left there.
-    ``torch.set_num_threads(cfg.num_threads)`` holds for the round and the previous setting is
-    restored afterwards.
+    The round trains on ``fedmsk.threads.training_threads(cfg.num_threads)`` threads (``auto``:
+    the node's own limit); the previous setting is restored afterwards.
     """
     device = resolve_device(cfg.device)
     criterion = _loss_fn(cfg, num_classes, class_counts, device, private=privacy is not None)
@@ -414,8 +415,7 @@ def fit(
         return FitResult(0, math.nan, 0, 0.0, 0.0, float(privacy.after_fit(0)))
 
     previous_threads = torch.get_num_threads()
-    if cfg.num_threads and cfg.num_threads > 0:
-        torch.set_num_threads(cfg.num_threads)
+    torch.set_num_threads(training_threads(cfg.num_threads))
     try:
         precision = training_precision(model, cfg, device, private=privacy is not None)
         model.to(device)

@@ -45,6 +45,7 @@ from fedmsk.norm_stats import (  # noqa: E402
     refresh_statistics,
 )
 from fedmsk.site_runtime import derive_seed  # noqa: E402
+from fedmsk.threads import training_threads  # noqa: E402
 from fedmsk.training import (  # noqa: E402
     RunSchedule,
     evaluate,
@@ -313,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides")
     args = parser.parse_intermixed_args(argv)
     cfg = compose([f"data.root={args.root}", *args.overrides])
-    torch.set_num_threads(max(1, cfg.train.num_threads))
+    torch.set_num_threads(training_threads(cfg.train.num_threads))
     fed = Federation(cfg, Path(args.root))
     if args.mode == "pooled":
         rows = run_pooled(cfg, fed, args.epochs)

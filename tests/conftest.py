@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread() -> None:
+    """One thread per test process, for training too: ``train.num_threads=auto`` reads
+    OMP_NUM_THREADS, and two pytest workers share the CI machine's two cores."""
+    os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
 
 

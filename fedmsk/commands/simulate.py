@@ -131,6 +131,7 @@ def prepare(overrides: list[str]) -> PreparedRun:
             f"not in {root / FEDERATION_FILE}"
         )
     resources = _sequential_resources(cfg, overrides)
+    resources += _simulated_threads(cfg, overrides, resources)
     fixed += resources + _simulated_loader_workers(cfg, overrides, resources)
     fixed = dedupe_overrides(fixed)
     return PreparedRun(compose(fixed), fixed, len(aliases))
@@ -152,6 +153,21 @@ def _sequential_resources(cfg: Any, overrides: list[str]) -> list[str]:
     if "federation.client_num_cpus" not in keys:
         extra.append(f"federation.client_num_cpus={cores}")
     return extra
+
+
+def _simulated_threads(cfg: Any, overrides: list[str], resources: list[str]) -> list[str]:
+    """Every simulated site shares this machine, so ``train.num_threads=auto`` becomes the
+    cores the engine gives one site (``federation.client_num_cpus``): sites that train side by
+    side must not each take every core (torch's waiting threads spin, docs/benchmarks.md "Two
+    torch processes on one machine"). A count set on the command line or in a config stays."""
+    from fedmsk.threads import parse_num_threads
+
+    keys = {item.split("=", 1)[0].lstrip("+~") for item in overrides}
+    keys |= {item.split("=", 1)[0] for item in resources}
+    if "train.num_threads" in keys or parse_num_threads(cfg.train.num_threads) is not None:
+        return []
+    cpus = max(1, int(float(cfg.federation.client_num_cpus)))
+    return [f"train.num_threads={cpus}"]
 
 
 def _simulated_loader_workers(cfg: Any, overrides: list[str], resources: list[str]) -> list[str]:

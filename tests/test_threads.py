@@ -1,0 +1,77 @@
+"""``train.num_threads``: a node trains on its own cores (``auto``), a simulated site on the CPU
+share the engine gives it, and an explicit count wins everywhere."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+import fedmsk.threads
+from fedmsk.commands.simulate import _sequential_resources, _simulated_threads
+from fedmsk.config import TrainConfig, compose
+from fedmsk.threads import environment_limit, parse_num_threads, training_threads
+from fedmsk.training import fit
+from tests.test_training import CFG, loader_of, separable_data, tiny
+
+
+def test_auto_takes_omp_num_threads_where_set_else_every_usable_core(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(fedmsk.threads, "usable_cores", lambda: 12)
+    assert training_threads("auto", environ={}) == 12
+    assert training_threads("auto", environ={"OMP_NUM_THREADS": "3"}) == 3
+    assert training_threads("auto", environ={"OMP_NUM_THREADS": "4,2"}) == 4  # nested levels
+    for unusable in ("", "0", "many", "-2"):
+        assert training_threads("auto", environ={"OMP_NUM_THREADS": unusable}) == 12
+    # an explicit count is the count, whatever the environment says
+    assert training_threads(2, environ={"OMP_NUM_THREADS": "8"}) == 2
+    assert training_threads("5", environ={}) == 5
+
+
+def test_nonsense_is_refused_with_the_setting_named() -> None:
+    assert parse_num_threads(" AUTO ") is None and parse_num_threads(None) is None
+    assert environment_limit({}) is None
+    for bad in ("0", "-1", "2.5", "all"):
+        with pytest.raises(ValueError, match=r"train\.num_threads"):
+            parse_num_threads(bad)
+
+
+def test_the_default_is_auto() -> None:
+    assert TrainConfig().num_threads == "auto"
+    assert compose([]).train.num_threads == "auto"
+    assert compose(["train.num_threads=3"]).train.num_threads == "3"
+
+
+def test_fit_trains_on_the_resolved_count_and_restores_the_previous_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen: list[int] = []
+    original = torch.set_num_threads
+
+    def record(count: int) -> None:
+        seen.append(count)
+        original(count)
+
+    monkeypatch.setattr(torch, "set_num_threads", record)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    original(1)
+    fit_cfg = replace(CFG, num_threads="auto", max_steps=1)
+    fit(tiny(), loader_of(separable_data()), fit_cfg, num_classes=2)
+    assert seen == [2, 1]  # trained on the environment's 2, then back to the caller's 1
+    assert torch.get_num_threads() == 1
+
+
+def test_a_simulated_site_gets_its_cpu_share_and_a_set_count_stays() -> None:
+    averaging = compose(["strategy=fedavg"])
+    assert _simulated_threads(averaging, [], []) == ["train.num_threads=1"]
+    shared = compose(["strategy=fedavg", "federation.client_num_cpus=3"])
+    assert _simulated_threads(shared, [], []) == ["train.num_threads=3"]
+    assert _simulated_threads(averaging, ["train.num_threads=4"], []) == []
+    assert _simulated_threads(compose(["train.num_threads=4"]), [], []) == []
+    # cyclic trains one site at a time: it gets every core of the machine, threads included
+    cyclic = compose(["strategy=cyclic"])
+    resources = _sequential_resources(cyclic, [])
+    assert any(item.startswith("train.num_threads=") for item in resources)
+    assert _simulated_threads(cyclic, [], resources) == []
