@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TextIO
 
 from fedmsk.config import ExperimentConfig, config_dir, sites_per_round
+from fedmsk.data.loader_settings import usable_cores
 from fedmsk.node_registry import SELF_DECLARED
 from fedmsk.run_dir import failure_cause, results_written_since
 
@@ -76,7 +77,7 @@ def write_flwr_home(home: Path, port: int, plan: SimulationPlan) -> None:
         f"options.num-supernodes = {plan.num_supernodes}",
         f"options.backend.client-resources.num-cpus = {int(cfg.federation.client_num_cpus)}",
         f"options.backend.client-resources.num-gpus = {float(cfg.federation.client_num_gpus)}",
-        f"options.backend.init-args.num-cpus = {max(1, os.cpu_count() or 1)}",
+        f"options.backend.init-args.num-cpus = {usable_cores()}",
     ]
     (home / "config.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
 

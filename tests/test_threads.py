@@ -70,8 +70,18 @@ def test_a_simulated_site_gets_its_cpu_share_and_a_set_count_stays() -> None:
     assert _simulated_threads(shared, [], []) == ["train.num_threads=3"]
     assert _simulated_threads(averaging, ["train.num_threads=4"], []) == []
     assert _simulated_threads(compose(["train.num_threads=4"]), [], []) == []
-    # cyclic trains one site at a time: it gets every core of the machine, threads included
+
+
+def test_cyclic_gives_its_one_training_site_every_usable_core(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import fedmsk.data.loader_settings
+
+    monkeypatch.setattr(fedmsk.data.loader_settings, "usable_cores", lambda: 3)  # e.g. taskset
     cyclic = compose(["strategy=cyclic"])
     resources = _sequential_resources(cyclic, [])
-    assert any(item.startswith("train.num_threads=") for item in resources)
+    assert resources == ["train.num_threads=3", "federation.client_num_cpus=3"]
     assert _simulated_threads(cyclic, [], resources) == []
+    assert _sequential_resources(cyclic, ["train.num_threads=1"]) == [
+        "federation.client_num_cpus=3"
+    ]

@@ -12,7 +12,6 @@ import argparse
 import itertools
 import json
 import logging
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,11 +140,13 @@ SEQUENTIAL_STRATEGIES = ("cyclic",)
 
 
 def _sequential_resources(cfg: Any, overrides: list[str]) -> list[str]:
-    """A strategy that trains one site at a time gives that site every core of this machine
-    (threads and the simulation's CPU share), unless the command line set them."""
+    """A strategy that trains one site at a time gives that site every core this process may
+    use (threads and the simulation's CPU share), unless the command line set them."""
+    from fedmsk.data.loader_settings import usable_cores
+
     if cfg.strategy.name not in SEQUENTIAL_STRATEGIES:
         return []
-    cores = max(1, os.cpu_count() or 1)
+    cores = usable_cores()
     keys = {item.split("=", 1)[0].lstrip("+~") for item in overrides}
     extra = []
     if "train.num_threads" not in keys:
