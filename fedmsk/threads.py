@@ -17,23 +17,12 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from fedmsk.data.loader_settings import usable_cores
-
-AUTO = "auto"
+from fedmsk.data.loader_settings import parse_auto_count, usable_cores
 
 
 def parse_num_threads(value: object) -> int | None:
     """``train.num_threads`` as a count, or None for ``auto``; anything else is refused."""
-    text = str(value).strip().lower() if value is not None else AUTO
-    if text == AUTO:
-        return None
-    try:
-        count = int(text)
-    except ValueError:
-        count = 0
-    if count < 1:
-        raise ValueError(f"train.num_threads={value!r} must be auto or a whole number >= 1")
-    return count
+    return parse_auto_count(value, "train.num_threads", 1)
 
 
 def environment_limit(environ: Mapping[str, str]) -> int | None:

@@ -65,18 +65,24 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def parse_num_workers(value: object) -> int | None:
-    """``data.num_workers`` as a count, or None for ``auto``; anything else is refused."""
+def parse_auto_count(value: object, setting: str, minimum: int) -> int | None:
+    """A setting that is ``auto`` (None, also for an unset value) or a whole number of at least
+    ``minimum``; anything else is refused with the setting named."""
     text = str(value).strip().lower() if value is not None else AUTO
     if text == AUTO:
         return None
     try:
         count = int(text)
     except ValueError:
-        count = -1
-    if count < 0:
-        raise ValueError(f"data.num_workers={value!r} must be auto or a whole number >= 0")
+        count = minimum - 1
+    if count < minimum:
+        raise ValueError(f"{setting}={value!r} must be auto or a whole number >= {minimum}")
     return count
+
+
+def parse_num_workers(value: object) -> int | None:
+    """``data.num_workers`` as a count, or None for ``auto``; anything else is refused."""
+    return parse_auto_count(value, "data.num_workers", 0)
 
 
 def resolve_loader_settings(
