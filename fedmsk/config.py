@@ -389,6 +389,21 @@ def config_hash(cfg: ExperimentConfig) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def override_key(item: str) -> str:
+    """The setting a Hydra override names: ``+a.b=1`` and ``~a.b`` both name ``a.b``."""
+    return item.split("=", 1)[0].lstrip("+~")
+
+
+def dedupe_overrides(overrides: list[str]) -> list[str]:
+    """Keep the last override of each key, as a later command-line value should win."""
+    last: dict[str, str] = {}
+    for item in overrides:
+        key = override_key(item)
+        last.pop(key, None)
+        last[key] = item
+    return list(last.values())
+
+
 RUN_CONFIG_KEY = "fedmsk-overrides"
 
 

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from fedmsk.centralized import run_centralized
-from fedmsk.commands.simulate import dedupe_overrides, expand_sweep, prepare
+from fedmsk.commands.simulate import expand_sweep, prepare
 from fedmsk.comparison import heldout_scores, write_comparison
+from fedmsk.config import dedupe_overrides
 from fedmsk.data.synthetic import generate_federation
 from fedmsk.evaluation import summarize
 

@@ -72,19 +72,9 @@ def _abs(path: str) -> str:
     return str(Path(path).expanduser().resolve())
 
 
-def dedupe_overrides(overrides: list[str]) -> list[str]:
-    """Keep the last override of each key, as a later command-line value should win."""
-    last: dict[str, str] = {}
-    for item in overrides:
-        key = item.split("=", 1)[0].lstrip("+~")
-        last.pop(key, None)
-        last[key] = item
-    return list(last.values())
-
-
 def prepare(overrides: list[str]) -> PreparedRun:
     """Compose, make paths absolute, generate synthetic data if needed, name the sites."""
-    from fedmsk.config import compose
+    from fedmsk.config import compose, dedupe_overrides
     from fedmsk.data.federation import FEDERATION_FILE, load_federation
 
     overrides = dedupe_overrides(overrides)
@@ -142,12 +132,13 @@ SEQUENTIAL_STRATEGIES = ("cyclic",)
 def _sequential_resources(cfg: Any, overrides: list[str]) -> list[str]:
     """A strategy that trains one site at a time gives that site every core this process may
     use (threads and the simulation's CPU share), unless the command line set them."""
+    from fedmsk.config import override_key
     from fedmsk.data.loader_settings import usable_cores
 
     if cfg.strategy.name not in SEQUENTIAL_STRATEGIES:
         return []
     cores = usable_cores()
-    keys = {item.split("=", 1)[0].lstrip("+~") for item in overrides}
+    keys = {override_key(item) for item in overrides}
     extra = []
     if "train.num_threads" not in keys:
         extra.append(f"train.num_threads={cores}")
@@ -161,10 +152,10 @@ def _simulated_threads(cfg: Any, overrides: list[str], resources: list[str]) -> 
     cores the engine gives one site (``federation.client_num_cpus``): sites that train side by
     side must not each take every core (torch's waiting threads spin, docs/benchmarks.md "Two
     torch processes on one machine"). A count set on the command line or in a config stays."""
+    from fedmsk.config import override_key
     from fedmsk.threads import parse_num_threads
 
-    keys = {item.split("=", 1)[0].lstrip("+~") for item in overrides}
-    keys |= {item.split("=", 1)[0] for item in resources}
+    keys = {override_key(item) for item in [*overrides, *resources]}
     if "train.num_threads" in keys or parse_num_threads(cfg.train.num_threads) is not None:
         return []
     cpus = max(1, int(float(cfg.federation.client_num_cpus)))
@@ -175,10 +166,11 @@ def _simulated_loader_workers(cfg: Any, overrides: list[str], resources: list[st
     """Every simulated site shares this machine, so ``data.num_workers=auto`` counts the cores
     the engine gives one site (``federation.client_num_cpus``), not the machine's: twelve sites
     training at once must not each start a worker per core."""
+    from fedmsk.config import override_key
     from fedmsk.data.loader_settings import parse_num_workers, resolve_loader_settings
     from fedmsk.training import resolve_device
 
-    keys = {item.split("=", 1)[0].lstrip("+~") for item in overrides}
+    keys = {override_key(item) for item in overrides}
     if "data.num_workers" in keys or parse_num_workers(cfg.data.num_workers) is not None:
         return []
     cpus = float(cfg.federation.client_num_cpus)

@@ -21,7 +21,14 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from fedmsk.config import ExperimentConfig, compose, config_hash, from_omegaconf, to_dict
+from fedmsk.config import (
+    ExperimentConfig,
+    compose,
+    config_hash,
+    dedupe_overrides,
+    from_omegaconf,
+    to_dict,
+)
 from fedmsk.studies.base import RunHandle, StudyError, Variant, read_results
 
 VARIANTS_DIR = "variants"
@@ -65,16 +72,6 @@ def config_overrides(cfg: ExperimentConfig) -> list[str]:
     out.append(f"model={_BARE_MODEL_GROUP}")
     walk("", content)
     return out
-
-
-def _merge(base: list[str], extra: list[str]) -> list[str]:
-    """Later overrides replace earlier ones of the same key."""
-    last: dict[str, str] = {}
-    for item in [*base, *extra]:
-        key = item.split("=", 1)[0].lstrip("+~")
-        last.pop(key, None)
-        last[key] = item
-    return list(last.values())
 
 
 def apply_overrides(cfg: ExperimentConfig, extra: list[str]) -> ExperimentConfig:
@@ -126,7 +123,7 @@ def train_variant(main: RunHandle, variant: Variant, training_sites: list[str]) 
 def _run_federated(main_cfg: ExperimentConfig, extra: list[str]) -> None:
     from fedmsk.simulation import SimulationPlan, run_simulation
 
-    overrides = _merge(config_overrides(main_cfg), extra)
+    overrides = dedupe_overrides([*config_overrides(main_cfg), *extra])
     cfg = compose(overrides)
     run_dir = Path(cfg.run_dir)
     print(f"study variant: federated run -> {run_dir}", flush=True)
