@@ -86,6 +86,29 @@ def test_a_bf16_run_records_it_and_reports_fp32_scores(fed: Path, tmp_path: Path
         assert own_mean == pytest.approx(fp32_mean, rel=1e-4)
 
 
+def test_fedmsk_train_prints_the_heldout_result_in_the_terminal(
+    fed: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A researcher running the pooled baseline without a report sees its external test at
+    the end of the terminal, as `fedmsk simulate` shows it."""
+    from fedmsk.cli import main
+
+    run_dir = tmp_path / "cli-pooled"
+    overrides = [
+        f"data.root={fed}",
+        "data.synthetic=false",
+        "model=resnet18",
+        "data.image_size=32",
+        "train.centralized_epochs=1",
+        f"run_dir={run_dir}",
+    ]
+    assert main(["train", "--mode", "pooled", "--no-report", *overrides]) == 0
+    shown = capsys.readouterr().out
+    auc = json.loads((run_dir / "results.json").read_text())["sites"]["site02"]["summary"]["auc"]
+    assert f"held-out center site02: AUC {auc:.3f} [" in shown
+    assert f"run directory: {run_dir}" in shown
+
+
 def test_local_mode_refuses_a_heldout_or_unknown_site(fed: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="--site"):
         run_centralized(_cfg(fed, tmp_path / "x"), "local", "site02")

@@ -21,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from fedmsk.centralized import run_centralized
-    from fedmsk.commands.simulate import prepare
+    from fedmsk.commands.simulate import prepare, print_final_results
 
     if args.mode == "local" and not args.site:
         print("fedmsk train: --mode local needs --site", file=sys.stderr)
@@ -29,6 +29,7 @@ def run_train(args: argparse.Namespace) -> int:
     try:
         cfg = prepare(args.overrides).cfg
         run_dir = run_centralized(cfg, args.mode, args.site, progress=sys.stdout)
+        print_final_results(run_dir)
         if not args.no_report:
             from fedmsk.report import build_report
 
