@@ -163,6 +163,9 @@ class StrategyConfig:
     training sites measure at its weights before it is evaluated (fedmsk.norm_stats);
     ``average`` keeps the example-weighted mean of the sites' running statistics.
     ``norm_statistics_images`` caps the images a site runs forward for it (0: all).
+    ``keep_optimizer_state``: the default of ``train.keep_optimizer_state`` for this strategy
+    (cyclic starts a fresh optimizer at each visit: a site's kept moments are a round stale
+    there, measured in docs/benchmarks.md).
     """
 
     name: str = "fedavg"
@@ -183,6 +186,7 @@ class StrategyConfig:
     local_norm_layers: bool = False
     norm_statistics: str = "global"
     norm_statistics_images: int = 256
+    keep_optimizer_state: bool = True
 
 
 @dataclass

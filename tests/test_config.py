@@ -52,6 +52,26 @@ def test_every_strategy_group_composes(name: str) -> None:
     assert compose([f"strategy={name}"]).strategy.name == name
 
 
+@pytest.mark.parametrize("name", ["fedavg", "fedavgm", "fedprox", "fedadam", "fedbn", "krum"])
+def test_cyclic_starts_a_fresh_optimizer_each_visit_and_averaging_keeps_its_moments(
+    name: str,
+) -> None:
+    """Under cyclic a site's kept moments are a round stale; averaging strategies keep them;
+    the command line can say otherwise either way."""
+    assert compose([]).strategy.name == "cyclic"
+    assert compose([]).train.keep_optimizer_state is False
+    assert compose([f"strategy={name}"]).train.keep_optimizer_state is True
+    assert compose(["train.keep_optimizer_state=true"]).train.keep_optimizer_state is True
+    told = compose([f"strategy={name}", "strategy.keep_optimizer_state=false"])
+    assert told.train.keep_optimizer_state is False
+
+
+def test_a_study_with_one_training_center_keeps_its_moments_under_cyclic() -> None:
+    """Nothing moves the weights between that center's visits: its moments are never stale."""
+    assert compose(["study=dislocation_xray"]).train.keep_optimizer_state is True
+    assert compose(["study=atfl_us"]).train.keep_optimizer_state is False
+
+
 def test_groups_interpolate_into_each_other() -> None:
     cfg = compose(["strategy=fedprox", "privacy=eps8", "model=efficientnet_b0"])
     assert cfg.train.proximal_mu == cfg.strategy.proximal_mu > 0

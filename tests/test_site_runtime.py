@@ -122,11 +122,18 @@ def test_the_next_round_in_the_same_process_skips_reading_the_optimizer_state_ba
     site: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The pool hands the state a site wrote back to that site's next round once; a new
-    process (no pool) and any other round read the file, and both train the same."""
+    process (no pool) and any other round read the file, and both train the same (under an
+    averaging strategy: cyclic starts a fresh optimizer at each visit)."""
     import torch
 
     cfg = compose(
-        ["model=resnet18", "data.image_size=32", "train.batch_size=8", f"run_dir={tmp_path / 'r'}"]
+        [
+            "model=resnet18",
+            "data.image_size=32",
+            "train.batch_size=8",
+            "strategy=fedavg",
+            f"run_dir={tmp_path / 'r'}",
+        ]
     )
     pool = ModelPool()
     first = SiteRuntime(cfg, site, "site-a", heldout=False, seed=3, model_pool=pool)
