@@ -309,8 +309,9 @@ def planned_visits(cfg: ExperimentConfig, training_aliases: list[str]) -> dict[s
 
 
 def describe_round(cfg: ExperimentConfig, training_sites: int) -> str:
-    """What one round of a federated run trains, for results.json and the report: which sites
-    and how far each goes, e.g. "3 of 12 training sites (seeded sample), 40 steps each"."""
+    """What one round of a federated run trains, for results.json and the report: which sites,
+    how far each goes and whether a site's optimizer restarts (said for cyclic, elsewhere only
+    when it does), e.g. "3 of 12 training sites (seeded sample), 40 steps each"."""
     asked = sites_per_round(cfg, training_sites)
     if cfg.train.local_steps is not None:
         work = f"{cfg.train.local_steps} steps each"
@@ -318,7 +319,11 @@ def describe_round(cfg: ExperimentConfig, training_sites: int) -> str:
         passes = max(1, cfg.train.local_epochs)
         work = f"{passes} pass{'es' if passes > 1 else ''} over its images each"
     if cfg.strategy.name == "cyclic":
-        return f"all {training_sites} training sites in turn, {work}"
+        kept = cfg.train.keep_optimizer_state
+        moments = "moments kept between visits" if kept else "a fresh optimizer at each visit"
+        return f"all {training_sites} training sites in turn, {work}, {moments}"
+    if not cfg.train.keep_optimizer_state:
+        work += ", a fresh optimizer each round"
     if asked < training_sites:
         return f"{asked} of {training_sites} training sites (seeded sample), {work}"
     return f"all {training_sites} training sites, {work}"
