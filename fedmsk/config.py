@@ -320,10 +320,10 @@ def describe_round(cfg: ExperimentConfig, training_sites: int) -> str:
         work = f"{passes} pass{'es' if passes > 1 else ''} over its images each"
     if cfg.strategy.name == "cyclic":
         kept = cfg.train.keep_optimizer_state
-        moments = "moments kept between visits" if kept else "a fresh optimizer at each visit"
+        moments = "moments kept between visits" if kept else "fresh optimizer each visit"
         return f"all {training_sites} training sites in turn, {work}, {moments}"
     if not cfg.train.keep_optimizer_state:
-        work += ", a fresh optimizer each round"
+        work += ", fresh optimizer each round"
     if asked < training_sites:
         return f"{asked} of {training_sites} training sites (seeded sample), {work}"
     return f"all {training_sites} training sites, {work}"
