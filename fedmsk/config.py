@@ -119,6 +119,7 @@ class ModelConfig:
     timm_kwargs_for: str | None = None
     stem_pool_stride: int | None = None
     stem_conv_stride: int | None = None
+    head_init_scale: float = 1.0
 
 
 @dataclass
@@ -126,8 +127,9 @@ class TrainConfig:
     """One local round of training on one site (defaults mirror configs/train/default.yaml).
 
     ``local_steps``: optimizer steps per round, the same at every site (None: ``local_epochs``
-    passes over the site's data, so a large site takes more steps). ``scheduler`` and
-    ``warmup_fraction`` shape the learning rate over the whole run's steps, not per round.
+    passes over the site's data, so a large site takes more steps). ``scheduler``,
+    ``warmup_fraction`` and ``decay_fraction`` (the share of steps ``wsd`` decays over) shape
+    the learning rate over the whole run's steps, not per round.
     ``keep_optimizer_state``: a site continues its optimizer's moments from round to round
     (kept on the node). ``precision``: fp32 | bf16 | fp16 | auto (bf16 where the hardware has
     it natively and the model is validated, see fedmsk.precision). ``centralized_epochs``:
@@ -143,6 +145,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     scheduler: str = "none"
     warmup_fraction: float = 0.0
+    decay_fraction: float = 0.3
     keep_optimizer_state: bool = True
     class_weighting: str = "loss"
     proximal_mu: float = 0.0

@@ -66,6 +66,7 @@ def model_arguments(cfg: Any) -> dict[str, Any]:
         "drop_rate": cfg.model.drop_rate,
         "timm_kwargs": tuple(sorted((k, _frozen(v)) for k, v in _timm_kwargs(cfg.model).items())),
         **_stem_strides(cfg.model),
+        "head_init_scale": float(cfg.model.head_init_scale),
     }
 
 
@@ -101,6 +102,9 @@ def model_label(model: Any) -> str:
     """
     kwargs = _timm_kwargs(model)
     kwargs.update({k: stride for k, stride in _stem_strides(model).items() if stride is not None})
+    head_scale = float(getattr(model, "head_init_scale", 1.0))
+    if head_scale != 1.0:
+        kwargs["head_init_scale"] = head_scale
     if not kwargs:
         return str(model.name)
 
@@ -139,6 +143,7 @@ def create_model(
     timm_kwargs: Mapping[str, Any] | Iterable[tuple[str, Any]] = (),
     stem_pool_stride: int | None = None,
     stem_conv_stride: int | None = None,
+    head_init_scale: float = 1.0,
 ) -> nn.Module:
     """Build a timm classifier with ``num_classes`` outputs for ``in_chans``-channel images.
 
@@ -148,6 +153,7 @@ def create_model(
     ``timm.create_model`` (e.g. ``channels``/``output_stride`` of a narrower ResNet).
     ``stem_pool_stride`` replaces a ResNet stem's max pool (see :func:`set_stem_pool_stride`),
     ``stem_conv_stride`` sets the stride of its first convolution (:func:`set_stem_conv_stride`).
+    ``head_init_scale`` multiplies the randomly drawn classifier (0: every first logit is 0).
     ``dp_compatible`` applies
     ``fedmsk.privacy.make_dp_compatible`` (BatchNorm to GroupNorm, no in-place ops) after the
     weights are loaded, so ImageNet-style weights still initialise the convolutions.
@@ -166,6 +172,7 @@ def create_model(
         **dict(timm_kwargs),
     )
     bound_classifier_init(model)
+    scale_classifier_init(model, float(head_init_scale))
     if stem_pool_stride is not None:
         set_stem_pool_stride(model, int(stem_pool_stride), timm_name)
     if stem_conv_stride is not None:
@@ -253,6 +260,29 @@ def bound_classifier_init(model: nn.Module) -> bool:
         return False
     head.reset_parameters()
     return True
+
+
+def scale_classifier_init(model: nn.Module, scale: float) -> None:
+    """Multiply the random classifier's weights and bias by ``scale`` (1: left as drawn).
+
+    Why offer it: with 0 every first prediction is the same, so the loss starts at its
+    chance value and the first steps do not spend themselves undoing a random head; the
+    backbone's gradients then start once the head has moved (docs/benchmarks.md measures it).
+    """
+    if scale < 0:
+        raise ValueError(f"model.head_init_scale must be >= 0, got {scale}")
+    if scale == 1.0:
+        return
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if not isinstance(head, nn.Linear):
+        raise ValueError(
+            f"model.head_init_scale={scale} needs a linear classifier head; "
+            f"{type(model).__name__} has {type(head).__name__}"
+        )
+    with torch.no_grad():
+        head.weight.mul_(scale)
+        if head.bias is not None:
+            head.bias.mul_(scale)
 
 
 def resolve_model_name(name: str) -> str:

@@ -38,7 +38,7 @@ from fedmsk.precision import Precision, resolve_precision
 from fedmsk.threads import training_threads
 
 OPTIMIZERS = ("sgd", "adamw")
-SCHEDULERS = ("none", "cosine", "step")
+SCHEDULERS = ("none", "cosine", "step", "wsd")
 # The lowest learning rate of the cosine schedule, as a fraction of train.lr: a federation's
 # last rounds still move the model a little instead of freezing it.
 COSINE_FLOOR = 0.02
@@ -244,11 +244,16 @@ def restore_optimizer_state(optimizer: Optimizer, state: dict | None) -> bool:
     return True
 
 
-def lr_factor(name: str, step: int, total_steps: int, warmup_steps: int = 0) -> float:
+def lr_factor(
+    name: str, step: int, total_steps: int, warmup_steps: int = 0, decay_fraction: float = 0.3
+) -> float:
     """Multiplier of ``train.lr`` at global ``step`` (0-based) of a run of ``total_steps``.
 
     Linear warm-up over ``warmup_steps``, then ``none`` (constant), ``cosine`` (to
-    :data:`COSINE_FLOOR` at the last step) or ``step`` (x0.1 at 50 % and again at 75 %).
+    :data:`COSINE_FLOOR` at the last step), ``step`` (x0.1 at 50 % and again at 75 %) or
+    ``wsd`` (warm-up, stable, decay: constant, then a cosine to :data:`COSINE_FLOOR` over the
+    last ``decay_fraction`` of the run's steps). Why ``wsd``: a run that leaves the loss
+    plateau late still trains at the full rate, where a cosine has already halved it.
     """
     key = name.lower()
     if key not in SCHEDULERS:
@@ -257,6 +262,14 @@ def lr_factor(name: str, step: int, total_steps: int, warmup_steps: int = 0) -> 
         return (step + 1) / warmup_steps
     span = max(1, total_steps - warmup_steps - 1)  # the run's last step reaches progress 1
     progress = min(1.0, max(0.0, (step - warmup_steps) / span))
+    if key == "wsd":
+        if not 0.0 < decay_fraction <= 1.0:
+            raise ValueError(f"train.decay_fraction must be in (0, 1], got {decay_fraction}")
+        start = 1.0 - decay_fraction
+        if progress <= start:
+            return 1.0
+        progress = (progress - start) / decay_fraction
+        key = "cosine"
     if key == "cosine":
         return COSINE_FLOOR + (1 - COSINE_FLOOR) * 0.5 * (1 + math.cos(math.pi * progress))
     if key == "step":
@@ -265,14 +278,18 @@ def lr_factor(name: str, step: int, total_steps: int, warmup_steps: int = 0) -> 
 
 
 def build_scheduler(
-    optimizer: Optimizer, name: str, total_steps: int, warmup_steps: int = 0
+    optimizer: Optimizer,
+    name: str,
+    total_steps: int,
+    warmup_steps: int = 0,
+    decay_fraction: float = 0.3,
 ) -> torch.optim.lr_scheduler.LRScheduler | None:
     """:func:`lr_factor` as a torch scheduler over ``total_steps`` (None for a constant rate)."""
     if name.lower() == "none" and warmup_steps <= 0:
         lr_factor(name, 0, total_steps)  # validates the name
         return None
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(name, step, total_steps, warmup_steps)
+        optimizer, lambda step: lr_factor(name, step, total_steps, warmup_steps, decay_fraction)
     )
 
 
@@ -477,7 +494,13 @@ class _Loop:
         self.steps = 0  # readable by fit() even when the loop raised
 
     def _set_lr(self, optimizer: Optimizer, global_step: int, warmup: int) -> None:
-        factor = lr_factor(self.cfg.scheduler, global_step, self.schedule.total_steps, warmup)
+        factor = lr_factor(
+            self.cfg.scheduler,
+            global_step,
+            self.schedule.total_steps,
+            warmup,
+            self.cfg.decay_fraction,
+        )
         for group in optimizer.param_groups:
             group["lr"] = self.cfg.lr * factor
 
@@ -490,7 +513,8 @@ class _Loop:
         non_blocking = device.type == "cuda"
         memory_format = torch.channels_last if precision.channels_last else None
         constant_lr = cfg.scheduler.lower() == "none" and warmup == 0
-        lr_factor(cfg.scheduler, 0, 1)  # an unknown schedule name fails before any step
+        # An unknown schedule name or a bad decay share fails before any step.
+        lr_factor(cfg.scheduler, 0, 1, 0, cfg.decay_fraction)
         if constant_lr:
             self._set_lr(optimizer, 0, 0)
 

@@ -338,6 +338,29 @@ def test_resnet_classifier_init_is_left_as_timm_draws_it() -> None:
     assert torch.equal(ours.get_classifier().weight, raw.get_classifier().weight)
 
 
+def test_head_init_scale_scales_the_drawn_classifier() -> None:
+    torch.manual_seed(0)
+    drawn = create_model("resnet18", num_classes=2, in_chans=1).get_classifier()
+    torch.manual_seed(0)
+    halved = create_model("resnet18", num_classes=2, in_chans=1, head_init_scale=0.5)
+    assert torch.allclose(halved.get_classifier().weight, 0.5 * drawn.weight)
+    zero = create_model("resnet18", num_classes=2, in_chans=1, head_init_scale=0.0).eval()
+    with torch.no_grad():
+        logits = zero(torch.randn(4, 1, 32, 32))
+    assert torch.count_nonzero(logits) == 0  # every first prediction is the same: loss ln 2
+    with pytest.raises(ValueError, match="head_init_scale"):
+        create_model("resnet18", num_classes=2, in_chans=1, head_init_scale=-1.0)
+
+
+def test_head_init_scale_reaches_the_model_and_its_label() -> None:
+    from fedmsk.config import compose
+
+    cfg = compose(["model.head_init_scale=0"])
+    assert models.model_arguments(cfg)["head_init_scale"] == 0.0
+    assert "head_init_scale=0.0" in models.model_label(cfg.model)
+    assert "head_init_scale" not in models.model_label(compose([]).model)
+
+
 def test_model_label_names_the_slim_widths_and_not_dropped_ones() -> None:
     from fedmsk.config import compose
 

@@ -63,6 +63,21 @@ def test_lr_schedule_follows_the_global_step() -> None:
         lr_factor("linear", 0, total)
 
 
+def test_wsd_schedule_holds_the_rate_then_decays_over_its_share() -> None:
+    total, warmup = 101, 5
+    curve = [lr_factor("wsd", t, total, warmup, decay_fraction=0.3) for t in range(total)]
+    assert curve[0] == pytest.approx(0.2) and curve[warmup - 1] == pytest.approx(1.0)
+    stable_end = warmup + int(0.7 * (total - warmup - 1))
+    assert all(f == 1.0 for f in curve[warmup : stable_end + 1])
+    decay = curve[stable_end:]
+    assert all(a >= b for a, b in zip(decay, decay[1:], strict=False)) and decay[1] < 1.0
+    assert curve[-1] == pytest.approx(COSINE_FLOOR)
+    # a shorter decay share holds the full rate longer
+    assert lr_factor("wsd", 80, total, warmup, 0.1) == 1.0 > curve[80]
+    with pytest.raises(ValueError, match="decay_fraction"):
+        lr_factor("wsd", 10, total, warmup, decay_fraction=0.0)
+
+
 def test_rounds_with_carried_state_equal_one_uninterrupted_run() -> None:
     """Two rounds of 4 steps, moments and schedule carried, land where 8 steps in one go do."""
     dataset = data()
