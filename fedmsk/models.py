@@ -102,9 +102,6 @@ def model_label(model: Any) -> str:
     """
     kwargs = _timm_kwargs(model)
     kwargs.update({k: stride for k, stride in _stem_strides(model).items() if stride is not None})
-    head_scale = float(getattr(model, "head_init_scale", 1.0))
-    if head_scale != 1.0:
-        kwargs["head_init_scale"] = head_scale
     if not kwargs:
         return str(model.name)
 

@@ -258,13 +258,13 @@ def lr_factor(
     key = name.lower()
     if key not in SCHEDULERS:
         raise ValueError(f"train.scheduler={name!r} is not one of {', '.join(SCHEDULERS)}")
+    if key == "wsd" and not 0.0 < decay_fraction <= 1.0:
+        raise ValueError(f"train.decay_fraction must be in (0, 1], got {decay_fraction}")
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
     span = max(1, total_steps - warmup_steps - 1)  # the run's last step reaches progress 1
     progress = min(1.0, max(0.0, (step - warmup_steps) / span))
     if key == "wsd":
-        if not 0.0 < decay_fraction <= 1.0:
-            raise ValueError(f"train.decay_fraction must be in (0, 1], got {decay_fraction}")
         start = 1.0 - decay_fraction
         if progress <= start:
             return 1.0

@@ -75,7 +75,7 @@ def test_wsd_schedule_holds_the_rate_then_decays_over_its_share() -> None:
     # a shorter decay share holds the full rate longer
     assert lr_factor("wsd", 80, total, warmup, 0.1) == 1.0 > curve[80]
     with pytest.raises(ValueError, match="decay_fraction"):
-        lr_factor("wsd", 10, total, warmup, decay_fraction=0.0)
+        lr_factor("wsd", 0, total, warmup, decay_fraction=0.0)  # caught in the warm-up too
 
 
 def test_rounds_with_carried_state_equal_one_uninterrupted_run() -> None:
