@@ -28,7 +28,8 @@ def test_default_composes_into_the_schema() -> None:
     assert cfg.model.timm_kwargs["output_stride"] == 16
     assert cfg.model.stem_conv_stride == 4 and cfg.model.stem_pool_stride is None
     assert cfg.data.image_size == 128
-    assert cfg.train.local_steps == 10 and cfg.train.scheduler == "cosine"
+    assert cfg.train.local_steps == 10 and cfg.train.scheduler == "wsd"
+    assert cfg.model.head_init_scale == 0.0  # a zero classifier at the start
     assert cfg.data.synthetic_seed == 0 and cfg.data.root.endswith("-seed0")
 
 
@@ -73,6 +74,17 @@ def test_studies_with_one_to_four_training_centers_keep_their_moments(study: str
     """Their moments are at most a few visits old; the 12-center ATFL study follows cyclic."""
     assert compose([f"study={study}"]).train.keep_optimizer_state is True
     assert compose(["study=atfl_us"]).train.keep_optimizer_state is False
+
+
+@pytest.mark.parametrize(
+    "study", ["atfl_us", "dislocation_xray", "femoral_device_xray", "vcf_xray", "gout_mtp1_us"]
+)
+def test_studies_keep_the_recipe_their_figures_were_measured_with(study: str) -> None:
+    """A random head and a cosine over the run: the zero head and wsd were measured on the
+    built-in federation only, so a study's published figures stay reproducible."""
+    cfg = compose([f"study={study}"])
+    assert cfg.model.head_init_scale == 1.0 and cfg.train.scheduler == "cosine"
+    assert compose([f"study={study}", "train.scheduler=wsd"]).train.scheduler == "wsd"
 
 
 def test_groups_interpolate_into_each_other() -> None:
