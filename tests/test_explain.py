@@ -223,7 +223,8 @@ def test_layercam_map_moves_with_the_image() -> None:
     map moves with it; the raw LayerCAM map, tied to the network's stride-2 sampling grid, does
     not (measured: mean difference 0.02 against 0.11 of a [0, 1] map)."""
     torch.manual_seed(0)
-    cfg = compose([])
+    # A drawn head (the default starts at zero, where every map would be 0) made positive.
+    cfg = compose(["model.head_init_scale=1"])
     model = model_from_config(cfg).eval()
     with torch.no_grad():  # positive evidence for class 1 (see _model)
         model.get_classifier().weight.abs_()
