@@ -332,6 +332,35 @@ def describe_round(cfg: ExperimentConfig, training_sites: int) -> str:
     return f"all {training_sites} training sites, {work}"
 
 
+def describe_recipe(cfg: ExperimentConfig) -> str:
+    """The optimizer, schedule and classifier start of a run, for its first line, results.json
+    and the report: the two settings that decide whether training leaves the loss plateau
+    (docs/benchmarks.md, "A zero head and a warm-up-stable-decay schedule") changed on
+    2026-12-06, and the study protocols keep the ones before, so a reader of a figure must see
+    which it was, e.g. "adamw lr 0.001, batch 16, 5% warm-up then wsd (decay over the last
+    30%), zero classifier head"."""
+    train = cfg.train
+    name = train.scheduler.lower()
+    schedules = {
+        "none": "constant rate",
+        "cosine": "cosine over the run",
+        "step": "steps down at 50% and 75%",
+        "wsd": f"wsd (decay over the last {train.decay_fraction:.0%})",
+    }
+    schedule = schedules.get(name, name)
+    if train.warmup_fraction > 0:
+        schedule = f"{train.warmup_fraction:.0%} warm-up then {schedule}"
+    scale = cfg.model.head_init_scale
+    head = (
+        "zero classifier head"
+        if scale == 0
+        else "random classifier head"
+        if scale == 1
+        else f"random classifier head x{scale:g}"
+    )
+    return f"{train.optimizer} lr {train.lr:g}, batch {train.batch_size}, {schedule}, {head}"
+
+
 def sampled_privacy_note(cfg: ExperimentConfig, training_sites: int) -> str | None:
     """What DP-SGD does when rounds sample sites, for the start of a run; None otherwise."""
     asked = sites_per_round(cfg, training_sites)

@@ -461,6 +461,7 @@ def _run_section(doc: Document, data: RunData) -> None:
         "task": "Task",
         "rounds": "Rounds",
         "each_round": "Each round trains",
+        "recipe": "Optimizer, schedule, head",
         "precision": "Trained in (scored in fp32)",
         "config_hash": "Config hash",
         "privacy_unit": "DP protects one",

@@ -23,6 +23,7 @@ from fedmsk.config import (
     ExperimentConfig,
     compose,
     config_hash,
+    describe_recipe,
     describe_round,
     overrides_from_run_config,
     sampled_privacy_note,
@@ -157,6 +158,7 @@ def write_results(
                 "classes": list(cfg.task.classes),
                 "rounds": cfg.federation.num_rounds,
                 "each_round": describe_round(cfg, len(recorder.training_node_ids())),
+                "recipe": describe_recipe(cfg),
                 "precision": describe_precisions(
                     {a: s.get("trained_in") for a, s in sites.items() if s.get("role") == "train"}
                 ),

@@ -10,12 +10,14 @@ from fedmsk.config import (
     ExperimentConfig,
     compose,
     config_hash,
+    describe_recipe,
     describe_round,
     overrides_from_run_config,
     overrides_to_run_config,
     sampled_privacy_note,
     sites_per_round,
 )
+from fedmsk.report_data import safe_label
 
 
 def test_default_composes_into_the_schema() -> None:
@@ -158,6 +160,25 @@ def test_a_round_is_described_by_the_sites_it_asks_and_their_work() -> None:
     assert len(describe_round(compose(["strategy=fedavg", *longest]), 120)) <= 100
     one_pass = compose(["privacy=secagg", "train.local_steps=null"])
     assert describe_round(one_pass, 5) == "all 5 training sites, 1 pass over its images each"
+
+
+def test_a_run_names_its_schedule_and_head_so_a_figure_says_which_recipe_made_it() -> None:
+    # the default recipe and the one the study protocols keep must read differently
+    assert describe_recipe(compose([])) == (
+        "adamw lr 0.001, batch 16, 5% warm-up then wsd (decay over the last 30%), "
+        "zero classifier head"
+    )
+    assert describe_recipe(compose(["study=vcf_xray"])).endswith(
+        "5% warm-up then cosine over the run, random classifier head"
+    )
+    other = compose(
+        ["train.warmup_fraction=0", "train.decay_fraction=0.2", "model.head_init_scale=0.5"]
+    )
+    assert describe_recipe(other).endswith(
+        "batch 16, wsd (decay over the last 20%), random classifier head x0.5"
+    )
+    # shown in the report as a label of at most 100 plain characters (fedmsk.report_data)
+    assert safe_label(describe_recipe(other), "(withheld)", 100) == describe_recipe(other)
 
 
 def test_dp_asks_every_site_because_each_sizes_its_noise_for_every_round() -> None:

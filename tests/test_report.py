@@ -219,6 +219,8 @@ def write_run(
             "classes": classes,
             "rounds": 5,
             "each_round": "3 of 12 training sites (seeded sample), 40 steps each",
+            "recipe": "adamw lr 0.001, batch 16, 5% warm-up then wsd (decay over the last 30%), "
+            "zero classifier head",
             "config_hash": "ab12cd34ef56ab78",
         },
         "threshold": {"value": 0.5, "source": "youden-val-histograms"},
@@ -348,6 +350,7 @@ def test_binary_report_tables_files_and_figures(tmp_path: Path) -> None:
         assert f"<td>{summary['n']}</td>" in section
     assert "site09" not in training and "site00" not in held_out
     assert "<td>Each round trains</td><td>3 of 12 training sites (seeded sample), 40 steps" in html
+    assert "<td>Optimizer, schedule, head</td><td>adamw lr 0.001, batch 16, 5% warm-up" in html
     assert "pooled" in html
     assert "data:image/png;base64," in html
     assert "](figures/roc.png)" in md

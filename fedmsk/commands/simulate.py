@@ -203,7 +203,7 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
 
 
 def simulate_once(overrides: list[str], report: bool = True) -> Path:
-    from fedmsk.config import describe_round, sampled_privacy_note
+    from fedmsk.config import describe_recipe, describe_round, sampled_privacy_note
     from fedmsk.models import model_label
     from fedmsk.pointing import POINTING_FILE
     from fedmsk.run_dir import ensure_not_in_use
@@ -219,6 +219,7 @@ def simulate_once(overrides: list[str], report: bool = True) -> Path:
         f"{cfg.federation.num_rounds} rounds of {describe_round(cfg, training)} -> {run_dir}",
         flush=True,
     )
+    print(f"recipe: {describe_recipe(cfg)}", flush=True)
     note = sampled_privacy_note(cfg, training)
     if note:
         print(f"note: {note}", flush=True)
