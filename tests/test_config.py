@@ -78,15 +78,22 @@ def test_studies_with_one_to_four_training_centers_keep_their_moments(study: str
     assert compose(["study=atfl_us"]).train.keep_optimizer_state is False
 
 
-@pytest.mark.parametrize(
-    "study", ["atfl_us", "dislocation_xray", "femoral_device_xray", "vcf_xray", "gout_mtp1_us"]
-)
-def test_studies_keep_the_recipe_their_figures_were_measured_with(study: str) -> None:
-    """A random head and a cosine over the run: the zero head and wsd were measured on the
-    built-in federation only, so a study's published figures stay reproducible."""
+@pytest.mark.parametrize("study", ["atfl_us", "femoral_device_xray"])
+def test_studies_the_new_recipe_did_not_help_keep_the_one_measured_before(study: str) -> None:
+    """A random head and a cosine over the run: with the zero head and wsd the femoral study's
+    external top-1 fell on each draw run and the ATFL study's did not move (docs/studies.md),
+    so their published figures stay reproducible."""
     cfg = compose([f"study={study}"])
     assert cfg.model.head_init_scale == 1.0 and cfg.train.scheduler == "cosine"
     assert compose([f"study={study}", "train.scheduler=wsd"]).train.scheduler == "wsd"
+
+
+@pytest.mark.parametrize("study", ["dislocation_xray", "vcf_xray", "gout_mtp1_us"])
+def test_studies_the_new_recipe_helped_train_with_it(study: str) -> None:
+    """The project's zero head and warm-up-stable-decay schedule, at both scales."""
+    for overrides in ([], ["scale=paper"]):
+        cfg = compose([f"study={study}", *overrides])
+        assert cfg.model.head_init_scale == 0.0 and cfg.train.scheduler == "wsd"
 
 
 def test_groups_interpolate_into_each_other() -> None:
@@ -168,7 +175,7 @@ def test_a_run_names_its_schedule_and_head_so_a_figure_says_which_recipe_made_it
         "adamw lr 0.001, batch 16, 5% warm-up then wsd (decay over the last 30%), "
         "zero classifier head"
     )
-    assert describe_recipe(compose(["study=vcf_xray"])).endswith(
+    assert describe_recipe(compose(["study=femoral_device_xray"])).endswith(
         "5% warm-up then cosine over the run, random classifier head"
     )
     other = compose(
