@@ -725,6 +725,8 @@ def _comparisons(raw: Any) -> list[Comparison]:
 
 
 HISTORY_FIELDS = ("loss", "auc", "accuracy", "top1_accuracy", "epsilon")
+# "train-skipped": a round the coordinator did not aggregate (too few sites replied)
+HISTORY_PHASES = ("train", "val", "heldout", "train-skipped")
 LOSS_ALIASES = ("train-loss", "eval-loss")
 
 
@@ -744,7 +746,7 @@ def _history(path: Path) -> list[MetricPoint]:
             continue
         round_ = number(record.get("round"))
         phase = record.get("phase")
-        if round_ is None or phase not in ("train", "val", "heldout"):
+        if round_ is None or phase not in HISTORY_PHASES:
             continue
         site = record.get("site")
         site_name = None if site is None else (safe_label(site, "") or "(withheld)")
@@ -755,6 +757,29 @@ def _history(path: Path) -> list[MetricPoint]:
                 values["loss"] = loss
         points.append(MetricPoint(int(round_), phase, site_name, values))
     return points
+
+
+def skipped_rounds(history: list[MetricPoint]) -> list[int]:
+    """Rounds that were not aggregated, in order: the final model trained on fewer rounds than
+    the run planned, which a reader of its figures must be told."""
+    return sorted({p.round for p in history if p.phase == "train-skipped"})
+
+
+def format_rounds(rounds: list[int]) -> str:
+    """1, 2, 3, 5, 7, 8 -> "1-3, 5, 7-8"."""
+    spans: list[list[int]] = []
+    for r in rounds:
+        if spans and r == spans[-1][1] + 1:
+            spans[-1][1] = r
+        else:
+            spans.append([r, r])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
+def run_history(run_dir: Path) -> list[MetricPoint]:
+    """The run's metrics.jsonl points (empty when it has none yet)."""
+    path = run_dir / "metrics.jsonl"
+    return _history(path) if path.is_file() else []
 
 
 _CAM_NAME = re.compile(r"^cam_[A-Za-z0-9_\-]{1,60}\.png$")

@@ -13,7 +13,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from fedmsk.report_data import Metric, PointingRow, RunData, SiteResult, SummaryView
+from fedmsk.report_data import (
+    Metric,
+    PointingRow,
+    RunData,
+    SiteResult,
+    SummaryView,
+    format_rounds,
+    skipped_rounds,
+)
 
 
 def fmt_p(value: object) -> str:
@@ -165,6 +173,20 @@ def _convergence_warnings(data: RunData) -> list[str]:
     return []
 
 
+def _skipped_round_warnings(data: RunData) -> list[str]:
+    skipped = skipped_rounds(data.history)
+    if not skipped:
+        return []
+    planned = data.run.fields.get("rounds")
+    of = f" of {planned}" if planned else ""
+    return [
+        f"{len(skipped)}{of} rounds were not aggregated (too few sites replied; rounds "
+        f"{format_rounds(skipped)}): the final model had fewer rounds of training than "
+        "planned, so its figures understate what this recipe reaches; the section 'Failed "
+        "center rounds' names the sites."
+    ]
+
+
 def _failure_lines(data: RunData) -> list[str]:
     by_site: dict[str, list[str]] = {}
     for failure in data.failures:
@@ -276,6 +298,7 @@ def build_summary(data: RunData) -> Summary:
     summary.headline.extend(pointing_sentence(row) for row in data.pointing if row.n)
     summary.headline.append(_privacy_line(data))
     summary.headline.extend(_failure_lines(data))
+    summary.warnings.extend(_skipped_round_warnings(data))
     summary.warnings.extend(_transfer_warnings(data))
     summary.warnings.extend(_one_class_warnings(data))
     summary.warnings.extend(_chance_warnings(data))

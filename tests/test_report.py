@@ -823,6 +823,36 @@ def test_summary_is_quiet_when_nothing_is_wrong_and_flags_a_flat_loss(tmp_path: 
     assert len(warnings) == 1 and warnings[0].startswith("Training did not converge")
 
 
+def test_rounds_that_were_not_aggregated_are_warned_about(tmp_path: Path, capsys) -> None:
+    """A run whose sites failed in most rounds still ends with a held-out AUC; the summary and
+    the terminal must say the model trained on fewer rounds than planned."""
+    from fedmsk.commands.simulate import print_final_results
+    from fedmsk.report_summary import build_summary
+
+    results = write_run(tmp_path)
+    for alias in ("site00", "site01", "site09"):
+        _set_point(results["sites"][alias]["summary"], 0.80, 0.85)
+    results["sites"]["site09"]["summary"]["auc_ci95"] = [0.70, 0.86]
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    assert build_summary(load_run(tmp_path)).warnings == []
+    print_final_results(tmp_path)
+    assert "warning" not in capsys.readouterr().out
+
+    with (tmp_path / "metrics.jsonl").open("a") as handle:
+        for r in (2, 3, 5):
+            handle.write(json.dumps({"round": r, "phase": "train-skipped", "site": None}) + "\n")
+    warnings = build_summary(load_run(tmp_path)).warnings
+    assert len(warnings) == 1
+    assert warnings[0].startswith("3 of 5 rounds were not aggregated")
+    assert "rounds 2-3, 5)" in warnings[0]
+    print_final_results(tmp_path)
+    out = capsys.readouterr().out
+    assert "held-out center site09: AUC" in out
+    assert "warning: 3 of 5 rounds were not aggregated" in out and "rounds 2-3, 5)" in out
+    html_text = build_report(tmp_path).html.read_text()
+    assert "3 of 5 rounds were not aggregated" in html_text
+
+
 def test_a_figure_that_cannot_be_drawn_is_named_with_the_reason(tmp_path: Path) -> None:
     minimal_run(tmp_path)  # one center, no ROC curve, no metrics.jsonl, no Grad-CAM
     markdown = build_report(tmp_path).markdown.read_text()
