@@ -179,11 +179,11 @@ def _skipped_round_warnings(data: RunData) -> list[str]:
         return []
     planned = data.run.fields.get("rounds")
     of = f" of {planned}" if planned else ""
+    where = "; the section 'Failed center rounds' names the sites" if data.failures else ""
     return [
         f"{len(skipped)}{of} rounds were not aggregated (too few sites replied; rounds "
         f"{format_rounds(skipped)}): the final model had fewer rounds of training than "
-        "planned, so its figures understate what this recipe reaches; the section 'Failed "
-        "center rounds' names the sites."
+        f"planned, so its figures understate what this recipe reaches{where}."
     ]
 
 

@@ -844,7 +844,11 @@ def test_rounds_that_were_not_aggregated_are_warned_about(tmp_path: Path, capsys
     warnings = build_summary(load_run(tmp_path)).warnings
     assert len(warnings) == 1
     assert warnings[0].startswith("3 of 5 rounds were not aggregated")
-    assert "rounds 2-3, 5)" in warnings[0]
+    assert "rounds 2-3, 5)" in warnings[0] and "Failed center rounds" not in warnings[0]
+    results["failures"] = [{"round": 2, "site": "site01", "error": "RuntimeError"}]
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    warnings = build_summary(load_run(tmp_path)).warnings
+    assert warnings[0].endswith("the section 'Failed center rounds' names the sites.")
     print_final_results(tmp_path)
     out = capsys.readouterr().out
     assert "held-out center site09: AUC" in out
