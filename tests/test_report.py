@@ -805,14 +805,20 @@ def test_summary_leads_with_the_heldout_result_and_warns_in_plain_words(tmp_path
     assert '<p class="warning"><strong>Warning:</strong> The operating point' in html_text
 
 
-def test_summary_is_quiet_when_nothing_is_wrong_and_flags_a_flat_loss(tmp_path: Path) -> None:
-    from fedmsk.report_summary import build_summary
-
-    results = write_run(tmp_path)
+def quiet_run(run_dir: Path) -> dict:
+    """A run that deserves no warning: operating points that transfer, a CI above chance."""
+    results = write_run(run_dir)
     for alias in ("site00", "site01", "site09"):
         _set_point(results["sites"][alias]["summary"], 0.80, 0.85)
     results["sites"]["site09"]["summary"]["auc_ci95"] = [0.70, 0.86]
-    (tmp_path / "results.json").write_text(json.dumps(results))
+    (run_dir / "results.json").write_text(json.dumps(results))
+    return results
+
+
+def test_summary_is_quiet_when_nothing_is_wrong_and_flags_a_flat_loss(tmp_path: Path) -> None:
+    from fedmsk.report_summary import build_summary
+
+    quiet_run(tmp_path)
     assert build_summary(load_run(tmp_path)).warnings == []
     flat = [
         {"round": r, "phase": "train", "site": None, "train-loss": 0.69 - 0.001 * r}
@@ -829,11 +835,7 @@ def test_rounds_that_were_not_aggregated_are_warned_about(tmp_path: Path, capsys
     from fedmsk.commands.simulate import print_final_results
     from fedmsk.report_summary import build_summary
 
-    results = write_run(tmp_path)
-    for alias in ("site00", "site01", "site09"):
-        _set_point(results["sites"][alias]["summary"], 0.80, 0.85)
-    results["sites"]["site09"]["summary"]["auc_ci95"] = [0.70, 0.86]
-    (tmp_path / "results.json").write_text(json.dumps(results))
+    results = quiet_run(tmp_path)
     assert build_summary(load_run(tmp_path)).warnings == []
     print_final_results(tmp_path)
     assert "warning" not in capsys.readouterr().out
