@@ -477,7 +477,7 @@ def load_run(run_dir: Path) -> RunData:
         privacy=_privacy(results.get("privacy")),
         readers=_reader_study(results.get("readers")),
         comparisons=_comparisons(results.get("comparisons")),
-        history=_history(metrics_path) if metrics_path.is_file() else [],
+        history=run_history(run_dir),
         cam_figures=cam_figures,
         cam_methods=cam_figure_methods(cam_figures),
         pointing=_pointing(run_dir / "pointing_game.json"),
@@ -763,6 +763,16 @@ def skipped_rounds(history: list[MetricPoint]) -> list[int]:
     """Rounds that were not aggregated, in order: the final model trained on fewer rounds than
     the run planned, which a reader of its figures must be told."""
     return sorted({p.round for p in history if p.phase == "train-skipped"})
+
+
+def skipped_rounds_text(skipped: list[int], planned: object) -> str:
+    """The one wording of skipped rounds, shared by the terminal and the report's summary:
+    "3 of 5 rounds were not aggregated (too few sites replied; rounds 2-3, 5)"."""
+    of = f" of {planned}" if planned else ""
+    return (
+        f"{len(skipped)}{of} rounds were not aggregated (too few sites replied; rounds "
+        f"{format_rounds(skipped)})"
+    )
 
 
 def format_rounds(rounds: list[int]) -> str:

@@ -19,8 +19,8 @@ from fedmsk.report_data import (
     RunData,
     SiteResult,
     SummaryView,
-    format_rounds,
     skipped_rounds,
+    skipped_rounds_text,
 )
 
 
@@ -177,13 +177,11 @@ def _skipped_round_warnings(data: RunData) -> list[str]:
     skipped = skipped_rounds(data.history)
     if not skipped:
         return []
-    planned = data.run.fields.get("rounds")
-    of = f" of {planned}" if planned else ""
     where = "; the section 'Failed center rounds' names the sites" if data.failures else ""
     return [
-        f"{len(skipped)}{of} rounds were not aggregated (too few sites replied; rounds "
-        f"{format_rounds(skipped)}): the final model had fewer rounds of training than "
-        f"planned, so its figures understate what this recipe reaches{where}."
+        f"{skipped_rounds_text(skipped, data.run.fields.get('rounds'))}: the final model had "
+        "fewer rounds of training than planned, so its figures understate what this recipe "
+        f"reaches{where}."
     ]
 
 

@@ -245,7 +245,7 @@ def simulate_once(overrides: list[str], report: bool = True) -> Path:
 def print_final_results(run_dir: Path) -> None:
     """The final model on each held-out center (the external test), as a reader wants it."""
     from fedmsk.progress import format_auc
-    from fedmsk.report_data import format_rounds, run_history, skipped_rounds
+    from fedmsk.report_data import run_history, skipped_rounds, skipped_rounds_text
 
     results = json.loads((run_dir / "results.json").read_text())
     for alias, site in sorted(results.get("sites", {}).items()):
@@ -261,13 +261,8 @@ def print_final_results(run_dir: Path) -> None:
         print(f"held-out center {alias}: {score}, n={site.get('n')}", flush=True)
     skipped = skipped_rounds(run_history(run_dir))
     if skipped:
-        planned = results.get("run", {}).get("rounds")
-        of = f" of {planned}" if planned else ""
-        print(
-            f"warning: {len(skipped)}{of} rounds were not aggregated (too few sites replied; "
-            f"rounds {format_rounds(skipped)}): this model trained on fewer rounds than planned",
-            flush=True,
-        )
+        text = skipped_rounds_text(skipped, results.get("run", {}).get("rounds"))
+        print(f"warning: {text}: this model trained on fewer rounds than planned", flush=True)
 
 
 def _study_analysis(cfg: Any, run_dir: Path) -> None:
