@@ -55,7 +55,9 @@ class AugmentConfig:
     hospitals' acquisition differs (contrast curve, sharpness, detector noise), so a model meets
     an unseen center's look in training. Ranges are [low, high]; gamma is drawn log-uniformly,
     ``blur_sigma`` is in pixels of the model's input, ``noise_std`` in units of the [0, 1]
-    intensity range; [1, 1] / [0, 0] switch a transform off.
+    intensity range; [1, 1] / [0, 0] switch a transform off. ``collimation`` is the chance that
+    an image gets bright bands along some of its edges, as a collimator's shutters leave on a
+    radiograph (see :meth:`fedmsk.data.augment.SeededAugment.collimate`); 0 switches it off.
     """
 
     crop_scale: list[float] = field(default_factory=lambda: [0.85, 1.0])
@@ -67,6 +69,7 @@ class AugmentConfig:
     blur_sigma: list[float] = field(default_factory=lambda: [0.0, 0.0])
     noise_std: list[float] = field(default_factory=lambda: [0.0, 0.0])
     hflip: bool = True
+    collimation: float = 0.0
 
 
 @dataclass

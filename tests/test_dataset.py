@@ -521,3 +521,31 @@ def test_a_site_reached_by_two_paths_gets_items_under_the_path_it_was_opened_by(
         built = build_site_datasets(root, TASK, _data(), TrainConfig())
         items = [i for d in built.datasets.values() for i in d.items]
         assert items and all(i.path.is_relative_to(root) for i in items)
+
+
+def test_collimation_bands_cover_edges_only_at_a_bright_level() -> None:
+    """Every collimated image gets a bright band on at least one edge, 3-15 % of its side
+    (2-10 pixels of 64), at one level in [0.75, 1]; the middle of the image is untouched, and
+    over many draws every edge gets one. At probability 0 nothing changes."""
+    dark = torch.zeros(1, 64, 64)
+    collimate = SeededAugment(_intensity_only(collimation=1.0), seed=0)
+    seen = set()
+    for _ in range(40):
+        out = collimate(dark)
+        assert torch.equal(out[..., 10:-10, 10:-10], dark[..., 10:-10, 10:-10])
+        bands = {
+            "top": out[0, :, 32],
+            "bottom": out[0, :, 32].flip(0),
+            "left": out[0, 32, :],
+            "right": out[0, 32, :].flip(0),
+        }
+        widths = {side: int((line > 0).int().cumprod(0).sum()) for side, line in bands.items()}
+        present = {side for side, w in widths.items() if w > 0}
+        assert present, "a collimated image has at least one band"
+        assert all(2 <= widths[side] <= 10 for side in present), widths
+        levels = torch.unique(out[out > 0])
+        assert len(levels) == 1 and 0.75 <= float(levels[0]) <= 1.0
+        seen |= present
+    assert seen == {"top", "bottom", "left", "right"}
+    never = SeededAugment(_intensity_only(collimation=0.0), seed=0)
+    assert torch.equal(never(dark), dark)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +64,10 @@ def test_study_composes_at_both_scales(study: str) -> None:
     assert paper.data.root != small.data.root  # a paper-scale federation never reuses small data
     plain = compose([]).data.augmentation
     if study in INTENSITY_AUGMENTED:  # the project's recipe: gamma / blur / noise on
-        assert small.data.augmentation == paper.data.augmentation == plain
+        # and collimator bands, which only the VCF protocol was measured with
+        with_bands = replace(plain, collimation=0.3)
+        assert plain.collimation == 0.0
+        assert small.data.augmentation == paper.data.augmentation == with_bands
         return
     # measured without gamma / blur / noise (configs/augmentation/geometric.yaml) at both scales
     for cfg in (small, paper):
