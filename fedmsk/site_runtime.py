@@ -23,7 +23,7 @@ import numpy as np
 
 from fedmsk.config import ExperimentConfig, config_hash
 from fedmsk.data.dataset import DatasetPool
-from fedmsk.node_state import RoundFiles, save_tensors
+from fedmsk.node_state import RoundFiles, prune_other_runs, save_tensors
 
 STATE_DIR_NAME = ".fedmsk"
 # Under DP-SGD a training reply carries only numbers the accountant covers or that follow from
@@ -32,6 +32,9 @@ STATE_DIR_NAME = ".fedmsk"
 # on the training images or on which of them were sampled, so they stay in the site's own log.
 # docs/hospital-it.md, section 7, lists what leaves a node in each privacy mode.
 DP_RELEASED_TRAIN_METRICS = ("epsilon", "train-steps")
+# Runs whose optimizer moments a node keeps (the one training now and the latest others it
+# trained); older runs' moments are removed (fedmsk.node_state.prune_other_runs).
+KEPT_OPTIMIZER_RUNS = 4
 
 
 def patient_level_privacy(cfg: ExperimentConfig) -> bool:
@@ -264,8 +267,17 @@ class SiteRuntime:
     def _save_optimizer_state(self, server_round: int, state: dict | None) -> None:
         if state is None or not self.cfg.train.keep_optimizer_state:
             return
-        self._optimizer_files().write(server_round, lambda handle: save_tensors(state, handle))
+        files = self._optimizer_files()
+        files.write(server_round, lambda handle: save_tensors(state, handle))
         self.model_pool.keep_optimizer_state(self.state_dir, server_round, state)
+        freed = prune_other_runs(self.state_dir.parent, self.state_dir, files, KEPT_OPTIMIZER_RUNS)
+        if freed:
+            self.log.info(
+                "removed the optimizer moments of runs older than the latest %d (%.0f MB): "
+                "such a run, if resumed, starts this site's optimizer afresh",
+                KEPT_OPTIMIZER_RUNS,
+                freed / 1e6,
+            )
 
     # -- train -----------------------------------------------------------------------------
 

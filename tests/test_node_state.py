@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 
-from fedmsk.node_state import RoundFiles, save_tensors
+from fedmsk.node_state import RoundFiles, prune_other_runs, save_tensors
 
 
 def _write(files: RoundFiles, round_no: int) -> None:
@@ -111,3 +112,31 @@ def test_torch_load_never_checks_the_checksum_that_save_tensors_skips(tmp_path: 
     path.write_bytes(bytes(data))
     loaded = torch.load(path, map_location="cpu", weights_only=True)["moments"]
     assert not torch.equal(loaded, original)
+
+
+def test_pruning_keeps_the_latest_runs_moments_and_every_other_file(tmp_path: Path) -> None:
+    """Of five earlier runs, the two written last keep their moments beside the current run
+    (keep_runs=3), whichever order the folders are listed in; privacy spends and FedBN layers
+    of every run stay; the bytes freed are the removed files' sizes."""
+    runs = tmp_path / "runs"
+    names = ["e", "a", "d", "b", "c"]  # written oldest to newest: e, a, d, b, c
+    for age, name in enumerate(names):
+        folder = runs / name
+        files = RoundFiles(folder, "optimizer", ".pt")
+        for r in (1, 2):
+            files.write(r, lambda handle, r=r: handle.write(b"x" * (100 * r)))
+            os.utime(files.path(r), (1_000 + age * 10 + r, 1_000 + age * 10 + r))
+        (folder / "privacy.json").write_text("{}")
+        RoundFiles(folder, "local_norm", ".npz").write(2, lambda handle: handle.write(b"n"))
+    current = runs / "now"
+    RoundFiles(current, "optimizer", ".pt").write(1, lambda handle: handle.write(b"y"))
+    os.utime(RoundFiles(current, "optimizer", ".pt").path(1), (1, 1))  # oldest, still kept
+
+    freed = prune_other_runs(runs, current, RoundFiles(current, "optimizer", ".pt"), keep_runs=3)
+
+    kept = {run.name for run in runs.iterdir() if list(run.glob("optimizer-r*.pt"))}
+    assert kept == {"now", "b", "c"}
+    assert freed == 3 * (100 + 200)
+    assert all((runs / name / "privacy.json").exists() for name in names)
+    assert all((runs / name / "local_norm-r0002.npz").exists() for name in names)
+    assert prune_other_runs(runs, current, RoundFiles(current, "optimizer", ".pt"), 3) == 0

@@ -318,3 +318,31 @@ def test_a_site_sizes_its_dp_noise_for_the_rounds_it_is_planned_to_train(tmp_pat
     status = planned.privacy_status()
     assert status["noise-multiplier"] == pytest.approx(states["planned"]["noise_multiplier"])
     assert 0 < status["epsilon"] < status["epsilon-target"]
+
+
+def test_a_node_keeps_the_optimizer_moments_of_its_latest_runs_only(tmp_path: Path) -> None:
+    """Each run leaves its moments on the node (a node never hears that a run ended); after a
+    sixth run only the latest KEPT_OPTIMIZER_RUNS runs have them, the others keep their
+    folders, and the node's own log says what was removed."""
+    from fedmsk.site_runtime import KEPT_OPTIMIZER_RUNS
+
+    node = write_site(tmp_path / "site-b")
+    order = []
+    for k in range(KEPT_OPTIMIZER_RUNS + 2):
+        cfg = compose(
+            [
+                "model=resnet18",
+                "data.image_size=32",
+                "train.batch_size=8",
+                "strategy=fedavg",
+                f"run_dir={tmp_path / f'run{k}'}",
+            ]
+        )
+        runtime = SiteRuntime(cfg, node, "site-b", heldout=False, seed=3)
+        runtime.train(get_arrays(runtime.model), server_round=1)
+        order.append(runtime.state_dir)
+    with_moments = [d for d in order if list(d.glob("optimizer-r*.pt"))]
+    assert with_moments == order[-KEPT_OPTIMIZER_RUNS:]
+    assert all(d.is_dir() for d in order)
+    log = (node / ".fedmsk" / "logs" / "node.log").read_text()
+    assert log.count("removed the optimizer moments of runs older than the latest") == 2
