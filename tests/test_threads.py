@@ -3,7 +3,12 @@ share the engine gives it, and an explicit count wins everywhere."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,3 +90,59 @@ def test_cyclic_gives_its_one_training_site_every_usable_core(
     assert _sequential_resources(cyclic, ["train.num_threads=1"]) == [
         "federation.client_num_cpus=3"
     ]
+
+
+def _fake_process(proc: Path, pid: int, argv: list[str], parent: int) -> None:
+    (proc / str(pid)).mkdir(parents=True)
+    (proc / str(pid) / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
+    (proc / str(pid) / "stat").write_text(f"{pid} (some name) S {parent} 1 1 0")
+
+
+def test_other_trainings_count_each_fedmsk_run_once_and_never_this_one(tmp_path: Path) -> None:
+    """Another run counts once (its `time` wrapper does not); this process's own ancestors, a
+    fedmsk command that does not train and other Python programs do not count."""
+    proc = tmp_path / "proc"
+    me = os.getpid()
+    bin_fedmsk = "/opt/venv/bin/fedmsk"
+    _fake_process(proc, me, ["/opt/venv/bin/python", "-m", "pytest"], parent=100)
+    _fake_process(proc, 100, ["/opt/venv/bin/python", bin_fedmsk, "simulate"], parent=1)
+    _fake_process(proc, 200, ["/opt/venv/bin/python3.11", bin_fedmsk, "train", "--mode"], 1)
+    _fake_process(proc, 300, ["/usr/bin/time", "-f", "%e", bin_fedmsk, "train"], parent=1)
+    _fake_process(proc, 400, ["/opt/venv/bin/python", bin_fedmsk, "report", "runs/x"], 1)
+    _fake_process(proc, 500, ["/opt/venv/bin/python", "/srv/other/train.py"], parent=1)
+    (proc / "self").mkdir()
+    assert fedmsk.threads.other_fedmsk_trainings(proc) == [200]
+    assert fedmsk.threads.other_fedmsk_trainings(tmp_path / "no-proc") == []
+
+
+def test_a_run_beside_another_fedmsk_training_is_warned(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real process named like the console script is found in /proc, and a run that takes
+    two threads beside it prints a warning naming it; one thread is left alone."""
+    from fedmsk.commands.simulate import print_busy_machine_warning
+
+    if not Path("/proc/self/cmdline").exists():
+        pytest.skip("needs Linux /proc")
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)  # `make test` sets it to PASSIVE
+    script = tmp_path / "fedmsk"
+    script.write_text("import time\ntime.sleep(60)\n")
+    other = subprocess.Popen([sys.executable, str(script), "train", "--mode", "pooled"])
+    try:
+        for _ in range(50):  # until the new process shows its arguments
+            if other.pid in fedmsk.threads.other_fedmsk_trainings():
+                break
+            time.sleep(0.1)
+        print_busy_machine_warning(compose(["train.num_threads=2"]))
+        printed = capsys.readouterr().out
+        assert "warning: another fedmsk run is training on this machine" in printed
+        assert str(other.pid) in printed and "train.num_threads=1" in printed
+        print_busy_machine_warning(compose(["train.num_threads=1"]))
+        assert capsys.readouterr().out == ""
+        found = fedmsk.threads.other_fedmsk_trainings()
+        passive = {"OMP_WAIT_POLICY": "passive"}
+        assert fedmsk.threads.busy_machine_warning(2, found, passive) is None
+        assert fedmsk.threads.busy_machine_warning(2, found, {}) is not None
+    finally:
+        other.kill()
+        other.wait()

@@ -202,6 +202,17 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
 # -- commands ----------------------------------------------------------------------------------
 
 
+def print_busy_machine_warning(cfg: Any) -> None:
+    """Say so when another fedmsk training shares this machine and this run takes several
+    threads (:func:`fedmsk.threads.busy_machine_warning`)."""
+    from fedmsk.threads import busy_machine_warning, other_fedmsk_trainings, training_threads
+
+    threads = training_threads(cfg.train.num_threads)
+    message = busy_machine_warning(threads, other_fedmsk_trainings() if threads > 1 else [])
+    if message:
+        print(f"warning: {message}", flush=True)
+
+
 def simulate_once(overrides: list[str], report: bool = True) -> Path:
     from fedmsk.config import describe_recipe, describe_round, sampled_privacy_note
     from fedmsk.models import model_label
@@ -220,6 +231,7 @@ def simulate_once(overrides: list[str], report: bool = True) -> Path:
         flush=True,
     )
     print(f"recipe: {describe_recipe(cfg)}", flush=True)
+    print_busy_machine_warning(cfg)
     note = sampled_privacy_note(cfg, training)
     if note:
         print(f"note: {note}", flush=True)
