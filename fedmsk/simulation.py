@@ -103,7 +103,7 @@ def descendants(pid: int) -> set[int]:
     session of its own, which starts the simulation and Ray's processes in yet another."""
     parents: dict[int, int] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
-        fields = _stat_fields(stat)
+        fields = proc_stat_fields(stat)
         if stat.parent.name.isdigit() and fields and len(fields) > 1 and fields[1].isdigit():
             parents[int(stat.parent.name)] = int(fields[1])
     found: set[int] = set()
@@ -150,11 +150,11 @@ def _stop(process: subprocess.Popen, grace_s: float = 15.0) -> None:
 
 def process_running(pid: int) -> bool:
     """Alive and not a zombie (a zombie's parent has yet to collect its exit status)."""
-    fields = _stat_fields(Path(f"/proc/{pid}/stat"))
+    fields = proc_stat_fields(Path(f"/proc/{pid}/stat"))
     return fields is not None and len(fields) > 0 and fields[0] != "Z"
 
 
-def _stat_fields(stat: Path) -> list[str] | None:
+def proc_stat_fields(stat: Path) -> list[str] | None:
     """The fields of a /proc/PID/stat after the command name (state, parent, ...); None when
     the process is gone. The name is cut at its last ")", as it may hold spaces or ")"."""
     try:

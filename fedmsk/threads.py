@@ -78,15 +78,16 @@ def _is_training_command(argv: list[str]) -> bool:
 
 
 def _lineage(proc: Path, pid: int) -> set[int]:
-    """``pid`` and its ancestors, read from ``/proc/PID/stat`` (the field after the name)."""
+    """``pid`` and its ancestors, read from ``/proc/PID/stat`` (the parent's field)."""
+    from fedmsk.simulation import proc_stat_fields
+
     seen = set()
     while pid > 0 and pid not in seen:
         seen.add(pid)
-        try:
-            stat = (proc / str(pid) / "stat").read_text()
-        except OSError:
+        fields = proc_stat_fields(proc / str(pid) / "stat")
+        if not fields or len(fields) < 2 or not fields[1].isdigit():
             break
-        pid = int(stat.rsplit(")", 1)[1].split()[1])
+        pid = int(fields[1])
     return seen
 
 
