@@ -268,8 +268,11 @@ class SiteRuntime:
         if state is None or not self.cfg.train.keep_optimizer_state:
             return
         files = self._optimizer_files()
+        first_of_run = not files.rounds()
         files.write(server_round, lambda handle: save_tensors(state, handle))
         self.model_pool.keep_optimizer_state(self.state_dir, server_round, state)
+        if not first_of_run:  # the set of runs only grows when one writes its first moments
+            return
         freed = prune_other_runs(self.state_dir.parent, self.state_dir, files, KEPT_OPTIMIZER_RUNS)
         if freed:
             self.log.info(
