@@ -18,7 +18,13 @@ from typing import Any, TextIO
 import numpy as np
 from torch.utils.data import ConcatDataset, DataLoader
 
-from fedmsk.config import ExperimentConfig, config_hash, describe_recipe, sites_per_round
+from fedmsk.config import (
+    ExperimentConfig,
+    config_hash,
+    describe_augmentation,
+    describe_recipe,
+    sites_per_round,
+)
 from fedmsk.data.federation import Federation, load_federation
 from fedmsk.models import model_label
 from fedmsk.progress import ProgressPrinter
@@ -258,6 +264,7 @@ def run_centralized(
                 "classes": list(cfg.task.classes),
                 "rounds": epochs,
                 "recipe": describe_recipe(cfg),
+                "augmentation": describe_augmentation(cfg),
                 "precision": trained_in,
                 "config_hash": config_hash(cfg),
                 "training_sites": trained_on,

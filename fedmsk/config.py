@@ -364,6 +364,41 @@ def describe_recipe(cfg: ExperimentConfig) -> str:
     return f"{train.optimizer} lr {train.lr:g}, batch {train.batch_size}, {schedule}, {head}"
 
 
+def describe_augmentation(cfg: ExperimentConfig) -> str:
+    """The training-time transforms of a run, for its first lines, results.json and the
+    report: the studies differ in them (geometric only, intensity, collimator bands) and a
+    figure depends on them, e.g. "crop 85 to 100%, rotation up to 10 deg, flip, brightness
+    and contrast 0.1, gamma 0.7 to 1.4". Written with "to", not dashes, and without degree
+    signs, so the report's label filter keeps it."""
+    if not cfg.data.augment:
+        return "none"
+    aug = cfg.data.augmentation
+
+    def span(values: list[float], scale: float = 1.0, unit: str = "") -> str:
+        low, high = (v * scale for v in values)
+        return f"{low:g}{unit}" if low == high else f"{low:g} to {high:g}{unit}"
+
+    parts = []
+    if list(aug.crop_scale) != [1.0, 1.0]:
+        parts.append(f"crop {span(aug.crop_scale, 100.0, '%')} of the area")
+    if aug.rotation_degrees > 0:
+        parts.append(f"rotation up to {aug.rotation_degrees:g} deg")
+    if aug.hflip:
+        parts.append("flip")
+    for name, amount in (("brightness", aug.brightness), ("contrast", aug.contrast)):
+        if amount > 0:
+            parts.append(f"{name} x{1 - amount:g} to {1 + amount:g}")
+    if list(aug.gamma) != [1.0, 1.0]:
+        parts.append(f"gamma {span(aug.gamma)}")
+    if aug.blur_sigma[1] > 0:
+        parts.append(f"blur {span(aug.blur_sigma, unit=' px')}")
+    if aug.noise_std[1] > 0:
+        parts.append(f"noise {span(aug.noise_std)}")
+    if aug.collimation > 0:
+        parts.append(f"collimator bands on {aug.collimation:.0%} of images")
+    return ", ".join(parts) if parts else "none"
+
+
 def sampled_privacy_note(cfg: ExperimentConfig, training_sites: int) -> str | None:
     """What DP-SGD does when rounds sample sites, for the start of a run; None otherwise."""
     asked = sites_per_round(cfg, training_sites)

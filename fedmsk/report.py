@@ -462,6 +462,7 @@ def _run_section(doc: Document, data: RunData) -> None:
         "rounds": "Rounds",
         "each_round": "Each round trains",
         "recipe": "Optimizer, schedule, head",
+        "augmentation": "Training augmentation",
         "precision": "Trained in (scored in fp32)",
         "config_hash": "Config hash",
         "privacy_unit": "DP protects one",

@@ -27,6 +27,7 @@ RUN_FIELDS = (
     "rounds",
     "each_round",
     "recipe",
+    "augmentation",
     "precision",
     "config_hash",
     "privacy_unit",
@@ -37,7 +38,13 @@ _SAFE_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.+\-()%,=]*$")
 # output_stride=16, stem_conv_stride=4)", 88 characters): the run's model may be longer than a
 # label.
 _LABEL_MAX_LENGTH = 64
-_LONG_FIELDS = {"model": 160, "precision": 100, "each_round": 100, "recipe": 100}
+_LONG_FIELDS = {
+    "model": 160,
+    "precision": 100,
+    "each_round": 100,
+    "recipe": 100,
+    "augmentation": 200,
+}
 _DATE_LIKE = re.compile(r"(\d{4}[-.]?\d{2}[-.]?\d{2})|(\d{2}[-.]\d{2}[-.]\d{2,4})")
 _HEX_HASH = re.compile(r"^[0-9a-f]{8,64}$")
 _ERROR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]{0,79}$")

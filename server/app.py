@@ -23,6 +23,7 @@ from fedmsk.config import (
     ExperimentConfig,
     compose,
     config_hash,
+    describe_augmentation,
     describe_recipe,
     describe_round,
     overrides_from_run_config,
@@ -159,6 +160,7 @@ def write_results(
                 "rounds": cfg.federation.num_rounds,
                 "each_round": describe_round(cfg, len(recorder.training_node_ids())),
                 "recipe": describe_recipe(cfg),
+                "augmentation": describe_augmentation(cfg),
                 "precision": describe_precisions(
                     {a: s.get("trained_in") for a, s in sites.items() if s.get("role") == "train"}
                 ),

@@ -214,7 +214,12 @@ def print_busy_machine_warning(cfg: Any) -> None:
 
 
 def simulate_once(overrides: list[str], report: bool = True) -> Path:
-    from fedmsk.config import describe_recipe, describe_round, sampled_privacy_note
+    from fedmsk.config import (
+        describe_augmentation,
+        describe_recipe,
+        describe_round,
+        sampled_privacy_note,
+    )
     from fedmsk.models import model_label
     from fedmsk.pointing import POINTING_FILE
     from fedmsk.run_dir import ensure_not_in_use
@@ -231,6 +236,7 @@ def simulate_once(overrides: list[str], report: bool = True) -> Path:
         flush=True,
     )
     print(f"recipe: {describe_recipe(cfg)}", flush=True)
+    print(f"augmentation: {describe_augmentation(cfg)}", flush=True)
     print_busy_machine_warning(cfg)
     note = sampled_privacy_note(cfg, training)
     if note:
