@@ -58,6 +58,9 @@ class AugmentConfig:
     intensity range; [1, 1] / [0, 0] switch a transform off. ``collimation`` is the chance that
     an image gets bright bands along some of its edges, as a collimator's shutters leave on a
     radiograph (see :meth:`fedmsk.data.augment.SeededAugment.collimate`); 0 switches it off.
+    ``intensity_warmup`` is the share of the run's steps over which gamma, blur and noise grow
+    linearly from off to their full ranges (0: full from the first step); it follows the run's
+    global step, like the learning rate, so a federation ramps over its rounds.
     """
 
     crop_scale: list[float] = field(default_factory=lambda: [0.85, 1.0])
@@ -70,6 +73,7 @@ class AugmentConfig:
     noise_std: list[float] = field(default_factory=lambda: [0.0, 0.0])
     hflip: bool = True
     collimation: float = 0.0
+    intensity_warmup: float = 0.0
 
 
 @dataclass
@@ -380,7 +384,7 @@ def describe_augmentation(cfg: ExperimentConfig) -> str:
 
     parts = []
     if list(aug.crop_scale) != [1.0, 1.0]:
-        parts.append(f"crop {span(aug.crop_scale, 100.0, '%')} of the area")
+        parts.append(f"crop {span(aug.crop_scale, 100.0, '%')}")
     if aug.rotation_degrees > 0:
         parts.append(f"rotation up to {aug.rotation_degrees:g} deg")
     if aug.hflip:
@@ -396,7 +400,11 @@ def describe_augmentation(cfg: ExperimentConfig) -> str:
         parts.append(f"noise {span(aug.noise_std)}")
     if aug.collimation > 0:
         parts.append(f"collimator bands on {aug.collimation:.0%} of images")
-    return ", ".join(parts) if parts else "none"
+    intensity = list(aug.gamma) != [1.0, 1.0] or aug.blur_sigma[1] > 0 or aug.noise_std[1] > 0
+    if intensity and aug.intensity_warmup > 0:
+        parts.append(f"(those three ramped in over the first {aug.intensity_warmup:.0%} of steps)")
+    text = ", ".join(parts)
+    return text.replace(", (", " (") if parts else "none"
 
 
 def sampled_privacy_note(cfg: ExperimentConfig, training_sites: int) -> str | None:

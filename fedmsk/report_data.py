@@ -43,7 +43,7 @@ _LONG_FIELDS = {
     "precision": 100,
     "each_round": 100,
     "recipe": 100,
-    "augmentation": 200,
+    "augmentation": 240,
 }
 _DATE_LIKE = re.compile(r"(\d{4}[-.]?\d{2}[-.]?\d{2})|(\d{2}[-.]\d{2}[-.]\d{2,4})")
 _HEX_HASH = re.compile(r"^[0-9a-f]{8,64}$")

@@ -34,6 +34,7 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
 from fedmsk.config import TrainConfig
+from fedmsk.data.augment import set_augment_progress
 from fedmsk.precision import Precision, resolve_precision
 from fedmsk.threads import training_threads
 
@@ -446,6 +447,7 @@ def fit(
         restore_optimizer_state(optimizer, optimizer_state)
         if schedule is None:
             schedule = RunSchedule(0, planned_steps(loader, cfg))
+        set_augment_progress(loader.dataset, schedule.start_step / max(1, schedule.total_steps))
         loop = _Loop(criterion, cfg, device, precision, proximal, schedule)
         if privacy is None:
             result = loop.run(model, loader, optimizer)

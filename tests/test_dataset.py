@@ -523,6 +523,54 @@ def test_a_site_reached_by_two_paths_gets_items_under_the_path_it_was_opened_by(
         assert items and all(i.path.is_relative_to(root) for i in items)
 
 
+def test_intensity_warmup_ramps_gamma_blur_and_noise_in_with_the_run() -> None:
+    """At the start of the run gamma, blur and noise are off (the image equals one passed
+    through no intensity transform), halfway through the warm-up they are part-way, after it
+    they are at full strength; the random stream is the same at every level, so a run's draws
+    do not depend on where the ramp stands."""
+    ramp = torch.linspace(0, 1, 48).repeat(48, 1).unsqueeze(0)
+    ranges = {"gamma": [0.5, 2.0], "blur_sigma": [0.5, 1.0], "noise_std": [0.02, 0.05]}
+    full = SeededAugment(_intensity_only(**ranges), seed=3)(ramp)
+    changed = []
+    for progress in (0.0, 0.25, 0.5, 0.9):
+        augment = SeededAugment(_intensity_only(intensity_warmup=0.5, **ranges), seed=3)
+        augment.set_progress(progress)
+        out = augment(ramp)
+        changed.append(float((out - ramp).abs().mean()))
+        if progress >= 0.5:
+            assert torch.equal(out, full)
+    assert changed[0] == 0.0
+    assert 0.0 < changed[1] < changed[2] == changed[3]
+    assert changed[2] == float((full - ramp).abs().mean())
+
+
+def test_intensity_warmup_reaches_dataloader_workers() -> None:
+    """A persistent DataLoader worker holds its own copy of the dataset; the level lives in
+    shared memory, so a worker started at the beginning of the run sees the ramp move."""
+    from torch.utils.data import DataLoader, Dataset
+
+    from fedmsk.data.augment import set_augment_progress
+
+    class Flat(Dataset):
+        def __init__(self) -> None:
+            self.transform = SeededAugment(
+                _intensity_only(noise_std=[0.1, 0.1], intensity_warmup=0.5), seed=0
+            )
+
+        def __len__(self) -> int:
+            return 4
+
+        def __getitem__(self, index: int) -> torch.Tensor:
+            return self.transform(torch.full((1, 8, 8), 0.5))
+
+    dataset = Flat()
+    loader = DataLoader(dataset, batch_size=4, num_workers=1, persistent_workers=True)
+    set_augment_progress(dataset, 0.0)
+    assert float(next(iter(loader)).std()) == 0.0
+    set_augment_progress(dataset, 1.0)
+    assert float(next(iter(loader)).std()) > 0.05
+
+
 def test_collimation_bands_cover_edges_only_at_a_bright_level() -> None:
     """Every collimated image gets a bright band on at least one edge, 3-15 % of its side
     (2-10 pixels of 64), at one level in [0.75, 1]; the middle of the image is untouched, and

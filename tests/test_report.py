@@ -221,8 +221,9 @@ def write_run(
             "each_round": "3 of 12 training sites (seeded sample), 40 steps each",
             "recipe": "adamw lr 0.001, batch 16, 5% warm-up then wsd (decay over the last 30%), "
             "zero classifier head",
-            "augmentation": "crop 85 to 100% of the area, rotation up to 10 deg, flip, "
-            "gamma 0.7 to 1.5, collimator bands on 30% of images",
+            "augmentation": "crop 85 to 100%, rotation up to 10 deg, flip, gamma 0.7 to 1.5 "
+            "(those three ramped in over the first 50% of steps), collimator bands on 30% of "
+            "images",
             "config_hash": "ab12cd34ef56ab78",
         },
         "threshold": {"value": 0.5, "source": "youden-val-histograms"},
@@ -354,8 +355,9 @@ def test_binary_report_tables_files_and_figures(tmp_path: Path) -> None:
     assert "<td>Each round trains</td><td>3 of 12 training sites (seeded sample), 40 steps" in html
     assert "<td>Optimizer, schedule, head</td><td>adamw lr 0.001, batch 16, 5% warm-up" in html
     assert (
-        "<td>Training augmentation</td><td>crop 85 to 100% of the area, rotation up to 10 deg, "
-        "flip, gamma 0.7 to 1.5, collimator bands on 30% of images</td>"
+        "<td>Training augmentation</td><td>crop 85 to 100%, rotation up to 10 deg, flip, gamma "
+        "0.7 to 1.5 (those three ramped in over the first 50% of steps), collimator bands on 30% "
+        "of images</td>"
     ) in html
     assert "pooled" in html
     assert "data:image/png;base64," in html

@@ -81,6 +81,23 @@ def test_fit_reduces_loss_on_separable_data() -> None:
     assert (after.probs.argmax(1) == after.labels).mean() > 0.9
 
 
+def test_fit_places_the_augmentation_at_the_runs_progress() -> None:
+    """A round that starts 30 % into the run trains with the intensity ramp at 30 % / 50 %:
+    the ramp follows the run's global step, as the learning rate does, not the round's."""
+    from fedmsk.data.augment import AugmentConfig, SeededAugment
+    from fedmsk.training import RunSchedule
+
+    class Augmented(TensorDataset):
+        transform = SeededAugment(AugmentConfig(intensity_warmup=0.5), seed=0)
+
+    data = separable_data()
+    dataset = Augmented(*data.tensors)
+    fit(tiny(), loader_of(dataset), replace(CFG, max_steps=1), 2, schedule=RunSchedule(30, 100))
+    assert float(dataset.transform.intensity) == pytest.approx(0.6)
+    fit(tiny(), loader_of(dataset), replace(CFG, max_steps=1), 2, schedule=RunSchedule(70, 100))
+    assert float(dataset.transform.intensity) == 1.0
+
+
 def test_max_steps_caps_the_round_and_threads_are_restored() -> None:
     torch.set_num_threads(1)
     result = fit(tiny(), loader_of(separable_data()), replace(CFG, max_steps=2, num_threads=2), 2)
