@@ -372,7 +372,7 @@ def describe_augmentation(cfg: ExperimentConfig) -> str:
     """The training-time transforms of a run, for its first lines, results.json and the
     report: the studies differ in them (geometric only, intensity, collimator bands) and a
     figure depends on them, e.g. "crop 85 to 100%, rotation up to 10 deg, flip, brightness
-    and contrast 0.1, gamma 0.7 to 1.4". Written with "to", not dashes, and without degree
+    x0.9 to 1.1, contrast x0.9 to 1.1". Written with "to", not dashes, and without degree
     signs, so the report's label filter keeps it."""
     if not cfg.data.augment:
         return "none"

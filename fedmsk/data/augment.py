@@ -67,7 +67,7 @@ class SeededAugment:
         """Place the transforms at ``progress`` (0-1, the share of the run's steps taken).
 
         Why: gamma, blur and noise hide the thin line of a fracture, and at their full ranges
-        from the first step pooled training stayed on the loss plateau for 14-32 epochs (or the
+        from the first step pooled training stayed on the loss plateau for 14-26 epochs (or the
         whole run) on draw 14 of the built-in federation; without them it left it at epochs 8-10
         (docs/benchmarks.md, "Intensity augmentation from the first step prolongs the plateau").
         Ramped in over ``intensity_warmup``, the model first finds the finding, then learns to
