@@ -64,9 +64,10 @@ def test_study_composes_at_both_scales(study: str) -> None:
     assert paper.data.root != small.data.root  # a paper-scale federation never reuses small data
     plain = compose([]).data.augmentation
     if study in INTENSITY_AUGMENTED:  # the project's recipe: gamma / blur / noise on
-        # and collimator bands, which only the VCF protocol was measured with
-        with_bands = replace(plain, collimation=0.3)
-        assert plain.collimation == 0.0
+        # and collimator bands, which only the VCF protocol was measured with; its gamma / blur /
+        # noise at full range from the first step, as measured (the default ramps them in)
+        with_bands = replace(plain, collimation=0.3, intensity_warmup=0.0)
+        assert (plain.collimation, plain.intensity_warmup) == (0.0, 0.5)
         assert small.data.augmentation == paper.data.augmentation == with_bands
         return
     # measured without gamma / blur / noise (configs/augmentation/geometric.yaml) at both scales
