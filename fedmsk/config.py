@@ -392,19 +392,20 @@ def describe_augmentation(cfg: ExperimentConfig) -> str:
     for name, amount in (("brightness", aug.brightness), ("contrast", aug.contrast)):
         if amount > 0:
             parts.append(f"{name} x{1 - amount:g} to {1 + amount:g}")
+    intensity = []
     if list(aug.gamma) != [1.0, 1.0]:
-        parts.append(f"gamma {span(aug.gamma)}")
+        intensity.append(f"gamma {span(aug.gamma)}")
     if aug.blur_sigma[1] > 0:
-        parts.append(f"blur {span(aug.blur_sigma, unit=' px')}")
+        intensity.append(f"blur {span(aug.blur_sigma, unit=' px')}")
     if aug.noise_std[1] > 0:
-        parts.append(f"noise {span(aug.noise_std)}")
+        intensity.append(f"noise {span(aug.noise_std)}")
+    if intensity and aug.intensity_warmup > 0:
+        ramp = f" (those three ramped in over the first {aug.intensity_warmup:.0%} of steps)"
+        intensity[-1] += ramp
+    parts += intensity
     if aug.collimation > 0:
         parts.append(f"collimator bands on {aug.collimation:.0%} of images")
-    intensity = list(aug.gamma) != [1.0, 1.0] or aug.blur_sigma[1] > 0 or aug.noise_std[1] > 0
-    if intensity and aug.intensity_warmup > 0:
-        parts.append(f"(those three ramped in over the first {aug.intensity_warmup:.0%} of steps)")
-    text = ", ".join(parts)
-    return text.replace(", (", " (") if parts else "none"
+    return ", ".join(parts) if parts else "none"
 
 
 def sampled_privacy_note(cfg: ExperimentConfig, training_sites: int) -> str | None:

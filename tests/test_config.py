@@ -206,6 +206,14 @@ def test_a_run_names_its_augmentation_because_the_studies_differ_in_it() -> None
     assert "flip" not in describe_augmentation(compose(off))
     # the VCF protocol keeps gamma / blur / noise from the first step, as it was measured
     assert "ramped" not in describe_augmentation(compose(["study=vcf_xray"]))
+    # the ramp is said of the intensity transforms, before the collimator bands
+    both = describe_augmentation(
+        compose(["study=vcf_xray", "data.augmentation.intensity_warmup=0.5"])
+    )
+    assert both.endswith(
+        "noise 0 to 0.05 (those three ramped in over the first 50% of steps), "
+        "collimator bands on 30% of images"
+    )
     # shown in the report as a label of at most 240 plain characters (fedmsk.report_data)
     assert safe_label(default, "(withheld)", 240) == default
 
