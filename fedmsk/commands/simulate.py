@@ -202,6 +202,15 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
 # -- commands ----------------------------------------------------------------------------------
 
 
+def print_recipe(cfg: Any) -> None:
+    """The optimizer recipe and the training augmentation, at the start of a run: both decide
+    its figures and differ between the default and the study protocols."""
+    from fedmsk.config import describe_augmentation, describe_recipe
+
+    print(f"recipe: {describe_recipe(cfg)}", flush=True)
+    print(f"augmentation: {describe_augmentation(cfg)}", flush=True)
+
+
 def print_busy_machine_warning(cfg: Any) -> None:
     """Say so when another fedmsk training shares this machine and this run takes several
     threads (:func:`fedmsk.threads.busy_machine_warning`)."""
@@ -214,12 +223,7 @@ def print_busy_machine_warning(cfg: Any) -> None:
 
 
 def simulate_once(overrides: list[str], report: bool = True) -> Path:
-    from fedmsk.config import (
-        describe_augmentation,
-        describe_recipe,
-        describe_round,
-        sampled_privacy_note,
-    )
+    from fedmsk.config import describe_round, sampled_privacy_note
     from fedmsk.models import model_label
     from fedmsk.pointing import POINTING_FILE
     from fedmsk.run_dir import ensure_not_in_use
@@ -235,8 +239,7 @@ def simulate_once(overrides: list[str], report: bool = True) -> Path:
         f"{cfg.federation.num_rounds} rounds of {describe_round(cfg, training)} -> {run_dir}",
         flush=True,
     )
-    print(f"recipe: {describe_recipe(cfg)}", flush=True)
-    print(f"augmentation: {describe_augmentation(cfg)}", flush=True)
+    print_recipe(cfg)
     print_busy_machine_warning(cfg)
     note = sampled_privacy_note(cfg, training)
     if note:

@@ -21,16 +21,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from fedmsk.centralized import run_centralized
-    from fedmsk.commands.simulate import prepare, print_busy_machine_warning, print_final_results
-    from fedmsk.config import describe_augmentation, describe_recipe
+    from fedmsk.commands.simulate import (
+        prepare,
+        print_busy_machine_warning,
+        print_final_results,
+        print_recipe,
+    )
 
     if args.mode == "local" and not args.site:
         print("fedmsk train: --mode local needs --site", file=sys.stderr)
         return 2
     try:
         cfg = prepare(args.overrides).cfg
-        print(f"recipe: {describe_recipe(cfg)}", flush=True)
-        print(f"augmentation: {describe_augmentation(cfg)}", flush=True)
+        print_recipe(cfg)
         print_busy_machine_warning(cfg)
         run_dir = run_centralized(cfg, args.mode, args.site, progress=sys.stdout)
         print_final_results(run_dir)
