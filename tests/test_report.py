@@ -829,12 +829,48 @@ def test_summary_is_quiet_when_nothing_is_wrong_and_flags_a_flat_loss(tmp_path: 
     quiet_run(tmp_path)
     assert build_summary(load_run(tmp_path)).warnings == []
     flat = [
-        {"round": r, "phase": "train", "site": None, "train-loss": 0.69 - 0.001 * r}
+        {"round": r, "phase": "train", "site": None, "train-loss": 0.60 - 0.001 * r}
         for r in range(1, 6)
     ]
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in flat) + "\n")
     warnings = build_summary(load_run(tmp_path)).warnings
     assert len(warnings) == 1 and warnings[0].startswith("Training did not converge")
+    assert "(round 1) to only 0.595 (round 5)" in warnings[0]
+
+
+def test_a_run_that_never_left_its_starting_plateau_says_so_and_what_to_do(
+    tmp_path: Path, capsys
+) -> None:
+    """A loss that stays at ln 2 (what a class-weighted binary model that ignores the image
+    scores) is named as the plateau in the report and in the terminal, with another seed as the
+    remedy; a pooled run counts epochs. A loss that fell, even slowly, is not called a plateau."""
+    from fedmsk.commands.simulate import print_final_results
+    from fedmsk.report_summary import build_summary
+
+    results = quiet_run(tmp_path)
+    stuck = [
+        {"round": r, "phase": "train", "site": None, "train-loss": 0.70 - 0.0005 * r}
+        for r in range(1, 25)
+    ]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in stuck) + "\n")
+    warnings = build_summary(load_run(tmp_path)).warnings
+    assert len(warnings) == 1
+    assert warnings[0].startswith("Training never left its starting plateau: the training loss")
+    assert "ended at 0.688 (round 24)" in warnings[0] and "ln 2 = 0.693" in warnings[0]
+    assert "another seed=" in warnings[0]
+    assert "never left its starting plateau" in build_report(tmp_path).html.read_text()
+
+    results["run"]["mode"] = "pooled"
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    print_final_results(tmp_path)
+    out = capsys.readouterr().out
+    assert "warning: Training never left its starting plateau" in out and "(epoch 24)" in out
+
+    learned = [{**point, "train-loss": 0.70 - 0.012 * point["round"]} for point in stuck]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in learned) + "\n")
+    assert build_summary(load_run(tmp_path)).warnings == []
+    print_final_results(tmp_path)
+    assert "warning" not in capsys.readouterr().out
 
 
 def test_rounds_that_were_not_aggregated_are_warned_about(tmp_path: Path, capsys) -> None:

@@ -267,6 +267,7 @@ def print_final_results(run_dir: Path) -> None:
     """The final model on each held-out center (the external test), as a reader wants it."""
     from fedmsk.progress import format_auc
     from fedmsk.report_data import run_history, skipped_rounds, skipped_rounds_text
+    from fedmsk.report_summary import training_loss_warnings
 
     results = json.loads((run_dir / "results.json").read_text())
     for alias, site in sorted(results.get("sites", {}).items()):
@@ -280,10 +281,14 @@ def print_final_results(run_dir: Path) -> None:
         else:
             score = "no score (one class only?)"
         print(f"held-out center {alias}: {score}, n={site.get('n')}", flush=True)
-    skipped = skipped_rounds(run_history(run_dir))
+    history = run_history(run_dir)
+    skipped = skipped_rounds(history)
     if skipped:
         text = skipped_rounds_text(skipped, results.get("run", {}).get("rounds"))
         print(f"warning: {text}: this model trained on fewer rounds than planned", flush=True)
+    run = results.get("run", {})
+    for line in training_loss_warnings(history, len(run.get("classes") or []), run.get("mode", "")):
+        print(f"warning: {line}", flush=True)
 
 
 def _study_analysis(cfg: Any, run_dir: Path) -> None:
