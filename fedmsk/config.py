@@ -58,9 +58,10 @@ class AugmentConfig:
     intensity range; [1, 1] / [0, 0] switch a transform off. ``collimation`` is the chance that
     an image gets bright bands along some of its edges, as a collimator's shutters leave on a
     radiograph (see :meth:`fedmsk.data.augment.SeededAugment.collimate`); 0 switches it off.
-    ``intensity_warmup`` is the share of the run's steps over which gamma, blur and noise grow
-    linearly from off to their full ranges (0: full from the first step); it follows the run's
-    global step, like the learning rate, so a federation ramps over its rounds.
+    ``intensity_start`` and ``intensity_warmup`` are shares of the run's steps: gamma, blur and
+    noise are off until ``intensity_start``, then grow linearly to their full ranges at
+    ``intensity_warmup`` (warm-up 0: full from the first step). They follow the run's global
+    step, like the learning rate, so a federation ramps over its rounds.
     """
 
     crop_scale: list[float] = field(default_factory=lambda: [0.85, 1.0])
@@ -74,6 +75,16 @@ class AugmentConfig:
     hflip: bool = True
     collimation: float = 0.0
     intensity_warmup: float = 0.0
+    intensity_start: float = 0.0
+
+    def __post_init__(self) -> None:
+        start, warmup = self.intensity_start, self.intensity_warmup
+        if not (0.0 <= start < warmup <= 1.0 or start == warmup == 0.0):
+            raise ValueError(
+                "data.augmentation: need 0 <= intensity_start < intensity_warmup <= 1 (or both 0:"
+                f" gamma, blur and noise at full range from the first step), got intensity_start"
+                f" {start:g}, intensity_warmup {warmup:g}"
+            )
 
 
 @dataclass
@@ -400,8 +411,14 @@ def describe_augmentation(cfg: ExperimentConfig) -> str:
     if aug.noise_std[1] > 0:
         intensity.append(f"noise {span(aug.noise_std)}")
     if intensity and aug.intensity_warmup > 0:
-        ramp = f" (those three ramped in over the first {aug.intensity_warmup:.0%} of steps)"
-        intensity[-1] += ramp
+        if aug.intensity_start > 0:
+            ramp = (
+                f"those three off for the first {aug.intensity_start:.0%} of steps, then ramped in"
+                f" to full by {aug.intensity_warmup:.0%}"
+            )
+        else:
+            ramp = f"those three ramped in over the first {aug.intensity_warmup:.0%} of steps"
+        intensity[-1] += f" ({ramp})"
     parts += intensity
     if aug.collimation > 0:
         parts.append(f"collimator bands on {aug.collimation:.0%} of images")

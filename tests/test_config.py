@@ -194,7 +194,7 @@ def test_a_run_names_its_augmentation_because_the_studies_differ_in_it() -> None
     assert default == (
         "crop 85 to 100%, rotation up to 10 deg, flip, brightness x0.9 to 1.1, "
         "contrast x0.9 to 1.1, gamma 0.7 to 1.5, blur 0 to 1 px, noise 0 to 0.05 "
-        "(those three ramped in over the first 50% of steps)"
+        "(those three off for the first 30% of steps, then ramped in to full by 60%)"
     )
     geometric = describe_augmentation(compose(["study=gout_mtp1_us"]))
     assert geometric.endswith("flip, brightness x0.9 to 1.1, contrast x0.9 to 1.1")

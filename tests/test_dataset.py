@@ -544,6 +544,23 @@ def test_intensity_warmup_ramps_gamma_blur_and_noise_in_with_the_run() -> None:
     assert changed[2] == float((full - ramp).abs().mean())
 
 
+def test_intensity_start_keeps_the_transforms_off_then_ramps_them_in() -> None:
+    """With a start, gamma, blur and noise stay off until ``intensity_start``, are at half
+    strength midway to ``intensity_warmup`` and full from there; a start that is not before the
+    warm-up's end fails when the configuration is built, naming both settings."""
+    augment = SeededAugment(
+        _intensity_only(noise_std=[0.1, 0.1], intensity_start=0.3, intensity_warmup=0.6), seed=0
+    )
+    levels = []
+    for progress in (0.0, 0.29, 0.45, 0.6, 1.0):
+        augment.set_progress(progress)
+        levels.append(float(augment.intensity))
+    assert levels == pytest.approx([0.0, 0.0, 0.5, 1.0, 1.0])
+    for start, warmup in ((0.6, 0.6), (0.7, 0.5), (0.3, 0.0), (-0.1, 0.5), (0.2, 1.5)):
+        with pytest.raises(ValueError, match=f"intensity_start {start:g}, intensity_warmup"):
+            AugmentConfig(intensity_start=start, intensity_warmup=warmup)
+
+
 def test_intensity_warmup_reaches_dataloader_workers() -> None:
     """A persistent DataLoader worker holds its own copy of the dataset; the level lives in
     shared memory, so a worker started at the beginning of the run sees the ramp move."""

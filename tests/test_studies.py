@@ -66,8 +66,8 @@ def test_study_composes_at_both_scales(study: str) -> None:
     if study in INTENSITY_AUGMENTED:  # the project's recipe: gamma / blur / noise on
         # and collimator bands, which only the VCF protocol was measured with; its gamma / blur /
         # noise at full range from the first step, as measured (the default ramps them in)
-        with_bands = replace(plain, collimation=0.3, intensity_warmup=0.0)
-        assert (plain.collimation, plain.intensity_warmup) == (0.0, 0.5)
+        with_bands = replace(plain, collimation=0.3, intensity_start=0.0, intensity_warmup=0.0)
+        assert (plain.collimation, plain.intensity_start, plain.intensity_warmup) == (0.0, 0.3, 0.6)
         assert small.data.augmentation == paper.data.augmentation == with_bands
         return
     # measured without gamma / blur / noise (configs/augmentation/geometric.yaml) at both scales
