@@ -325,10 +325,12 @@ def build_summary(data: RunData) -> Summary:
     summary.headline.extend(pointing_sentence(row) for row in data.pointing if row.n)
     summary.headline.append(_privacy_line(data))
     summary.headline.extend(_failure_lines(data))
+    # Causes before symptoms: a model that trained on fewer rounds, or never left its starting
+    # plateau, explains an operating point that did not transfer and an AUC near chance.
     summary.warnings.extend(_skipped_round_warnings(data))
+    summary.warnings.extend(_convergence_warnings(data))
     summary.warnings.extend(_transfer_warnings(data))
     summary.warnings.extend(_one_class_warnings(data))
     summary.warnings.extend(_chance_warnings(data))
-    summary.warnings.extend(_convergence_warnings(data))
     summary.warnings.extend(_pointing_warnings(data))
     return summary

@@ -858,7 +858,19 @@ def test_a_run_that_never_left_its_starting_plateau_says_so_and_what_to_do(
     assert warnings[0].startswith("Training never left its starting plateau: the training loss")
     assert "ended at 0.688 (round 24)" in warnings[0] and "ln 2 = 0.693" in warnings[0]
     assert "another seed=" in warnings[0]
-    assert "never left its starting plateau" in build_report(tmp_path).html.read_text()
+    html_text = build_report(tmp_path).html.read_text()
+    assert "never left its starting plateau" in html_text
+    # the cause comes before the symptoms it explains (here an AUC near chance)
+    auc = results["sites"]["site09"]["summary"]
+    kept = auc["auc"], auc["auc_ci95"]
+    auc["auc"], auc["auc_ci95"] = 0.48, [0.38, 0.58]
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    warnings = build_summary(load_run(tmp_path)).warnings
+    assert [w.split(":")[0] for w in warnings] == [
+        "Training never left its starting plateau",
+        "On site09 the model is not distinguishable from chance",
+    ]
+    auc["auc"], auc["auc_ci95"] = kept
 
     results["run"]["mode"] = "pooled"
     (tmp_path / "results.json").write_text(json.dumps(results))
