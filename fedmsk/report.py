@@ -467,6 +467,9 @@ def _run_section(doc: Document, data: RunData) -> None:
         "config_hash": "Config hash",
         "privacy_unit": "DP protects one",
     }
+    # a pooled or local-only run records its epochs under "rounds"
+    if data.run.fields.get("mode", "federated") != "federated":
+        labels["rounds"] = "Epochs"
     rows = [[labels[k], v] for k, v in data.run.fields.items()]
     if data.run.classes:
         rows.append(["Classes", ", ".join(data.run.classes)])

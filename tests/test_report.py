@@ -872,11 +872,14 @@ def test_a_run_that_never_left_its_starting_plateau_says_so_and_what_to_do(
     ]
     auc["auc"], auc["auc_ci95"] = kept
 
+    assert "<td>Rounds</td><td>5</td>" in html_text
     results["run"]["mode"] = "pooled"
     (tmp_path / "results.json").write_text(json.dumps(results))
     print_final_results(tmp_path)
     out = capsys.readouterr().out
     assert "warning: Training never left its starting plateau" in out and "(epoch 24)" in out
+    pooled_html = build_report(tmp_path).html.read_text()
+    assert "<td>Epochs</td><td>5</td>" in pooled_html and "<td>Rounds</td>" not in pooled_html
 
     learned = [{**point, "train-loss": 0.70 - 0.012 * point["round"]} for point in stuck]
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in learned) + "\n")
