@@ -32,6 +32,7 @@ from fedmsk.report_data import (
     RunData,
     SiteResult,
     SummaryView,
+    history_unit,
     load_run,
 )
 from fedmsk.report_summary import (
@@ -467,9 +468,7 @@ def _run_section(doc: Document, data: RunData) -> None:
         "config_hash": "Config hash",
         "privacy_unit": "DP protects one",
     }
-    # a pooled or local-only run records its epochs under "rounds"
-    if data.run.fields.get("mode", "federated") != "federated":
-        labels["rounds"] = "Epochs"
+    labels["rounds"] = history_unit(data.run.fields.get("mode")).capitalize() + "s"
     rows = [[labels[k], v] for k, v in data.run.fields.items()]
     if data.run.classes:
         rows.append(["Classes", ", ".join(data.run.classes)])

@@ -766,6 +766,12 @@ def _history(path: Path) -> list[MetricPoint]:
     return points
 
 
+def history_unit(mode: object) -> str:
+    """What a run's "round" counts: a pooled or local-only run records one point per epoch
+    under it, a federated run (or one that does not say) one per round."""
+    return "epoch" if mode in ("pooled", "local") else "round"
+
+
 def skipped_rounds(history: list[MetricPoint]) -> list[int]:
     """Rounds that were not aggregated, in order: the final model trained on fewer rounds than
     the run planned, which a reader of its figures must be told."""

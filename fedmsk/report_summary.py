@@ -20,6 +20,7 @@ from fedmsk.report_data import (
     RunData,
     SiteResult,
     SummaryView,
+    history_unit,
     skipped_rounds,
     skipped_rounds_text,
 )
@@ -160,11 +161,10 @@ def _chance_warnings(data: RunData) -> list[str]:
 
 
 def _convergence_warnings(data: RunData) -> list[str]:
-    mode = str(data.run.fields.get("mode", ""))
-    return training_loss_warnings(data.history, len(data.run.classes), mode)
+    return training_loss_warnings(data.history, len(data.run.classes), data.run.fields.get("mode"))
 
 
-def training_loss_warnings(history: list[MetricPoint], num_classes: int, mode: str) -> list[str]:
+def training_loss_warnings(history: list[MetricPoint], num_classes: int, mode: object) -> list[str]:
     """A training loss that did not fall, and when it stayed where a prediction that ignores
     the image scores, what that means and what to do.
 
@@ -182,10 +182,9 @@ def training_loss_warnings(history: list[MetricPoint], num_classes: int, mode: s
     if len(losses) < 3:
         return []
     first, last = losses[0][1], losses[-1][1]
-    # a pooled or local-only run records one point per epoch under "round"
-    unit = "round" if mode == "federated" else "epoch"
     if not (first > 0 and last > STALLED_LOSS_RATIO * first):
         return []
+    unit = history_unit(mode)
     chance = math.log(num_classes) if num_classes >= 2 else None
     if chance is not None and last >= PLATEAU_SHARE * chance:
         return [

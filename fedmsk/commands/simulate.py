@@ -282,12 +282,12 @@ def print_final_results(run_dir: Path) -> None:
             score = "no score (one class only?)"
         print(f"held-out center {alias}: {score}, n={site.get('n')}", flush=True)
     history = run_history(run_dir)
+    run = results.get("run", {})
     skipped = skipped_rounds(history)
     if skipped:
-        text = skipped_rounds_text(skipped, results.get("run", {}).get("rounds"))
+        text = skipped_rounds_text(skipped, run.get("rounds"))
         print(f"warning: {text}: this model trained on fewer rounds than planned", flush=True)
-    run = results.get("run", {})
-    for line in training_loss_warnings(history, len(run.get("classes") or []), run.get("mode", "")):
+    for line in training_loss_warnings(history, len(run.get("classes") or []), run.get("mode")):
         print(f"warning: {line}", flush=True)
 
 
