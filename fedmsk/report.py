@@ -460,7 +460,8 @@ def _run_section(doc: Document, data: RunData) -> None:
         "strategy": "Strategy",
         "model": "Model",
         "task": "Task",
-        "rounds": "Rounds",
+        # a pooled or local-only run counts epochs where a federated run counts rounds
+        "rounds": history_unit(data.run.fields.get("mode")).capitalize() + "s",
         "each_round": "Each round trains",
         "recipe": "Optimizer, schedule, head",
         "augmentation": "Training augmentation",
@@ -468,7 +469,6 @@ def _run_section(doc: Document, data: RunData) -> None:
         "config_hash": "Config hash",
         "privacy_unit": "DP protects one",
     }
-    labels["rounds"] = history_unit(data.run.fields.get("mode")).capitalize() + "s"
     rows = [[labels[k], v] for k, v in data.run.fields.items()]
     if data.run.classes:
         rows.append(["Classes", ", ".join(data.run.classes)])
