@@ -22,6 +22,7 @@ from fedmsk.config import (
     ExperimentConfig,
     config_hash,
     describe_augmentation,
+    describe_input,
     describe_recipe,
     sites_per_round,
 )
@@ -265,6 +266,7 @@ def run_centralized(
                 "rounds": epochs,
                 "recipe": describe_recipe(cfg),
                 "augmentation": describe_augmentation(cfg),
+                "input": describe_input(cfg),
                 "precision": trained_in,
                 "config_hash": config_hash(cfg),
                 "training_sites": trained_on,

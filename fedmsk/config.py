@@ -93,8 +93,11 @@ class DataConfig:
 
     ``root`` holds one folder per site (each with ``manifest.csv``) and ``federation.json``
     naming the training and held-out sites. ``synthetic_seed`` draws the built-in synthetic
-    federation (another seed, another federation from the same generator). ``standardize``
-    gives every image zero mean and unit variance after augmentation. In deployment each node
+    federation (another seed, another federation from the same generator). After
+    augmentation, ``local_contrast`` (a Gaussian sigma in pixels of the model input; 0: off)
+    divides each pixel's deviation from its neighbourhood by the neighbourhood's spread, and
+    ``standardize`` gives every image zero mean and unit variance
+    (:mod:`fedmsk.data.intensity`). In deployment each node
     reads only its own site directory from its node config; ``root`` is then unused on the
     server.
     """
@@ -113,10 +116,19 @@ class DataConfig:
     augment: bool = True
     augmentation: AugmentConfig = field(default_factory=AugmentConfig)
     standardize: bool = False
+    local_contrast: float = 0.0
+    local_contrast_floor: float = 0.02
     # auto: loader workers and pinned memory on a CUDA node, none on a CPU node
     # (fedmsk/data/loader_settings.py); a number is used as given
     num_workers: str = "auto"
     min_examples_per_class: int = 2
+
+    def __post_init__(self) -> None:
+        if self.local_contrast < 0 or self.local_contrast_floor <= 0:
+            raise ValueError(
+                "data.local_contrast must be >= 0 pixels (0: off) and data.local_contrast_floor"
+                f" > 0, got {self.local_contrast:g} and {self.local_contrast_floor:g}"
+            )
 
 
 @dataclass
@@ -377,6 +389,14 @@ def describe_recipe(cfg: ExperimentConfig) -> str:
         else f"random classifier head x{scale:g}"
     )
     return f"{train.optimizer} lr {train.lr:g}, batch {train.batch_size}, {schedule}, {head}"
+
+
+def describe_input(cfg: ExperimentConfig) -> str:
+    """How each image is normalised after augmentation, for the start of a run, results.json
+    and the report (:meth:`fedmsk.data.intensity.InputNorm.describe`)."""
+    from fedmsk.data.intensity import InputNorm
+
+    return InputNorm.from_config(cfg.data).describe()
 
 
 def describe_augmentation(cfg: ExperimentConfig) -> str:

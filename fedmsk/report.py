@@ -465,6 +465,7 @@ def _run_section(doc: Document, data: RunData) -> None:
         "each_round": "Each round trains",
         "recipe": "Optimizer, schedule, head",
         "augmentation": "Training augmentation",
+        "input": "Input normalisation",
         "precision": "Trained in (scored in fp32)",
         "config_hash": "Config hash",
         "privacy_unit": "DP protects one",

@@ -28,6 +28,7 @@ RUN_FIELDS = (
     "each_round",
     "recipe",
     "augmentation",
+    "input",
     "precision",
     "config_hash",
     "privacy_unit",

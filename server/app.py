@@ -24,6 +24,7 @@ from fedmsk.config import (
     compose,
     config_hash,
     describe_augmentation,
+    describe_input,
     describe_recipe,
     describe_round,
     overrides_from_run_config,
@@ -161,6 +162,7 @@ def write_results(
                 "each_round": describe_round(cfg, len(recorder.training_node_ids())),
                 "recipe": describe_recipe(cfg),
                 "augmentation": describe_augmentation(cfg),
+                "input": describe_input(cfg),
                 "precision": describe_precisions(
                     {a: s.get("trained_in") for a, s in sites.items() if s.get("role") == "train"}
                 ),

@@ -16,7 +16,7 @@ import fedmsk.data.cache as cache_module
 from fedmsk.config import DataConfig, TaskConfig, TrainConfig
 from fedmsk.data.augment import AugmentConfig, SeededAugment, static_augment
 from fedmsk.data.cache import PreprocessCache, PreprocessParams, preprocess
-from fedmsk.data.dataset import build_site_loaders
+from fedmsk.data.dataset import DatasetPool, build_site_loaders
 from fedmsk.data.dicom_write import write_dicom
 from fedmsk.data.errors import ImageReadError
 from fedmsk.data.images import load_image
@@ -402,13 +402,35 @@ def test_standardized_images_have_zero_mean_and_unit_variance(tmp_path: Path) ->
     data.standardize = True
     loaders = build_site_loaders(site, TASK, data, TrainConfig(batch_size=4), seed=0)
     train = loaders.dataset("train")
-    assert train is not None and train.standardize
+    assert train is not None and train.norm.standardize
     image, _ = train[0]
     assert abs(float(image.mean())) < 1e-4 and abs(float(image.std()) - 1.0) < 1e-3
     plain = train.unaugmented()
-    assert plain.transform is None and plain.standardize and plain.items == train.items
+    assert plain.transform is None and plain.norm.standardize and plain.items == train.items
     again, _ = plain[0]
     assert torch.allclose(again, plain[0][0])  # unaugmented reads repeat exactly
+
+
+def test_local_contrast_reaches_every_split_and_a_pool_rebuilds_when_it_changes(
+    tmp_path: Path,
+) -> None:
+    site = _site(tmp_path, patients=6)
+    data = _data()
+    pool = DatasetPool()
+    plain = pool.get(site, TASK, data, TrainConfig()).datasets["val"]
+    data.local_contrast = 3.0
+    normalised = pool.get(site, TASK, data, TrainConfig()).datasets["val"]
+    assert plain is not None and normalised is not None
+    assert plain.norm.local_contrast == 0 and normalised.norm.local_contrast == 3.0
+    raw, _ = plain[0]
+    image, _ = normalised[0]
+    assert float(raw.min()) >= 0.0 and float(image.min()) < 0.0  # deviations from the local mean
+    loaders = build_site_loaders(site, TASK, data, TrainConfig(batch_size=4), seed=0)
+    for split in ("train", "val", "test"):
+        dataset = loaders.dataset(split)
+        assert dataset is not None and dataset.norm.local_contrast == 3.0
+    train = loaders.dataset("train")
+    assert train is not None and train.unaugmented().norm == train.norm
 
 
 def test_a_dataset_pool_validates_a_site_once_and_gives_the_same_batches(

@@ -203,12 +203,14 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
 
 
 def print_recipe(cfg: Any) -> None:
-    """The optimizer recipe and the training augmentation, at the start of a run: both decide
-    its figures and differ between the default and the study protocols."""
-    from fedmsk.config import describe_augmentation, describe_recipe
+    """The optimizer recipe, the training augmentation and the input normalisation, at the
+    start of a run: each decides its figures and differs between the default and the study
+    protocols."""
+    from fedmsk.config import describe_augmentation, describe_input, describe_recipe
 
     print(f"recipe: {describe_recipe(cfg)}", flush=True)
     print(f"augmentation: {describe_augmentation(cfg)}", flush=True)
+    print(f"input normalisation: {describe_input(cfg)}", flush=True)
 
 
 def print_busy_machine_warning(cfg: Any) -> None:

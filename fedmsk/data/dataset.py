@@ -31,6 +31,7 @@ from fedmsk.config import DataConfig, TaskConfig, TrainConfig
 from fedmsk.data.augment import SeededAugment, worker_init_fn
 from fedmsk.data.cache import PreprocessCache, PreprocessParams, default_cache_dir, to_float
 from fedmsk.data.errors import ImageReadError
+from fedmsk.data.intensity import InputNorm
 from fedmsk.data.loader_settings import IN_PROCESS, LoaderSettings, resolve_loader_settings
 from fedmsk.data.manifest import ManifestRow, manifest_path, read_manifest
 from fedmsk.data.splits import assign_splits, find_split_issues
@@ -66,17 +67,17 @@ class SiteDataset(Dataset):
         cache: PreprocessCache,
         transform: Transform | None = None,
         skipped: list[ImageReadError] | None = None,
-        standardize: bool = False,
+        norm: InputNorm | None = None,
     ) -> None:
         self.items = list(items)
         self.cache = cache
         self.transform = transform
         self.skipped = list(skipped or [])
-        self.standardize = standardize
+        self.norm = norm or InputNorm()
 
     def with_transform(self, transform: Transform | None) -> SiteDataset:
         """The same validated images with another augmentation (a new seed each round)."""
-        return SiteDataset(self.items, self.cache, transform, self.skipped, self.standardize)
+        return SiteDataset(self.items, self.cache, transform, self.skipped, self.norm)
 
     def one_per_patient(self) -> SiteDataset:
         """One image per patient (the one whose content hash sorts first, so the choice is
@@ -88,13 +89,13 @@ class SiteDataset(Dataset):
             if kept is None or item.digest < kept.digest:
                 chosen[item.patient_id] = item
         items = [item for item in self.items if chosen[item.patient_id] is item]
-        return SiteDataset(items, self.cache, self.transform, self.skipped, self.standardize)
+        return SiteDataset(items, self.cache, self.transform, self.skipped, self.norm)
 
     def unaugmented(self, items: list[SiteItem] | None = None) -> SiteDataset:
         """The same images (or ``items`` read through the same cache) without augmentation,
-        with the same input standardisation: what evaluation and statistics passes read."""
+        with the same input normalisation: what evaluation and statistics passes read."""
         chosen = self.items if items is None else items
-        return SiteDataset(chosen, self.cache, transform=None, standardize=self.standardize)
+        return SiteDataset(chosen, self.cache, transform=None, norm=self.norm)
 
     @classmethod
     def from_rows(
@@ -104,7 +105,7 @@ class SiteDataset(Dataset):
         classes: list[str],
         cache: PreprocessCache,
         transform: Transform | None = None,
-        standardize: bool = False,
+        norm: InputNorm | None = None,
     ) -> SiteDataset:
         """Validate ``rows`` through ``cache``; unreadable images are skipped and collected."""
         items: list[SiteItem] = []
@@ -120,7 +121,7 @@ class SiteDataset(Dataset):
                 continue
             label = classes.index(row.label)
             items.append(SiteItem(path, label, row.patient_id, digest, row.view))
-        return cls(items, cache, transform, skipped, standardize)
+        return cls(items, cache, transform, skipped, norm)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -138,9 +139,7 @@ class SiteDataset(Dataset):
             tensor = torch.from_numpy(to_float(array))
             if self.transform is not None:
                 tensor = self.transform(tensor)
-            if self.standardize:
-                tensor = standardize_image(tensor)
-            return tensor, item.label
+            return self.norm(tensor), item.label
         raise IndexError("no readable image left in this dataset")
 
     def labels(self) -> list[int]:
@@ -162,16 +161,6 @@ class SiteDataset(Dataset):
     def class_counts(self, num_classes: int) -> list[int]:
         counts = np.bincount(np.asarray(self.labels(), dtype=np.int64), minlength=num_classes)
         return [int(c) for c in counts]
-
-
-def standardize_image(tensor: torch.Tensor) -> torch.Tensor:
-    """Zero mean and unit variance per image and channel: removes a center's overall
-    brightness and contrast, which otherwise differ more between hospitals than between
-    classes."""
-    dims = tuple(range(1, tensor.ndim))
-    mean = tensor.mean(dim=dims, keepdim=True)
-    std = tensor.std(dim=dims, keepdim=True)
-    return (tensor - mean) / (std + 1e-6)
 
 
 @dataclass
@@ -298,7 +287,7 @@ def build_site_datasets(
                 cache,
                 None,
                 [],
-                data.standardize,
+                InputNorm.from_config(data),
             )
             for split in order
         }
@@ -311,7 +300,7 @@ def build_site_datasets(
     for split in order:
         split_rows = [r for r in rows if r.split == split]
         datasets[split] = SiteDataset.from_rows(
-            site_dir, split_rows, task.classes, cache, None, data.standardize
+            site_dir, split_rows, task.classes, cache, None, InputNorm.from_config(data)
         )
         skipped.extend(datasets[split].skipped)
     duplicates = _drop_duplicates(datasets, order)
@@ -361,7 +350,8 @@ class DatasetPool:
         self, site_dir: Path, task: TaskConfig, data: DataConfig, train: TrainConfig
     ) -> SiteDatasets:
         site_dir = Path(site_dir).resolve()
-        key = _datasets_key(site_dir, task, data)
+        # the normalisation is baked into the datasets, not into the validated index
+        key = (*_datasets_key(site_dir, task, data), InputNorm.from_config(data))
         entry = self._entries.get(site_dir)
         if entry is None or entry[0] != key:
             entry = (key, build_site_datasets(site_dir, task, data, train))
