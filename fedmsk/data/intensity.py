@@ -81,8 +81,9 @@ def _gaussian_taps(sigma: float) -> torch.Tensor:
 
 
 def _gaussian_blur(image: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
-    """Separable blur of a (1, C, H, W) batch, mirrored at the borders (the cost of a 25-tap
-    kernel stays under a millisecond for a 128 px image on one core)."""
+    """Separable blur of a (1, C, H, W) batch, mirrored at the borders. Not torchvision's
+    ``gaussian_blur`` (used by the augmentation): it convolves the full 2-D kernel, and at
+    sigma 4 (25 x 25 taps) a pooled epoch took about 10 s against 5.5 s this way on one core."""
     channels = image.shape[1]
     radius = (taps.numel() - 1) // 2
     across = taps.view(1, 1, 1, -1).expand(channels, 1, 1, -1)
