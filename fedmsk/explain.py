@@ -15,7 +15,8 @@ of the image, so the network's stride-2 sampling does not print the same spots o
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -401,6 +402,25 @@ def _iter_batches(data: Any, batch_size: int) -> Iterable[tuple[torch.Tensor, to
         yield images, torch.as_tensor(labels).long().view(-1)
 
 
+def _as_read_batches(data: Any, batch_size: int) -> Iterator[torch.Tensor | None]:
+    """Batches of the images as read (before input normalisation), aligned with the batches of
+    ``data``, where its dataset can give them (``as_read``) and its order is fixed; otherwise
+    None for each batch, and the grid shows the model's input."""
+    from torch.utils.data import ConcatDataset, DataLoader, SequentialSampler
+
+    loader = data if isinstance(data, DataLoader) else None
+    dataset = loader.dataset if loader is not None else data
+    parts = dataset.datasets if isinstance(dataset, ConcatDataset) else [dataset]
+    if not all(callable(getattr(part, "as_read", None)) for part in parts):
+        return itertools.repeat(None)
+    if loader is not None:
+        if loader.batch_size is None or not isinstance(loader.sampler, SequentialSampler):
+            return itertools.repeat(None)
+        batch_size = loader.batch_size
+    shown = ConcatDataset([part.as_read() for part in parts])
+    return (batch[0] for batch in DataLoader(shown, batch_size=batch_size))
+
+
 def _outcome_group(label: int, prob: np.ndarray, threshold: float, classes: Sequence[str]) -> str:
     """Binary: TP/FP/FN/TN of the positive class (index 1). Multi-class: the true class."""
     if len(classes) == 2:
@@ -425,7 +445,9 @@ def cam_grid_by_outcome(
 
     Binary tasks: rows are true/false positives/negatives at ``threshold`` on the positive class
     (index 1), and the CAM explains the positive class. Multi-class: one row per true class; the
-    CAM explains the predicted class and each title names it. The images stay on this machine.
+    CAM explains the predicted class and each title names it. The heatmap is computed on the
+    model's input and drawn over the image as read where the dataset gives it (``as_read``: no
+    input normalisation). The images stay on this machine.
     """
     if len(classes) < 2:
         raise ValueError(f"classes must name at least two classes, got {list(classes)}")
@@ -435,24 +457,31 @@ def cam_grid_by_outcome(
         if binary
         else [f"true {name}" for name in classes]
     )
-    chosen: dict[str, list[tuple[torch.Tensor, int, int, float]]] = {row: [] for row in rows}
+    # (model input, label, predicted class, score, image shown under the heatmap)
+    chosen: dict[str, list[tuple[torch.Tensor, int, int, float, torch.Tensor]]] = {
+        row: [] for row in rows
+    }
     available = {row: 0 for row in rows}
     scanned = 0
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
-        for images, labels in _iter_batches(data, batch_size):
+        batches = zip(
+            _iter_batches(data, batch_size), _as_read_batches(data, batch_size), strict=False
+        )
+        for (images, labels), as_read in batches:
             with torch.no_grad():
                 probs = torch.softmax(model(images.to(device).float()), dim=1).cpu().numpy()
-            for image, label, prob in zip(images, labels.tolist(), probs, strict=True):
+            shown = images if as_read is None else as_read
+            for image, label, prob, seen in zip(images, labels.tolist(), probs, shown, strict=True):
                 scanned += 1
                 group = _outcome_group(int(label), prob, threshold, classes)
                 available[group] += 1
                 if len(chosen[group]) < per_group:
                     predicted = int(np.argmax(prob))
                     score = float(prob[1] if binary else prob[predicted])
-                    chosen[group].append((image, int(label), predicted, score))
+                    chosen[group].append((image, int(label), predicted, score, seen))
     finally:
         model.train(was_training)
     drawn = _cam_rows(model, chosen, rows, classes, binary, method)
@@ -463,7 +492,7 @@ def cam_grid_by_outcome(
 
 def _cam_rows(
     model: nn.Module,
-    chosen: dict[str, list[tuple[torch.Tensor, int, int, float]]],
+    chosen: dict[str, list[tuple[torch.Tensor, int, int, float, torch.Tensor]]],
     rows: list[str],
     classes: Sequence[str],
     binary: bool,
@@ -482,6 +511,7 @@ def _cam_rows(
             titles = [f"p({classes[1]})={item[3]:.2f}" for item in items]
         else:
             titles = [f"pred {classes[item[2]]} ({item[3]:.2f})" for item in items]
-        cells = [overlay(img, heat) for img, heat in zip(images, heatmaps, strict=True)]
+        shown = [item[4] for item in items]
+        cells = [overlay(img, heat) for img, heat in zip(shown, heatmaps, strict=True)]
         drawn.append((row, cells, titles))
     return drawn

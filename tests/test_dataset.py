@@ -425,6 +425,8 @@ def test_local_contrast_reaches_every_split_and_a_pool_rebuilds_when_it_changes(
     raw, _ = plain[0]
     image, _ = normalised[0]
     assert float(raw.min()) >= 0.0 and float(image.min()) < 0.0  # deviations from the local mean
+    shown, _ = normalised.as_read()[0]  # what a heatmap is drawn over: the image as read
+    assert torch.equal(shown, raw) and normalised.as_read().norm.local_contrast == 0
     loaders = build_site_loaders(site, TASK, data, TrainConfig(batch_size=4), seed=0)
     for split in ("train", "val", "test"):
         dataset = loaders.dataset(split)

@@ -248,3 +248,54 @@ def test_layercam_map_moves_with_the_image() -> None:
 
     raw, dealiased = mismatch(False), mismatch(True)
     assert dealiased < 0.04 < 0.08 < raw, (dealiased, raw)
+
+
+class _NormalisedImages(torch.utils.data.Dataset):
+    """A dataset whose model input differs from the image as read (like local contrast
+    normalisation): the grid must draw the heatmap over the image as read."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index] * -3.0 + 1.0, int(self.labels[index])
+
+    def as_read(self) -> TensorDataset:
+        return TensorDataset(self.images, self.labels)
+
+
+@pytest.mark.parametrize("layout", ["loader", "shuffled", "concat"])
+def test_cam_grid_draws_over_the_image_as_read(tmp_path, monkeypatch, layout: str) -> None:
+    from fedmsk import explain
+
+    drawn: list[torch.Tensor] = []
+    original = explain.overlay
+
+    def recording(image, heatmap, *args, **kwargs):  # type: ignore[no-untyped-def]
+        drawn.append(torch.as_tensor(image))
+        return original(image, heatmap, *args, **kwargs)
+
+    monkeypatch.setattr(explain, "overlay", recording)
+    model = _model("resnet18", 1)
+    images = _images(10, 1, 32, seed=5)
+    labels = torch.tensor([0, 1] * 5)
+    if layout == "concat":  # the studies pass the held-out centers' datasets joined
+        data: object = torch.utils.data.ConcatDataset(
+            [_NormalisedImages(images[:6], labels[:6]), _NormalisedImages(images[6:], labels[6:])]
+        )
+    else:
+        dataset = _NormalisedImages(images, labels)
+        data = DataLoader(dataset, batch_size=4, shuffle=layout == "shuffled")
+    grid = cam_grid_by_outcome(
+        model, data, 0.5, ["normal", "fracture"], per_group=3, out_path=tmp_path / "c.png"
+    )
+    assert len(drawn) == sum(grid.counts.values()) > 0
+    for image in drawn:
+        as_read = any(torch.equal(image, raw) for raw in images)
+        model_input = any(torch.equal(image, raw * -3.0 + 1.0) for raw in images)
+        # an order that can't be matched (shuffled) falls back to the model's input
+        expected = (False, True) if layout == "shuffled" else (True, False)
+        assert (as_read, model_input) == expected

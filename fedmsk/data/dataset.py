@@ -97,6 +97,12 @@ class SiteDataset(Dataset):
         chosen = self.items if items is None else items
         return SiteDataset(chosen, self.cache, transform=None, norm=self.norm)
 
+    def as_read(self) -> SiteDataset:
+        """The same images unaugmented and before input normalisation, in the same order: what
+        a person looks at under a heatmap. After local contrast normalisation the model reads
+        edges on flat grey, which is not the radiograph a reader knows."""
+        return SiteDataset(self.items, self.cache, transform=None, norm=InputNorm())
+
     @classmethod
     def from_rows(
         cls,
