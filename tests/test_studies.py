@@ -62,6 +62,12 @@ def test_study_composes_at_both_scales(study: str) -> None:
     assert paper.data.synthetic_scale > small.data.synthetic_scale
     assert paper.federation.num_rounds > small.federation.num_rounds
     assert paper.data.root != small.data.root  # a paper-scale federation never reuses small data
+    # local contrast normalisation at the default's reach (4 px at 128 px) at both scales
+    default = compose([]).data
+    reach = default.local_contrast / default.image_size
+    assert reach == pytest.approx(4 / 128)
+    for cfg in (small, paper):
+        assert cfg.data.local_contrast == pytest.approx(reach * cfg.data.image_size)
     plain = compose([]).data.augmentation
     if study in INTENSITY_AUGMENTED:  # the project's recipe: gamma / blur / noise on
         # and collimator bands, which only the VCF protocol was measured with; its gamma / blur /
