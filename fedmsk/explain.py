@@ -15,8 +15,7 @@ of the image, so the network's stride-2 sampling does not print the same spots o
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -402,23 +401,22 @@ def _iter_batches(data: Any, batch_size: int) -> Iterable[tuple[torch.Tensor, to
         yield images, torch.as_tensor(labels).long().view(-1)
 
 
-def _as_read_batches(data: Any, batch_size: int) -> Iterator[torch.Tensor | None]:
-    """Batches of the images as read (before input normalisation), aligned with the batches of
-    ``data``, where its dataset can give them (``as_read``) and its order is fixed; otherwise
-    None for each batch, and the grid shows the model's input."""
+def _as_read_dataset(data: Any) -> Any | None:
+    """The images of ``data`` as read (before input normalisation), indexed in the order
+    ``data`` yields them, where its dataset can give them (``as_read``) and that order is fixed;
+    otherwise None, and the grid shows the model's input."""
     from torch.utils.data import ConcatDataset, DataLoader, SequentialSampler
 
     loader = data if isinstance(data, DataLoader) else None
-    dataset = loader.dataset if loader is not None else data
+    if loader is not None and (
+        loader.batch_size is None or not isinstance(loader.sampler, SequentialSampler)
+    ):
+        return None
+    dataset = data if loader is None else loader.dataset
     parts = dataset.datasets if isinstance(dataset, ConcatDataset) else [dataset]
     if not all(callable(getattr(part, "as_read", None)) for part in parts):
-        return itertools.repeat(None)
-    if loader is not None:
-        if loader.batch_size is None or not isinstance(loader.sampler, SequentialSampler):
-            return itertools.repeat(None)
-        batch_size = loader.batch_size
-    shown = ConcatDataset([part.as_read() for part in parts])
-    return (batch[0] for batch in DataLoader(shown, batch_size=batch_size))
+        return None
+    return ConcatDataset([part.as_read() for part in parts])
 
 
 def _outcome_group(label: int, prob: np.ndarray, threshold: float, classes: Sequence[str]) -> str:
@@ -467,20 +465,19 @@ def cam_grid_by_outcome(
     was_training = model.training
     model.eval()
     try:
-        batches = zip(
-            _iter_batches(data, batch_size), _as_read_batches(data, batch_size), strict=False
-        )
-        for (images, labels), as_read in batches:
+        as_read = _as_read_dataset(data)  # read again only for the images drawn
+        for images, labels in _iter_batches(data, batch_size):
             with torch.no_grad():
                 probs = torch.softmax(model(images.to(device).float()), dim=1).cpu().numpy()
-            shown = images if as_read is None else as_read
-            for image, label, prob, seen in zip(images, labels.tolist(), probs, shown, strict=True):
+            for image, label, prob in zip(images, labels.tolist(), probs, strict=True):
+                index = scanned
                 scanned += 1
                 group = _outcome_group(int(label), prob, threshold, classes)
                 available[group] += 1
                 if len(chosen[group]) < per_group:
                     predicted = int(np.argmax(prob))
                     score = float(prob[1] if binary else prob[predicted])
+                    seen = image if as_read is None else as_read[index][0]
                     chosen[group].append((image, int(label), predicted, score, seen))
     finally:
         model.train(was_training)

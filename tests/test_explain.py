@@ -278,7 +278,15 @@ def test_cam_grid_draws_over_the_image_as_read(tmp_path, monkeypatch, layout: st
         drawn.append(torch.as_tensor(image))
         return original(image, heatmap, *args, **kwargs)
 
+    explained: list[torch.Tensor] = []  # the model inputs the maps were computed on, in order
+    original_cam = explain.gradcam
+
+    def recording_cam(model, inputs, *args, **kwargs):  # type: ignore[no-untyped-def]
+        explained.extend(inputs)
+        return original_cam(model, inputs, *args, **kwargs)
+
     monkeypatch.setattr(explain, "overlay", recording)
+    monkeypatch.setattr(explain, "gradcam", recording_cam)
     model = _model("resnet18", 1)
     images = _images(10, 1, 32, seed=5)
     labels = torch.tensor([0, 1] * 5)
@@ -299,3 +307,8 @@ def test_cam_grid_draws_over_the_image_as_read(tmp_path, monkeypatch, layout: st
         # an order that can't be matched (shuffled) falls back to the model's input
         expected = (False, True) if layout == "shuffled" else (True, False)
         assert (as_read, model_input) == expected
+    # each map is drawn over its own image, not another of the same batch
+    assert len(explained) == len(drawn)
+    for model_input, image in zip(explained, drawn, strict=True):
+        own = model_input if layout == "shuffled" else (model_input - 1.0) / -3.0
+        assert torch.allclose(image, own)
