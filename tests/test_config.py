@@ -19,6 +19,7 @@ from fedmsk.config import (
     sites_per_round,
 )
 from fedmsk.report_data import safe_label
+from fedmsk.studies import study_names
 
 
 def test_default_composes_into_the_schema() -> None:
@@ -79,10 +80,7 @@ def test_studies_with_one_to_four_training_centers_keep_their_moments(study: str
     assert compose(["study=atfl_us"]).train.keep_optimizer_state is False
 
 
-STUDIES = ["atfl_us", "dislocation_xray", "femoral_device_xray", "gout_mtp1_us", "vcf_xray"]
-
-
-@pytest.mark.parametrize("study", STUDIES)
+@pytest.mark.parametrize("study", study_names())
 def test_every_study_trains_with_the_projects_recipe(study: str) -> None:
     """The zero head and warm-up-stable-decay schedule, at both scales: with local contrast
     normalisation it measured higher on the ATFL and femoral protocols too (docs/studies.md),
