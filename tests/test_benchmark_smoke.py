@@ -168,7 +168,38 @@ def test_training_seed_rows_give_mean_spread_and_gap_per_draw(tmp_path: Path) ->
     assert math.isclose(gap.value, 0.03)
     # draw 5: one finished pooled run and no cyclic run is not a spread
     assert not any("(seed 5)" in name for name in rows)
+    # ... so the target over the training seeds cannot be read: MISSED, and it says why
+    target = rows["cyclic minus pooled, held-out AUC (mean over seeds of the means over "
+                  "training seeds)"]  # fmt: skip
+    assert target.value is None and target.status == bench.MISSED
+    assert "no mean over training seeds on seed 5" in target.notes
+    lowest = rows["pooled held-out AUC on every seed and training seed (lowest)"]
+    assert math.isclose(lowest.value, 0.80) and lowest.status == bench.MISSED
+    assert "seed 0, training seed configured" in lowest.notes
     assert bench.training_seed_rows(_quality_settings(tmp_path, []), by_run) == []
+
+
+def test_targets_are_read_over_training_seeds_when_every_draw_has_them(tmp_path: Path) -> None:
+    s = _quality_settings(tmp_path, [43, 44])
+    aucs = {
+        ("pooled", 0, None): 0.90, ("pooled", 0, 43): 0.88, ("pooled", 0, 44): 0.86,
+        ("cyclic", 0, None): 0.85, ("cyclic", 0, 43): 0.89, ("cyclic", 0, 44): 0.87,
+        ("pooled", 5, None): 0.95, ("pooled", 5, 43): 0.93, ("pooled", 5, 44): 0.94,
+        ("cyclic", 5, None): 0.90, ("cyclic", 5, 43): 0.94, ("cyclic", 5, 44): 0.92,
+    }  # fmt: skip
+    by_run = {
+        bench.QualityRun(m, seed, "recommended", training_seed=t): auc
+        for (m, seed, t), auc in aucs.items()
+    }
+    rows = {r.name: r for r in bench.training_seed_rows(s, by_run)}
+    target = rows["cyclic minus pooled, held-out AUC (mean over seeds of the means over "
+                  "training seeds)"]  # fmt: skip
+    # draw 0: 0.870 - 0.880; draw 5: 0.920 - 0.940; configured seeds alone would give -0.05
+    assert math.isclose(target.value, -0.015) and target.status == bench.OK
+    assert "0: -0.010, 5: -0.020" in target.notes
+    lowest = rows["pooled held-out AUC on every seed and training seed (lowest)"]
+    assert math.isclose(lowest.value, 0.86) and lowest.status == bench.OK
+    assert "seed 0, training seed 44" in lowest.notes
 
 
 def test_round_timings_from_time_stamped_metrics() -> None:
@@ -279,3 +310,35 @@ def test_quick_benchmark_writes_every_section(tmp_path: Path) -> None:
     assert (out / "quality" / "recommended" / "comparison.md").is_file()
     # section 5 reuses the federated run section 4 timed instead of training it again
     assert f"reused: {out / 'work' / 'overhead-run'}" in done.stdout, done.stdout[-2000:]
+
+
+def test_configured_seed_rows_hand_the_targets_over_when_training_seeds_repeat_them(
+    tmp_path: Path,
+) -> None:
+    from types import SimpleNamespace
+
+    dirs, seconds = {}, {}
+    for (method, seed), auc in {("pooled", 0): 0.90, ("cyclic", 0): 0.87,
+                                ("pooled", 5): 0.95, ("cyclic", 5): 0.94}.items():  # fmt: skip
+        run = bench.QualityRun(method, seed, "recommended")
+        dirs[run] = tmp_path / run.directory
+        dirs[run].mkdir()
+        site = {"role": "heldout", "summary": {"auc": auc, "auc_ci95": [auc - 0.05, auc + 0.03]}}
+        (dirs[run] / "results.json").write_text(json.dumps({"sites": {"site12": site}}))
+        seconds[run] = 100.0
+
+    def paired(a: Path, b: Path) -> SimpleNamespace:
+        return SimpleNamespace(auc1=0.0, auc2=0.0, z=0.0, p=1.0)
+
+    def target_rows(training_seeds: list[int]) -> dict[str, tuple[str, str]]:
+        s = _quality_settings(tmp_path, training_seeds)
+        rows = bench.quality_summary_rows(s, dirs, seconds, paired)
+        return {r.name: (r.target, r.status) for r in rows if "minus pooled" in r.name
+                or "every seed" in r.name}  # fmt: skip
+
+    alone = target_rows([])
+    assert alone["cyclic minus pooled, held-out AUC (mean over seeds)"] == (">= -0.02", "MISSED")
+    assert alone["pooled held-out AUC on every seed (lowest)"] == (">= 0.85", "OK")
+    repeated = target_rows([43, 44])
+    assert set(repeated.values()) == {("", "")}
+    assert set(repeated) == set(alone)
